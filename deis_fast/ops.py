@@ -5,9 +5,24 @@ from typing import Sequence
 
 import torch
 
-from .kernels.reference import combine_torch
+from .kernels import dispatch as _dispatch
+from .kernels.dispatch import BackendUnavailableError  # noqa: F401  (re-export)
+from .kernels.reference import combine_torch  # noqa: F401  (re-export, the reference)
 
 MAX_SOURCES = 6
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_Tensor = torch.Tensor
+
+
+def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"combine: {what} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"combine: {what} has dtype {t.dtype}, expected {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"combine: {what} is on {t.device}, expected {ref.device}")
 
 
 def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.Tensor | None = None,
@@ -15,11 +30,27 @@ def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.
     """Return ``out = sum_j coefs[j] * sources[j] + noise_coef * noise`` in one pass (fp32 accumulation).
 
     ``out`` may alias any source. Coefficients are Python floats (passed by value, capture friendly).
+    ``backend`` (or env ``DEIS_FAST_BACKEND``): "torch", "cpu", "cuda", "triton"; default automatic.
     """
-    if not 1 <= len(sources) <= MAX_SOURCES:
-        raise ValueError(f"combine takes 1 to {MAX_SOURCES} sources, got {len(sources)}")
-    if len(coefs) != len(sources):
-        raise ValueError(f"combine got {len(sources)} sources but {len(coefs)} coefficients")
+    ns = len(sources)
+    if not 1 <= ns <= MAX_SOURCES:
+        raise ValueError(f"combine takes 1 to {MAX_SOURCES} sources, got {ns}")
+    if len(coefs) != ns:
+        raise ValueError(f"combine got {ns} sources but {len(coefs)} coefficients")
+    s0 = sources[0]
+    for j in range(1, ns):
+        _check_like(sources[j], s0, f"sources[{j}]")
+    if noise is not None:
+        _check_like(noise, s0, "noise")
     if out is None:
-        out = torch.empty_like(sources[0])
-    return combine_torch(sources, coefs, out, noise, noise_coef)
+        out = torch.empty_like(s0)
+    else:
+        _check_like(out, s0, "out")
+    if (_is_compiling() or _dispatch_stack_len() > 0 or type(s0) is not _Tensor
+            or (torch.is_grad_enabled() and s0.requires_grad)):
+        # Traced / inspected / subclass / autograd: go through the registered op (one op per call).
+        torch.ops.deis_fast.combine(list(sources), [float(c) for c in coefs], out, noise, float(noise_coef),
+                                    backend)
+        return out
+    _dispatch.run(sources, coefs, out, noise, noise_coef, backend)
+    return out
