@@ -22,7 +22,7 @@ def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"combine: {what} has dtype {t.dtype}, expected {ref.dtype}")
     if t.device != ref.device:
-        raise ValueError(f"combine: {what} is on {t.device}, expected {ref.device}")
+        raise ValueError(f"combine: {what} is on device {t.device}, expected {ref.device}")
 
 
 def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.Tensor | None = None,

@@ -10,7 +10,8 @@ def combine_torch(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: 
                   noise: torch.Tensor | None = None, noise_coef: float = 0.0) -> torch.Tensor:
     """out = sum_j coefs[j] * sources[j] (+ noise_coef * noise), accumulated in fp32 (or fp64 for fp64 inputs)."""
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-    acc = torch.mul(sources[0], coefs[0], ).to(acc_dtype) if sources[0].dtype != acc_dtype else sources[0] * coefs[0]
+    # upcast before multiplying: the first product must not be rounded to the low precision
+    acc = sources[0].to(acc_dtype) * coefs[0] if sources[0].dtype != acc_dtype else sources[0] * coefs[0]
     for s, c in zip(sources[1:], coefs[1:]):
         acc.add_(s.to(acc_dtype) if s.dtype != acc_dtype else s, alpha=c)
     if noise is not None and noise_coef != 0.0:

@@ -1,0 +1,292 @@
+"""combine: every backend runnable here (torch, C++ CPU) against a float64 reference."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _combine_common import DTYPES, check_result, load_ext_or_skip, make_inputs
+from deis_fast import ops
+from deis_fast.kernels import dispatch
+
+BACKENDS_HERE = ["torch", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch(monkeypatch):
+    monkeypatch.delenv("DEIS_FAST_BACKEND", raising=False)
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
+def _need(backend):
+    if backend == "cpu":
+        load_ext_or_skip()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ns", range(1, 7))
+@pytest.mark.parametrize("noise", [False, True])
+def test_all_variants(backend, dtype, ns, noise):
+    _need(backend)
+    gen = torch.Generator().manual_seed(1000 * ns + noise)
+    srcs, coefs, z, zc = make_inputs((5, 77), dtype, ns, noise, gen)
+    out = torch.full_like(srcs[0], float("nan"))
+    r = ops.combine(srcs, coefs, out=out, noise=z, noise_coef=zc, backend=backend)
+    assert r is out
+    check_result(out, srcs, coefs, z, zc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 0, 2), (33, 5), (70_001,), (2, 3, 5, 7)], ids=str)
+def test_shapes_cpu(dtype, shape):
+    load_ext_or_skip()
+    gen = torch.Generator().manual_seed(sum(shape) + 7)
+    srcs, coefs, z, zc = make_inputs(shape, dtype, 3, True, gen)
+    out = ops.combine(srcs, coefs, noise=z, noise_coef=zc, backend="cpu")
+    assert out.shape == srcs[0].shape and out.dtype == dtype
+    check_result(out, srcs, coefs, z, zc)
+
+
+def test_large_multithreaded_matches_single_thread():
+    load_ext_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    srcs, coefs, z, zc = make_inputs((300_003,), torch.float32, 4, True, gen)
+    a = ops.combine(srcs, coefs, noise=z, noise_coef=zc, backend="cpu")
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = ops.combine(srcs, coefs, noise=z, noise_coef=zc, backend="cpu")
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(a, b)
+    check_result(a, srcs, coefs, z, zc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "mixed", "sliced", "expanded_out"])
+def test_layouts(backend, dtype, layout):
+    _need(backend)
+    gen = torch.Generator().manual_seed(11)
+    srcs, coefs, z, zc = make_inputs((2, 3, 5, 7), dtype, 3, True, gen)
+    if layout == "transposed":
+        srcs = [s.transpose(1, 3) for s in srcs]
+        z = z.transpose(1, 3)
+        out = torch.empty_like(srcs[0])  # preserves the (dense, permuted) strides
+        assert out.stride() == srcs[0].stride()
+    elif layout == "channels_last":
+        srcs = [s.contiguous(memory_format=torch.channels_last) for s in srcs]
+        z = z.contiguous(memory_format=torch.channels_last)
+        out = torch.empty_like(srcs[0])
+    elif layout == "mixed":  # different strides: torch fallback, still correct
+        srcs[1] = srcs[1].contiguous(memory_format=torch.channels_last)
+        out = torch.empty_like(srcs[0])
+    elif layout == "sliced":  # not dense
+        big = [(torch.randn(2, 3, 5, 14, generator=gen) + 0.3).to(dtype) for _ in range(3)]
+        srcs = [b[..., ::2] for b in big]
+        out = torch.empty(2, 3, 5, 14, dtype=dtype)[..., 1::2]
+        z = None
+    else:
+        out = torch.empty(2, 3, 5, 7, dtype=dtype).transpose(0, 2)
+        srcs = [s.transpose(0, 2) for s in srcs]
+        z = z.transpose(0, 2)
+    r = ops.combine(srcs, coefs, out=out, noise=z, noise_coef=zc, backend=backend)
+    assert r is out
+    check_result(out, srcs, coefs, z, zc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("which", [0, 1, 2, "noise"])
+def test_out_aliases_input(backend, dtype, which):
+    _need(backend)
+    gen = torch.Generator().manual_seed(5)
+    srcs, coefs, z, zc = make_inputs((1001,), dtype, 3, True, gen)
+    orig = [s.clone() for s in srcs]
+    zo = z.clone()
+    out = z if which == "noise" else srcs[which]
+    ops.combine(srcs, coefs, out=out, noise=z, noise_coef=zc, backend=backend)
+    check_result(out, orig, coefs, zo, zc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_out_partially_overlapping_falls_back(backend):
+    _need(backend)
+    buf = torch.randn(1001) + 0.5
+    s0, s1 = buf[:1000], buf[1:]
+    o0, o1 = s0.clone(), s1.clone()
+    ops.combine([s0, s1], [0.7, -0.3], out=s1, backend=backend)
+    check_result(s1, [o0, o1], [0.7, -0.3])
+
+
+def test_fp64_goes_through_torch():
+    gen = torch.Generator().manual_seed(2)
+    srcs, coefs, z, zc = make_inputs((100,), torch.float64, 3, True, gen)
+    out = ops.combine(srcs, coefs, noise=z, noise_coef=zc)
+    ref = sum(c * s for c, s in zip(coefs, srcs)) + zc * z
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert dispatch.select("cpu", torch.float64, "cpu") == "torch"
+
+
+def test_zero_noise_coef_ignores_noise():
+    load_ext_or_skip()
+    s = torch.randn(10) + 0.5
+    z = torch.full((10,), float("inf"))
+    for b in BACKENDS_HERE:
+        out = ops.combine([s], [2.0], noise=z, noise_coef=0.0, backend=b)
+        torch.testing.assert_close(out, 2 * s)
+
+
+def test_validation_errors():
+    a, b = torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="1 to 6"):
+        ops.combine([], [])
+    with pytest.raises(ValueError, match="1 to 6"):
+        ops.combine([a] * 7, [1.0] * 7)
+    with pytest.raises(ValueError, match="coefficients"):
+        ops.combine([a, b], [1.0])
+    with pytest.raises(ValueError, match="shape"):
+        ops.combine([a, torch.randn(5)], [1.0, 1.0])
+    with pytest.raises(TypeError, match="dtype"):
+        ops.combine([a, b.half()], [1.0, 1.0])
+    with pytest.raises(ValueError, match="device"):
+        ops.combine([a, b.to("meta")], [1.0, 1.0])
+    with pytest.raises(ValueError, match="out"):
+        ops.combine([a, b], [1.0, 1.0], out=torch.empty(3))
+    with pytest.raises(TypeError, match="out"):
+        ops.combine([a, b], [1.0, 1.0], out=torch.empty(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise"):
+        ops.combine([a, b], [1.0, 1.0], noise=torch.randn(5), noise_coef=1.0)
+    with pytest.raises(ValueError, match="unknown combine backend"):
+        ops.combine([a], [1.0], backend="nope")
+
+
+def test_explicit_unavailable_backend_raises(monkeypatch):
+    a = torch.randn(4)
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.combine([a], [1.0], backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="triton"):
+        ops.combine([a], [1.0], backend="triton")
+    monkeypatch.setenv("DEIS_FAST_BACKEND", "cuda")
+    dispatch.clear_cache()
+    with pytest.raises(ops.BackendUnavailableError):
+        ops.combine([a], [1.0])
+
+
+def test_env_override(monkeypatch):
+    load_ext_or_skip()
+    monkeypatch.setenv("DEIS_FAST_BACKEND", "torch")
+    dispatch.clear_cache()
+    a = torch.randn(8)
+    ops.combine([a], [2.0])
+    assert dispatch._cache[("cpu", torch.float32, "torch")] == "torch"
+    monkeypatch.delenv("DEIS_FAST_BACKEND")
+    dispatch.clear_cache()
+    ops.combine([a], [2.0])
+    assert dispatch._cache[("cpu", torch.float32, None)] == "cpu"
+
+
+def test_missing_extension_warns_once_and_uses_torch(monkeypatch):
+    monkeypatch.setattr(dispatch, "_ext", None)
+    monkeypatch.setattr(dispatch, "_ext_tried", True)
+    monkeypatch.setattr(dispatch, "_ext_error", ImportError("simulated"))
+    monkeypatch.setattr(dispatch, "_ext_warned", False)
+    a = torch.randn(16) + 0.5
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for dt in (torch.float32, torch.float16):
+            out = ops.combine([a.to(dt)], [3.0])
+            check_result(out, [a.to(dt)], [3.0])
+    assert sum("deis_fast._C" in str(w.message) for w in rec) == 1
+    with pytest.raises(ops.BackendUnavailableError, match="simulated"):
+        ops.combine([a], [1.0], backend="cpu")
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "cpu"])
+def test_one_dispatched_op_per_call(backend):
+    if backend != "torch":
+        load_ext_or_skip()
+    srcs = [torch.randn(64) for _ in range(4)]
+    out, z = torch.empty(64), torch.randn(64)
+    with _OpLog() as log:
+        for _ in range(3):
+            ops.combine(srcs, [0.1, 0.2, 0.3, 0.4], out=out, noise=z, noise_coef=0.5, backend=backend)
+    assert log.ops == ["deis_fast.combine.default"] * 3  # one op per call, and no allocation
+    check_result(out, srcs, [0.1, 0.2, 0.3, 0.4], z, 0.5)
+
+
+def test_torch_compile_fullgraph_no_graph_breaks():
+    import torch._dynamo as dynamo
+
+    def loop(x, e1, e2, z, slot):
+        for i in range(3):
+            ops.combine([x, e1, e2], [0.9, 0.1 * i, -0.05], out=slot, noise=z, noise_coef=0.01)
+            x = slot * 1.0
+        ops.combine([x, e1], [1.0, 0.5], out=x)  # out aliases a source
+        return x
+
+    args = [torch.randn(128) for _ in range(4)]
+    ref = loop(*[a.clone() for a in args], torch.empty(128))
+    dynamo.reset()
+    expl = dynamo.explain(loop)(*[a.clone() for a in args], torch.empty(128))
+    assert expl.graph_break_count == 0 and expl.graph_count == 1
+    for be in ("eager", "aot_eager"):
+        dynamo.reset()
+        got = torch.compile(loop, fullgraph=True, backend=be)(*[a.clone() for a in args], torch.empty(128))
+        torch.testing.assert_close(got, ref)
+    dynamo.reset()
+
+
+def test_fp16_bf16_bit_conversions_match_torch():
+    C = load_ext_or_skip()
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (6000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e-8, 2.0**-25, 2.0**-24, 3 * 2.0**-26,
+                            2.0**-14, 2.0**-14 * (1 - 2.0**-11), 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11,
+                            float("inf"), -float("inf"), 3.4e38, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8])
+    x = torch.cat([bits.view(torch.float32), special, torch.randn(2000, generator=gen) * 1e-5])
+    xs = x.tolist()
+    for dt, to_bits, from_bits in ((torch.float16, C.f32_to_f16_bits, C.f16_bits_to_f32),
+                                   (torch.bfloat16, C.f32_to_bf16_bits, C.bf16_bits_to_f32)):
+        ref = x.to(dt)
+        nan = torch.isnan(ref)
+        got = torch.tensor([to_bits(v) for v in xs], dtype=torch.int32).to(torch.int16).view(dt)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+        back = torch.tensor([from_bits(v) for v in ref[~nan].view(torch.int16).to(torch.int32).__and__(0xFFFF).tolist()])
+        assert torch.equal(back, ref[~nan].float())
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 5000), ns=st.integers(1, 6), dtype=st.sampled_from(DTYPES), noise=st.booleans(),
+       alias=st.integers(-1, 5), offset=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_fuzz_cpu(n, ns, dtype, noise, alias, offset, seed):
+    load_ext_or_skip()
+    gen = torch.Generator().manual_seed(seed)
+    srcs, coefs, z, zc = make_inputs((n + offset,), dtype, ns, noise, gen)
+    srcs = [s[offset:] for s in srcs]  # misaligned data pointers when offset > 0
+    z = z[offset:] if z is not None else None
+    orig = [s.clone() for s in srcs]
+    if 0 <= alias < ns:
+        out = srcs[alias]
+    else:
+        out = torch.empty(n + offset, dtype=dtype)[offset:]
+    ops.combine(srcs, coefs, out=out, noise=z, noise_coef=zc, backend="cpu")
+    check_result(out, orig, coefs, z, zc)
