@@ -5,6 +5,7 @@ module). :func:`aot_compile` compiles a variant ahead of time for a given GPU ta
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 MAX_SOURCES = 6
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 1024
 NUM_WARPS = 4
 
@@ -19,7 +21,8 @@ NUM_WARPS = 4
 @triton.jit
 def _combine_kernel(out_ptr, s0, s1, s2, s3, s4, s5, z_ptr,
                     c0, c1, c2, c3, c4, c5, cz, n,
-                    NS: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                    NS: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                    BF16_SOFT_RNE: tl.constexpr = False):
     # int64 offsets: pid * BLOCK never overflows, whatever n is.
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -37,7 +40,15 @@ def _combine_kernel(out_ptr, s0, s1, s2, s3, s4, s5, z_ptr,
         acc += tl.load(s5 + offs, mask=mask, other=0.0).to(tl.float32) * c5
     if HAS_NOISE:
         acc += tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) * cz
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if out_ptr.dtype.element_ty == tl.float32:
+        tl.store(out_ptr + offs, acc, mask=mask)
+    elif BF16_SOFT_RNE:
+        # TRITON_INTERPRET only: the interpreter truncates fp32->bf16; round to nearest even by hand.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)  # cvt.rn
 
 
 def combine_triton(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.Tensor,
@@ -52,7 +63,8 @@ def combine_triton(sources: Sequence[torch.Tensor], coefs: Sequence[float], out:
     has_noise = noise is not None
     grid = (triton.cdiv(n, BLOCK),)
     _combine_kernel[grid](out, *srcs, noise if has_noise else sources[0], *cs, float(noise_coef), n,
-                          NS=ns, HAS_NOISE=has_noise, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                          NS=ns, HAS_NOISE=has_noise, BLOCK=BLOCK,
+                          BF16_SOFT_RNE=_INTERPRET and out.dtype == torch.bfloat16, num_warps=NUM_WARPS)
     return out
 
 
@@ -66,8 +78,8 @@ def aot_signature(dtype: torch.dtype, ns: int, has_noise: bool, block: int = BLO
     sig = {k: p for k in names}
     sig.update({k: "fp32" for k in ("c0", "c1", "c2", "c3", "c4", "c5", "cz")})
     sig["n"] = "i64"
-    sig.update({"NS": "constexpr", "HAS_NOISE": "constexpr", "BLOCK": "constexpr"})
-    constexprs = {"NS": ns, "HAS_NOISE": has_noise, "BLOCK": block}
+    sig.update({"NS": "constexpr", "HAS_NOISE": "constexpr", "BLOCK": "constexpr", "BF16_SOFT_RNE": "constexpr"})
+    constexprs = {"NS": ns, "HAS_NOISE": has_noise, "BLOCK": block, "BF16_SOFT_RNE": False}
     return sig, constexprs
 
 
