@@ -1,0 +1,21 @@
+"""deis_fast: few-step diffusion sampling (DEIS, iPNDM, DPM-Solver++-style, PFDiff) with fused updates.
+
+    import deis_fast
+    sched = deis_fast.VPSchedule.discrete("linear")
+    x = deis_fast.sample(model, noise, schedule=sched, method="tab3", nfe=10)
+"""
+from __future__ import annotations
+
+from . import ops
+from .grids import GRIDS, make_grid
+from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
+from .plan import Combine, Eval, Plan
+from .sampler import NonFiniteError, Sampler, build_plan, randn_per_sample, sample
+from .schedules import Schedule, VESchedule, VPSchedule, schedule_from_diffusers_config
+from .solvers import METHOD_SPECS, METHODS
+
+__version__ = "0.1.0"
+
+__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "ModelAdapter", "NonFiniteError",
+           "Plan", "Sampler", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
+           "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

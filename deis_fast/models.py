@@ -1,0 +1,172 @@
+"""Model adapters: turn ``model(x, t, **cond)`` (eps / x0 / v / score output, with optional guidance)
+into the eps or data prediction a solver consumes.
+
+Every conversion is linear in (x, model output[s], classifier gradient), so the adapter emits one
+fused ``ops.combine`` (or nothing at all for an eps model feeding an eps-form solver).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import ops
+from .plan import Eval
+
+PREDICTIONS = ("eps", "x0", "v", "score")
+_PRED_ALIASES = {"epsilon": "eps", "noise": "eps", "sample": "x0", "data": "x0", "x_start": "x0",
+                 "v_prediction": "v", "v-prediction": "v"}
+
+__all__ = ["PREDICTIONS", "normalize_prediction", "ModelAdapter", "denoiser_to_model"]
+
+
+def normalize_prediction(p: str) -> str:
+    key = _PRED_ALIASES.get(p, p)
+    if key not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {p!r}; use one of {PREDICTIONS} "
+                         f"(diffusers names 'epsilon', 'sample', 'v_prediction' are accepted)")
+    return key
+
+
+def _to_eps(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> tuple[float, float]:
+    """(a, b) with eps = a * x + b * raw."""
+    if pred == "eps":
+        return 0.0, 1.0
+    if pred == "x0":
+        return 1.0 / sigma, -alpha / sigma
+    if pred == "score":
+        return 0.0, -sigma
+    if not variance_preserving:
+        raise ValueError("v-prediction is defined for variance-preserving schedules only")
+    # v = alpha * eps - sigma * x0 and x = alpha * x0 + sigma * eps  =>  eps = sigma * x + alpha * v
+    return sigma, alpha
+
+
+def _to_x0(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> tuple[float, float]:
+    """(a, b) with x0 = a * x + b * raw."""
+    if pred == "x0":
+        return 0.0, 1.0
+    if pred == "v":
+        if not variance_preserving:
+            raise ValueError("v-prediction is defined for variance-preserving schedules only")
+        return alpha, -sigma
+    a, b = _to_eps(pred, alpha, sigma, variance_preserving)
+    # x0 = (x - sigma * eps) / alpha
+    return (1.0 - sigma * a) / alpha, -sigma * b / alpha
+
+
+class ModelAdapter:
+    """Calls the network for one ``Eval`` and returns the solver's target quantity.
+
+    guidance_scale: classifier-free guidance w (diffusers convention: out = u + w (c - u)); the model
+      is called once on a doubled batch [cond; uncond]; ``uncond`` holds the unconditional kwargs.
+    guidance_rescale: diffusers' std rescale (Lin et al.), 0 disables it.
+    classifier_grad: ``fn(x, model_t, **cond) -> grad log p(y | x_t)``; eps <- eps - scale * sigma * grad.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], prediction: str = "eps", *, variance_preserving: bool = True,
+                 guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
+                 guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
+                 classifier_scale: float = 1.0, time_dtype: torch.dtype = torch.float32):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
+        self.model = model
+        self.prediction = normalize_prediction(prediction)
+        self.vp = variance_preserving
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        if self.guidance_scale is not None and uncond is None:
+            raise ValueError("classifier-free guidance needs `uncond`: the unconditional keyword arguments "
+                             "(e.g. uncond={'encoder_hidden_states': empty_embedding})")
+        self.uncond = dict(uncond or {})
+        if guidance_rescale < 0 or guidance_rescale > 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        self.guidance_rescale = float(guidance_rescale)
+        self.classifier_grad = classifier_grad
+        self.classifier_scale = float(classifier_scale)
+        self.time_dtype = time_dtype
+        if self.prediction == "v" and not variance_preserving:
+            raise ValueError("v-prediction is defined for variance-preserving schedules only")
+
+    def call_model(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+        out = self.model(x, t, **cond)
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):  # diffusers UNet output
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out
+
+    def __call__(self, x: torch.Tensor, op: Eval, t: torch.Tensor, cond: Mapping[str, Any],
+                 buf: torch.Tensor) -> torch.Tensor:
+        """Return the target quantity for ``op`` at state ``x``; may write into ``buf`` (same shape as x)."""
+        if self.guidance_scale is None:
+            raw = self.call_model(x, t, cond)
+            _check_output(raw, x, op)
+            pieces = [(1.0, raw)]
+        else:
+            xx = torch.cat([x, x])
+            tt = torch.cat([t, t])
+            cc = _cat_cond(cond, self.uncond)
+            raw2 = self.call_model(xx, tt, cc)
+            _check_output(raw2, xx, op)
+            c, u = raw2.chunk(2)
+            w = self.guidance_scale
+            if self.guidance_rescale > 0:
+                g = u + w * (c - u)
+                dims = list(range(1, g.ndim))
+                g_rescaled = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
+                pieces = [(1.0, self.guidance_rescale * g_rescaled + (1 - self.guidance_rescale) * g)]
+            else:
+                pieces = [(w, c), (1.0 - w, u)]
+        convert = _to_eps if (op.target == "eps" or self.classifier_grad is not None) else _to_x0
+        a, b = convert(self.prediction, op.alpha, op.sigma, self.vp)
+        terms = [(a, x)] + [(b * k, p) for k, p in pieces]
+        if self.classifier_grad is not None:
+            grad = self.classifier_grad(x, t, **cond)
+            _check_output(grad, x, op, what="classifier gradient")
+            terms.append((-self.classifier_scale * op.sigma, grad))
+            if op.target == "x0":  # x0 = (x - sigma * eps) / alpha
+                terms = [(c * (-op.sigma / op.alpha), s) for c, s in terms]
+                terms[0] = (terms[0][0] + 1.0 / op.alpha, x)
+        terms = [(c, s) for c, s in terms if c != 0.0]
+        if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
+            return terms[0][1]  # the network's output is already the target: no extra pass
+        return ops.combine([s for _, s in terms], [c for c, _ in terms], out=buf)
+
+
+def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k in set(cond) | set(uncond):
+        if k not in cond or k not in uncond:
+            raise ValueError(f"conditioning key {k!r} must be given both for cond and for uncond")
+        a, b = cond[k], uncond[k]
+        if isinstance(a, torch.Tensor):
+            out[k] = torch.cat([a, b.expand_as(a) if b.shape[0] == 1 and a.shape[0] != 1 else b])
+        else:
+            if a != b:
+                raise ValueError(f"non-tensor conditioning {k!r} differs between cond and uncond; cannot batch it")
+            out[k] = a
+    return out
+
+
+def _check_output(out: Any, x: torch.Tensor, op: Eval, what: str = "model output") -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} at step {op.index} (t={op.t:.6g}) must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{what} at step {op.index} (t={op.t:.6g}) has shape {tuple(out.shape)}, expected "
+                         f"{tuple(x.shape)} (the shape of the state)")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{what} at step {op.index} (t={op.t:.6g}) has dtype {out.dtype}, expected {x.dtype}; "
+                        "sample in the model's dtype or cast its output")
+    if out.device != x.device:
+        raise ValueError(f"{what} at step {op.index} is on {out.device}, the state is on {x.device}")
+
+
+def denoiser_to_model(denoiser: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a k-diffusion-style denoiser ``D(x, sigma, **kw) -> x0`` (VE, alpha = 1) as ``model(x, t)``.
+
+    Use it with ``VESchedule`` (whose model time is sigma) and ``prediction='x0'``.
+    """
+    def model(x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return denoiser(x, sigma, **kw)
+    model.__wrapped__ = denoiser  # type: ignore[attr-defined]
+    return model

@@ -1,0 +1,271 @@
+"""Public sampling API: ``Sampler`` builds a plan once; the one executor runs it."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .grids import GridSpec, grid_rho, make_grid
+from .models import ModelAdapter
+from .plan import Combine, Eval, Plan
+from .schedules import Schedule, VPSchedule
+from .solvers import get_method
+
+__all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
+
+MAX_NFE = 100_000
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when the noise, a model output or the result is NaN or infinite."""
+
+
+def default_grid(schedule: Schedule, method: str) -> str:
+    """A good fixed grid per family: time_quadratic for tAB/rhoAB/iPNDM on VP, logsnr for log-rho and
+    data-form methods (DPM-Solver's choice), karras for VE."""
+    if not schedule.variance_preserving:
+        return "karras"
+    if method.startswith(("logrho", "dpmpp")):
+        return "logsnr"
+    return "time_quadratic"
+
+
+def _check_nfe(nfe: Any, stages: int, method: str) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
+        raise TypeError(f"nfe must be an int, got {nfe!r}")
+    nfe = int(nfe)
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe={nfe} is absurdly large (limit {MAX_NFE}); few-step samplers are meant for 1-1000 NFE")
+    if nfe < stages:
+        raise ValueError(f"method {method!r} uses {stages} network evaluations per step, so nfe must be >= {stages} "
+                         f"(got {nfe})")
+    if nfe % stages:
+        raise ValueError(f"method {method!r} uses {stages} NFE per step; nfe={nfe} is not a multiple of {stages}. "
+                         f"Use nfe={nfe - nfe % stages} or {nfe - nfe % stages + stages}")
+    return nfe // stages
+
+
+def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None,
+               t_start: float | None = None, t_end: float | None = None, *, eta: float = 1.0,
+               lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
+               pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False) -> Plan:
+    """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side)."""
+    if method == "pfdiff":
+        from .solvers.pfdiff import pfdiff_preset
+        method, pfdiff = pfdiff_preset(method, pfdiff)
+    spec = get_method(method)
+    grid = default_grid(schedule, spec.name) if grid is None else grid
+    if pfdiff is not None:
+        from .solvers.pfdiff import pfdiff_plan
+        return pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, pfdiff, eta=eta, karras_rho=karras_rho,
+                           integer_timesteps=integer_timesteps, experimental=pfdiff_experimental)
+    if nfe is None:
+        if isinstance(grid, str):
+            raise ValueError("nfe=None needs an explicit grid (a list of times)")
+        steps = None
+    else:
+        steps = _check_nfe(nfe, spec.stages, spec.name)
+    t = make_grid(schedule, grid, steps, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps)
+    rho = grid_rho(schedule, t)
+    opts: dict[str, Any] = {}
+    if spec.family == "stochastic":
+        opts["eta"] = eta
+    if spec.multistep_options:
+        opts["lower_order_final"] = lower_order_final
+    elif lower_order_final:
+        raise ValueError(f"lower_order_final applies to multistep methods, not {spec.name!r}")
+    return spec.build(schedule, t, rho, **opts)
+
+
+def randn_per_sample(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Initial noise where sample b depends only on seeds[b] (EDM convention), drawn on the CPU."""
+    if len(seeds) != shape[0]:
+        raise ValueError(f"need one seed per sample: {shape[0]} samples, {len(seeds)} seeds")
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in gens]).to(device, dtype)
+
+
+def _draw_step_noise(n: int, like: torch.Tensor, generator: Generator) -> torch.Tensor | None:
+    if n == 0:
+        return None
+    shape = (n,) + tuple(like.shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        gdev = generator.device if generator is not None else like.device
+        return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(like.device, like.dtype)
+    gens = list(generator)
+    if len(gens) != like.shape[0]:
+        raise ValueError(f"a list of generators needs one per sample: batch {like.shape[0]}, got {len(gens)}")
+    per = [torch.randn((n,) + tuple(like.shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens]
+    return torch.stack(per, dim=1).to(like.device, like.dtype)
+
+
+class Sampler:
+    """A reusable sampler: ``Sampler(model, schedule, method, nfe, grid)(noise) -> sample at t_end``.
+
+    model(x, t, **cond) returns the ``prediction`` ('eps', 'x0'/'sample', 'v', 'score'); t is the
+    network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B].
+    The plan is compiled once; the executor has no data-dependent branches and writes every Combine
+    into a preallocated slot. ``check_finite`` adds one reduction per NFE and a single host sync at
+    the end (no per-step syncs) to raise :class:`NonFiniteError` naming the first bad step.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
+                 nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
+                 t_start: float | None = None, t_end: float | None = None, *, eta: float = 1.0,
+                 lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
+                 pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
+                 guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
+                 guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
+                 classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
+                 time_dtype: torch.dtype = torch.float32, plan: Plan | None = None):
+        self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
+        self.method = method
+        self.plan = plan if plan is not None else build_plan(
+            self.schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
+            karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,
+            pfdiff_experimental=pfdiff_experimental)
+        self.adapter = ModelAdapter(model, prediction, variance_preserving=self.schedule.variance_preserving,
+                                    guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
+                                    classifier_grad=classifier_grad, classifier_scale=classifier_scale,
+                                    time_dtype=time_dtype)
+        self.model = model
+        self.check_finite = check_finite
+        self.progress = progress
+        self._cache_key: tuple | None = None
+        self._bufs: list[torch.Tensor | None] = []
+        self._times: list[torch.Tensor] = []
+
+    @property
+    def nfe(self) -> int:
+        return self.plan.nfe
+
+    @property
+    def times(self) -> np.ndarray:
+        return np.asarray(self.plan.times)
+
+    def __repr__(self) -> str:
+        return f"Sampler(method={self.plan.method!r}, nfe={self.nfe}, schedule={self.schedule!r})"
+
+    # --- workspace ----------------------------------------------------------------
+    def _workspace(self, x: torch.Tensor) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4)
+        if key != self._cache_key:
+            plan = self.plan
+            fmt = torch.channels_last if key[3] and not x.is_contiguous() else torch.contiguous_format
+            self._bufs = [None] + [torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+                                   for _ in range(plan.num_slots - 1)]
+            self._times = [torch.full((x.shape[0],), op.model_t, dtype=self.adapter.time_dtype, device=x.device)
+                           for op in plan.evals]
+            self._cache_key = key
+        return self._bufs, self._times
+
+    # --- run ----------------------------------------------------------------------
+    def __call__(self, noise: torch.Tensor, generator: Generator = None, step_noise: torch.Tensor | None = None,
+                 callback: Callable[[dict[str, Any]], None] | None = None, **cond: Any) -> torch.Tensor:
+        """Integrate from ``noise`` (the state at t_start) to t_end and return the result (a new tensor).
+
+        Stochastic plans draw their step noise from ``generator`` (one generator, or one per sample so
+        that each sample depends only on its own seed) unless ``step_noise`` [num_noise, *noise.shape] is given.
+        """
+        _check_noise(noise)
+        bufs, times = self._workspace(noise)
+        plan = self.plan
+        if step_noise is None:
+            step_noise = _draw_step_noise(plan.num_noise, noise, generator)
+        elif plan.num_noise and tuple(step_noise.shape) != (plan.num_noise,) + tuple(noise.shape):
+            raise ValueError(f"step_noise must have shape {(plan.num_noise,) + tuple(noise.shape)}, "
+                             f"got {tuple(step_noise.shape)}")
+        x = noise.clone()
+        return execute(plan, x, self.adapter, cond, bufs, times, step_noise, self.check_finite,
+                       callback=callback, progress=self.progress)
+
+
+def _check_noise(noise: Any) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if noise.ndim < 1 or noise.shape[0] == 0:
+        raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
+    if noise.numel() == 0:
+        raise ValueError(f"noise has no elements (shape {tuple(noise.shape)})")
+
+
+def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any],
+            bufs: Sequence[torch.Tensor | None], times: Sequence[torch.Tensor], step_noise: torch.Tensor | None,
+            check_finite: bool = True, callback: Callable[[dict[str, Any]], None] | None = None,
+            progress: bool = False) -> torch.Tensor:
+    """The one executor: walks the plan; Evals call the adapter, Combines call ``ops.combine``."""
+    slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
+    sums: list[torch.Tensor] = [x.sum(dtype=torch.float32)] if check_finite else []
+    compiling = torch.compiler.is_compiling()
+    bar = None
+    if progress and not compiling:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.nfe, desc=f"deis_fast {plan.method}", leave=False)
+    k = 0
+    for op in plan.ops:
+        if type(op) is Eval:
+            out = adapter(slots[op.src], op, times[k], cond, bufs[op.dst])
+            if not compiling and out is not bufs[op.dst]:
+                ptr = out.data_ptr()
+                if any(s is not None and s.data_ptr() == ptr for s in slots):
+                    out = bufs[op.dst].copy_(out)  # the model reuses an output buffer: keep our history intact
+            slots[op.dst] = out
+            if check_finite:
+                sums.append(out.sum(dtype=torch.float32))
+            k += 1
+            if bar is not None:
+                bar.update(1)
+        else:
+            srcs = [slots[s] for s in op.srcs]
+            if op.noise_index >= 0:
+                ops.combine(srcs, op.coefs, out=slots[op.dst], noise=step_noise[op.noise_index],
+                            noise_coef=op.noise_coef)
+            else:
+                ops.combine(srcs, op.coefs, out=slots[op.dst])
+            if callback is not None and op.dst == 0:
+                callback({"x": x, "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
+    if bar is not None:
+        bar.close()
+    if check_finite:
+        sums.append(x.sum(dtype=torch.float32))
+        flags = torch.isfinite(torch.stack(sums))
+        if not compiling and not bool(flags.all()):
+            _raise_non_finite(plan, flags.cpu().tolist(), x)
+    return x
+
+
+def _raise_non_finite(plan: Plan, flags: list[bool], x: torch.Tensor) -> None:
+    evals = plan.evals
+    if not flags[0]:
+        raise NonFiniteError("the input noise contains NaN or Inf")
+    for k, ok in enumerate(flags[1:-1]):
+        if not ok:
+            op = evals[k]
+            raise NonFiniteError(f"the model output at step {k} (NFE {k + 1} of {plan.nfe}, t={op.t:.6g}, "
+                                 f"model time {op.model_t:.6g}) contains NaN or Inf; check the model, its dtype "
+                                 f"(fp16 overflow?) and its time input. Pass check_finite=False to skip this check")
+    hint = " (fp16 overflow: sample in float32 or bfloat16)" if x.dtype == torch.float16 else ""
+    raise NonFiniteError(f"the sampler's result contains NaN or Inf although every model output was finite{hint}")
+
+
+def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, schedule: Schedule | None = None,
+           method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
+           t_start: float | None = None, t_end: float | None = None, generator: Generator = None,
+           model_kwargs: Mapping[str, Any] | None = None, **options: Any) -> torch.Tensor:
+    """One-shot sampling: ``Sampler(model, ...)(noise)``; returns the state at t_end.
+
+    ``options`` are :class:`Sampler` keyword options (eta, lower_order_final, pfdiff, guidance_scale, ...).
+    """
+    s = Sampler(model, schedule, method, nfe, grid, prediction, t_start, t_end, **options)
+    return s(noise, generator=generator, **dict(model_kwargs or {}))

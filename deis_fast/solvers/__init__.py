@@ -1,0 +1,69 @@
+"""Method registry: every public method name maps to a pure plan builder ``(schedule, t, rho, **opts) -> Plan``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from ..plan import Plan
+from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
+from .runge_kutta import TABLEAUS, rk_plan
+from .stochastic import ddim_eta_plan
+
+__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "get_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    order: int                    # convergence order of the global error
+    stages: int                   # NFE per step
+    family: str                   # 'eps_ab', 'data_ab', 'ipndm', 'rk', 'stochastic'
+    builder: Callable[..., Plan]
+    first_order: bool             # a first-order (DDIM-like) step: usable as a PFDiff base
+    description: str
+    multistep_options: bool = True  # accepts lower_order_final
+
+    def build(self, schedule, t: np.ndarray, rho: np.ndarray, **opts) -> Plan:
+        return self.builder(self.name, schedule, t, rho, **opts)
+
+
+def _registry() -> dict[str, MethodSpec]:
+    m: dict[str, MethodSpec] = {}
+    m["ddim"] = MethodSpec("ddim", 1, 1, "eps_ab", partial(eps_ab_plan, points=1, variable="rho"), True,
+                           "DDIM: Euler in rho on d xhat/d rho = eps (= tAB-0 = rhoAB-0)")
+    for r in range(4):
+        m[f"tab{r}"] = MethodSpec(f"tab{r}", r + 1, 1, "eps_ab", partial(eps_ab_plan, points=r + 1, variable="t"),
+                                  r == 0, f"tAB-DEIS, polynomial of degree {r} in t")
+        m[f"rhoab{r}"] = MethodSpec(f"rhoab{r}", r + 1, 1, "eps_ab", partial(eps_ab_plan, points=r + 1, variable="rho"),
+                                    r == 0, f"rhoAB-DEIS (k-diffusion LMS), degree {r} in rho")
+    for k in range(1, 4):
+        m[f"logrho{k}"] = MethodSpec(f"logrho{k}", k, 1, "eps_ab", partial(eps_ab_plan, points=k, variable="logrho"),
+                                     k == 1, f"diffusers' DEISMultistepScheduler, solver_order={k} (log-rho AB)")
+        m[f"dpmpp{k}"] = MethodSpec(f"dpmpp{k}", k, 1, "data_ab", partial(data_ab_plan, points=k), k == 1,
+                                    f"lambda-AB in data form with {k} point(s) (DPM-Solver++-style multistep)")
+    for k in range(1, 5):
+        m[f"ipndm{k}"] = MethodSpec(f"ipndm{k}", k, 1, "ipndm", partial(ipndm_plan, points=k), k == 1,
+                                    f"iPNDM, fixed Adams-Bashforth weights of order {k} on the rho grid")
+    m["ipndm_v"] = MethodSpec("ipndm_v", 4, 1, "eps_ab", partial(eps_ab_plan, points=4, variable="rho"), False,
+                              "variable-step iPNDM: exact 4-point AB in rho (reduces to iPNDM-4 on uniform grids)")
+    for name, (_, b, _, order) in TABLEAUS.items():
+        m[name] = MethodSpec(name, order, len(b), "rk", rk_plan, name == "rho_euler",
+                             f"rhoRK-DEIS: {name[4:]} Runge-Kutta in rho, {len(b)} NFE per step", False)
+    m["ddim_eta"] = MethodSpec("ddim_eta", 1, 1, "stochastic", ddim_eta_plan, True,
+                               "stochastic DDIM with eta (eta=1: ancestral DDPM); per-sample noise", False)
+    return m
+
+
+METHOD_SPECS: dict[str, MethodSpec] = _registry()
+ALIASES = {"deis": "tab3", "euler": "ddim", "pndm": "ipndm4"}
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS) + tuple(ALIASES) + ("pfdiff",)
+
+
+def get_method(name: str) -> MethodSpec:
+    key = ALIASES.get(name, name)
+    if key not in METHOD_SPECS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHOD_SPECS[key]

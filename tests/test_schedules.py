@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+import deis_fast
+from deis_fast.schedules import VESchedule, VPSchedule, schedule_from_diffusers_config
+
+ALL = [VPSchedule.discrete("linear"), VPSchedule.discrete("scaled_linear"), VPSchedule.discrete("squaredcos_cap_v2"),
+       VPSchedule.linear(), VPSchedule.cosine(), VESchedule(0.002, 80.0), VESchedule.smld(0.01, 50.0)]
+
+
+@pytest.mark.parametrize("s", ALL, ids=repr)
+def test_inverses_round_trip(s):
+    t = np.linspace(s.t_min, s.t_max, 101)
+    np.testing.assert_allclose(s.t_from_rho(s.rho(t)), t, rtol=1e-9, atol=1e-9 * s.t_max)
+    np.testing.assert_allclose(s.t_from_lambda(s.lam(t)), t, rtol=1e-9, atol=1e-9 * s.t_max)
+    np.testing.assert_allclose(s.rho(t), s.sigma(t) / s.alpha(t), rtol=1e-12)
+    np.testing.assert_allclose(s.t_from_model_time(s.model_time(t)), t, rtol=1e-9, atol=1e-12)
+    assert np.all(np.diff(s.rho(t)) > 0), "rho must increase with t"
+    if s.variance_preserving:
+        np.testing.assert_allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_discrete_matches_diffusers_alphas_cumprod(preset):
+    diffusers = pytest.importorskip("diffusers")
+    kw = {"beta_start": 0.00085, "beta_end": 0.012} if preset == "scaled_linear" else {}
+    d = diffusers.DDPMScheduler(beta_schedule=preset, **kw)
+    s = VPSchedule.discrete(preset)
+    np.testing.assert_allclose(s.alpha(np.arange(1000.0)) ** 2, d.alphas_cumprod.double().numpy(), rtol=2e-5)
+    s2 = schedule_from_diffusers_config(d.config)
+    np.testing.assert_allclose(s2.alphas_cumprod, s.alphas_cumprod, rtol=1e-6)
+
+
+def test_discrete_interpolates_log_alpha_linearly():
+    s = VPSchedule.discrete("linear")
+    la = s.log_alpha(np.array([10.0, 11.0, 10.25]))
+    assert la[2] == pytest.approx(0.75 * la[0] + 0.25 * la[1], rel=1e-14)
+    assert s.model_time(412.37) == pytest.approx(412.37)
+
+
+def test_continuous_linear_closed_form():
+    s = VPSchedule.linear()
+    t = 0.37
+    assert s.alpha(t) == pytest.approx(np.exp(-0.25 * t * t * 19.9 - 0.5 * t * 0.1), rel=1e-14)
+
+
+def test_ve_edm_time_is_sigma():
+    s = VESchedule(0.002, 80.0)
+    assert float(s.rho(3.5)) == 3.5 and float(s.alpha(3.5)) == 1.0 and float(s.model_time(3.5)) == 3.5
+
+
+def test_bad_schedules_raise():
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        VPSchedule.discrete("nope")
+    with pytest.raises(ValueError, match="betas"):
+        VPSchedule.from_betas([0.1, 1.5])
+    with pytest.raises(ValueError, match="sigma_min"):
+        VESchedule(5.0, 1.0)
+
+
+def test_public_api_names():
+    s = deis_fast.VPSchedule.discrete("linear")
+    assert s.t_min == 0.0 and s.t_max == 999.0
+    assert {"tab3", "deis", "ddim", "logrho3", "dpmpp2", "ipndm_v", "rho_rk4", "ddim_eta"} <= set(deis_fast.METHODS)
