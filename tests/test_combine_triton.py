@@ -33,7 +33,9 @@ def test_aot_compile_every_variant(arch):
                 # one load per source (+ noise), one store; fp32 math
                 n_loads = len(re.findall(r"ld\.global", ptx))
                 assert n_loads >= ns + noise
-                assert "st.global" in ptx
+                assert "st.global.v4" in ptx and "ld.global.v4" in ptx  # 128-bit accesses
+    k = aot_compile(torch.float16, 2, False, arch=arch, aligned=False)
+    assert "st.global" in k.asm["ptx"]
 
 
 _SCRIPT = textwrap.dedent(r"""

@@ -84,11 +84,19 @@ def aot_signature(dtype: torch.dtype, ns: int, has_noise: bool, block: int = BLO
 
 
 def aot_compile(dtype: torch.dtype, ns: int, has_noise: bool, arch: int = 90, warp_size: int = 32,
-                num_warps: int = NUM_WARPS):
-    """Compile one variant for ``sm_<arch>`` without a GPU; returns the CompiledKernel (asm has ptx/cubin)."""
+                num_warps: int = NUM_WARPS, aligned: bool = True):
+    """Compile one variant for ``sm_<arch>`` without a GPU; returns the CompiledKernel (asm has ptx/cubin).
+
+    ``aligned`` marks the 8 pointers and ``n`` divisible by 16, as the JIT specializes them for fresh
+    allocations (this is what enables 128-bit loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig, constexprs = aot_signature(dtype, ns, has_noise)
-    src = ASTSource(fn=_combine_kernel, signature=sig, constexprs=constexprs)
+    names = list(sig)
+    attrs = {}
+    if aligned:
+        for name in ("out_ptr", "s0", "s1", "s2", "s3", "s4", "s5", "z_ptr", "n"):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=_combine_kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, warp_size), options={"num_warps": num_warps})
