@@ -1,8 +1,13 @@
 // CPU kernel of the combine op: OpenMP over chunks, the formula from combine.h in a simd loop.
 #include "combine_api.h"
 
+#include <type_traits>
+
 #if defined(_OPENMP)
 #include <omp.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace df {
@@ -12,13 +17,30 @@ constexpr int64_t kChunk = 16384;        // elements per task (64 KiB of fp32 pe
 constexpr int64_t kMinParallel = 65536;  // below this, stay on the calling thread
 
 template <class T, int NS, bool HAS_NOISE>
-void run_range(const Params& p, int64_t b, int64_t e) {
+void run_range(const Params& p, int64_t b, int64_t e) {  // NOLINT(b modified)
   using S = typename T::storage;
   const S* s[NS];
   for (int j = 0; j < NS; ++j) s[j] = static_cast<const S*>(p.src[j]);
   const S* z = static_cast<const S*>(p.noise);
   S* out = static_cast<S*>(p.out);
   const Coefs c = p.coefs;
+#if defined(__SSE2__)
+  // fp32 with 16-byte aligned pointers: same formula on 4 lanes, non-temporal stores (the output
+  // is not re-read soon; skips the read-for-ownership of `out` and saves ~1/6 of the traffic).
+  if constexpr (std::is_same_v<T, F32>) {
+    if (p.aligned && (b & 3) == 0) {
+      const int64_t e4 = b + ((e - b) & ~int64_t(3));
+      for (int64_t i = b; i < e4; i += 4) {
+        __m128 acc = _mm_mul_ps(_mm_set1_ps(c.c[0]), _mm_load_ps(s[0] + i));
+        for (int j = 1; j < NS; ++j) acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(c.c[j]), _mm_load_ps(s[j] + i)));
+        if (HAS_NOISE) acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(c.c[6]), _mm_load_ps(z + i)));
+        _mm_stream_ps(out + i, acc);
+      }
+      _mm_sfence();
+      b = e4;
+    }
+  }
+#endif
   // Each iteration reads element i of every source before writing out[i]; iterations are
   // independent even when out aliases a source, so `omp simd` is valid.
 #pragma omp simd
