@@ -1,0 +1,135 @@
+"""Fast tests for the embedded default model (deis_fast.digits)."""
+import json
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from deis_fast import digits as D
+
+
+@pytest.fixture(scope="module")
+def model():
+    return D.load_digits_model()
+
+
+def test_constants():
+    assert D.DIGITS_SCHEDULE == "linear"
+    assert D.DIGITS_SHAPE == (1, 8, 8)
+    assert D.DIGITS_NUM_TRAIN_TIMESTEPS == 1000
+    betas = D.digits_betas()
+    assert betas.shape == (1000,)
+    assert float(betas[0]) == pytest.approx(1e-4) and float(betas[-1]) == pytest.approx(0.02)
+    ac = D.digits_alphas_cumprod()
+    torch.testing.assert_close(ac, torch.cumprod(1 - betas, 0))
+
+
+def test_weights_file_is_safetensors_not_pickle():
+    path = D.DIGITS_WEIGHTS_PATH
+    assert os.path.isfile(path)
+    size = os.path.getsize(path)
+    assert size <= 5 * 1024 * 1024
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        assert 0 < n < size
+        header = json.loads(f.read(n).decode("utf-8"))
+    assert "__metadata__" in header
+    assert header["__metadata__"]["model"] == "DigitsUNet"
+    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+    # pickle/zip files start with b"\x80" or b"PK"; safetensors starts with the header length
+    assert head[:1] != b"\x80" and head[:2] != b"PK"
+
+
+def test_load_does_not_use_pickle(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("pickle-based loading used")
+
+    monkeypatch.setattr(torch, "load", boom)
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    m = D.load_digits_model()
+    assert not m.training
+    assert all(not p.requires_grad for p in m.parameters())
+
+
+def test_param_count_and_size(model):
+    n = sum(p.numel() for p in model.parameters())
+    assert 50_000 < n <= 5 * 1024 * 1024 // 4
+    assert isinstance(model, D.DigitsUNet)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_forward_fractional_t(model, batch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *D.DIGITS_SHAPE, generator=g)
+    t = torch.rand(batch, generator=g) * 999.0  # non-integer timesteps
+    with torch.no_grad():
+        y = model(x, t)
+    assert y.shape == (batch, 1, 8, 8)
+    assert y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+
+
+def test_scalar_t_broadcast(model):
+    x = torch.randn(5, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x, torch.full((5,), 412.37))
+        y0 = model(x, torch.tensor(412.37))
+        yf = model(x, 412.37)
+    torch.testing.assert_close(y0, ref)
+    torch.testing.assert_close(yf, ref)
+
+
+def test_fractional_t_is_smooth(model):
+    x = torch.randn(4, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = model(x, 412.0)
+        b = model(x, 412.5)
+        c = model(x, 413.0)
+    # the half-step output lies near the two integer-t outputs
+    assert (b - 0.5 * (a + c)).abs().max() < 0.05
+    assert (a - c).abs().max() < 0.2
+
+
+def test_deterministic(model):
+    x = torch.randn(3, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10.0, 500.5, 999.0])
+    with torch.no_grad():
+        y1 = model(x, t)
+        y2 = D.load_digits_model()(x, t)
+    assert torch.equal(y1, y2)
+
+
+def test_dtype_float64():
+    m = D.load_digits_model(dtype=torch.float64)
+    x = torch.randn(2, *D.DIGITS_SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, torch.tensor([3.5, 700.25], dtype=torch.float64))
+    assert y.dtype == torch.float64 and y.shape == x.shape
+
+
+def test_to_image():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
+    img = D.to_image(x)
+    assert img.dtype == np.uint8
+    assert img.tolist() == [0, 0, 128, 255, 255]
+
+
+def test_eps_prediction_beats_zero(model):
+    pytest.importorskip("sklearn")
+    data = D.load_digits_data()
+    assert data.shape == (1797, 1, 8, 8) and data.dtype == torch.float32
+    assert float(data.min()) == -1.0 and float(data.max()) == 1.0
+    g = torch.Generator().manual_seed(0)
+    x0 = data[torch.randperm(data.shape[0], generator=g)[:256]]
+    eps = torch.randn(x0.shape, generator=g)
+    ac = D.digits_alphas_cumprod(torch.float32)[500]
+    xt = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
+    with torch.no_grad():
+        pred = model(xt, torch.full((256,), 500.0))
+    ratio = float(((pred - eps) ** 2).mean() / (eps**2).mean())
+    assert ratio < 0.5, ratio
