@@ -67,7 +67,7 @@ class ModelAdapter:
     def __init__(self, model: Callable[..., torch.Tensor], prediction: str = "eps", *, variance_preserving: bool = True,
                  guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
-                 classifier_scale: float = 1.0, time_dtype: torch.dtype = torch.float32):
+                 classifier_scale: float = 1.0, time_dtype: torch.dtype | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.model = model

@@ -110,7 +110,8 @@ class Sampler:
     """A reusable sampler: ``Sampler(model, schedule, method, nfe, grid)(noise) -> sample at t_end``.
 
     model(x, t, **cond) returns the ``prediction`` ('eps', 'x0'/'sample', 'v', 'score'); t is the
-    network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B].
+    network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B]
+    (float32, or float64 for float64 states, unless ``time_dtype`` says otherwise).
     The plan is compiled once; the executor has no data-dependent branches and writes every Combine
     into a preallocated slot. ``check_finite`` adds one reduction per NFE and a single host sync at
     the end (no per-step syncs) to raise :class:`NonFiniteError` naming the first bad step.
@@ -124,7 +125,7 @@ class Sampler:
                  guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
-                 time_dtype: torch.dtype = torch.float32, plan: Plan | None = None):
+                 time_dtype: torch.dtype | None = None, plan: Plan | None = None):
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
@@ -141,6 +142,8 @@ class Sampler:
         self.check_finite = check_finite
         self.progress = progress
         self._cache_key: tuple | None = None
+        # None until the first call has checked whether the model hands back a reused output buffer
+        self._copy_outputs: bool | None = None
         self._bufs: list[torch.Tensor | None] = []
         self._times: list[torch.Tensor] = []
 
@@ -163,7 +166,8 @@ class Sampler:
             fmt = torch.channels_last if key[3] and not x.is_contiguous() else torch.contiguous_format
             self._bufs = [None] + [torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
                                    for _ in range(plan.num_slots - 1)]
-            self._times = [torch.full((x.shape[0],), op.model_t, dtype=self.adapter.time_dtype, device=x.device)
+            tdt = self.adapter.time_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+            self._times = [torch.full((x.shape[0],), op.model_t, dtype=tdt, device=x.device)
                            for op in plan.evals]
             self._cache_key = key
         return self._bufs, self._times
@@ -185,8 +189,17 @@ class Sampler:
             raise ValueError(f"step_noise must have shape {(plan.num_noise,) + tuple(noise.shape)}, "
                              f"got {tuple(step_noise.shape)}")
         x = noise.clone()
+        if self._copy_outputs is None and not torch.compiler.is_compiling():
+            # first call: copy model outputs and keep the originals alive, so that two outputs sharing
+            # storage prove the model reuses a static buffer (then we must keep copying)
+            raw: list[torch.Tensor] = []
+            out = execute(plan, x, self.adapter, cond, bufs, times, step_noise, self.check_finite,
+                          callback=callback, progress=self.progress, copy_outputs=True, keep=raw)
+            ptrs = [r.untyped_storage().data_ptr() for r in raw]
+            self._copy_outputs = len(set(ptrs)) < len(ptrs)
+            return out
         return execute(plan, x, self.adapter, cond, bufs, times, step_noise, self.check_finite,
-                       callback=callback, progress=self.progress)
+                       callback=callback, progress=self.progress, copy_outputs=bool(self._copy_outputs))
 
 
 def _check_noise(noise: Any) -> None:
@@ -203,8 +216,12 @@ def _check_noise(noise: Any) -> None:
 def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any],
             bufs: Sequence[torch.Tensor | None], times: Sequence[torch.Tensor], step_noise: torch.Tensor | None,
             check_finite: bool = True, callback: Callable[[dict[str, Any]], None] | None = None,
-            progress: bool = False) -> torch.Tensor:
-    """The one executor: walks the plan; Evals call the adapter, Combines call ``ops.combine``."""
+            progress: bool = False, copy_outputs: bool = False, keep: list | None = None) -> torch.Tensor:
+    """The one executor: walks the plan; Evals call the adapter, Combines call ``ops.combine``.
+
+    A model output that already is the solver's target is used in place (zero copy) unless
+    ``copy_outputs`` (models that return a reused buffer); ``keep`` collects those outputs.
+    """
     slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
     sums: list[torch.Tensor] = [x.sum(dtype=torch.float32)] if check_finite else []
     compiling = torch.compiler.is_compiling()
@@ -216,10 +233,11 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     for op in plan.ops:
         if type(op) is Eval:
             out = adapter(slots[op.src], op, times[k], cond, bufs[op.dst])
-            if not compiling and out is not bufs[op.dst]:
-                ptr = out.data_ptr()
-                if any(s is not None and s.data_ptr() == ptr for s in slots):
-                    out = bufs[op.dst].copy_(out)  # the model reuses an output buffer: keep our history intact
+            if out is not bufs[op.dst]:
+                if keep is not None:
+                    keep.append(out)
+                if copy_outputs or out is slots[op.src]:
+                    out = bufs[op.dst].copy_(out)
             slots[op.dst] = out
             if check_finite:
                 sums.append(out.sum(dtype=torch.float32))

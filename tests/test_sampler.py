@@ -1,0 +1,258 @@
+"""Public API behaviour: plans, NFE accounting, model adapters, guidance, noise, and errors users can act on."""
+import numpy as np
+import pytest
+import torch
+
+import deis_fast
+from deis_fast.plan import Combine, Eval
+from deis_fast.schedules import VESchedule, VPSchedule
+from deis_fast.solvers import METHOD_SPECS
+
+VP = VPSchedule.discrete("linear")
+
+
+def _eps_model(x, t):
+    return 0.5 * x + 0.01 * t.reshape(-1, *([1] * (x.ndim - 1))) / 1000
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SPECS))
+def test_every_method_builds_a_plan_with_the_requested_nfe(method):
+    spec = METHOD_SPECS[method]
+    nfe = 4 * spec.stages
+    plan = deis_fast.build_plan(VP, method, nfe)
+    assert plan.nfe == nfe
+    assert plan.max_arity <= 6
+    evals_dst = {op.dst for op in plan.ops if isinstance(op, Eval)}
+    combine_dst = {op.dst for op in plan.ops if isinstance(op, Combine)}
+    assert not evals_dst & combine_dst, "Eval outputs and Combine destinations must use distinct slots"
+    assert isinstance(plan.ops[-1], Combine) and plan.ops[-1].dst == 0
+    text = repr(plan)
+    assert f"nfe={nfe}" in text and "Eval" in text and "Combine" in text
+
+
+def test_plan_repr_is_readable():
+    text = repr(deis_fast.build_plan(VP, "tab2", 3, "time_uniform"))
+    assert text.splitlines()[0].startswith("Plan('tab2', nfe=3")
+    assert "eps(x, t=999)" in text
+
+
+def test_aliases_and_equivalent_methods_agree(small_mixture, small_noise):
+    m = small_mixture.model(VP)
+    outs = {name: deis_fast.sample(m, small_noise, schedule=VP, method=name, nfe=8, grid="logsnr")
+            for name in ["ddim", "tab0", "rhoab0", "ipndm1", "logrho1", "dpmpp1", "rho_euler"]}
+    for name, x in outs.items():
+        torch.testing.assert_close(x, outs["ddim"], rtol=1e-10, atol=1e-10, msg=name)
+    a = deis_fast.sample(m, small_noise, schedule=VP, method="deis", nfe=8)
+    b = deis_fast.sample(m, small_noise, schedule=VP, method="tab3", nfe=8)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", [VP, VPSchedule.cosine()], ids=repr)
+@pytest.mark.parametrize("method", ["tab3", "dpmpp3", "rho_heun"])
+def test_prediction_types_give_the_same_samples(schedule, method, small_mixture, small_noise):
+    # float64 time input: near the cosine schedule's end d(log alpha)/dt ~ -185, so a float32 t alone
+    # moves x0 <-> eps conversions by ~1e-5
+    outs = [deis_fast.sample(small_mixture.model(schedule, p), small_noise, schedule=schedule, method=method, nfe=8,
+                             prediction=p, time_dtype=torch.float64) for p in ["eps", "x0", "v", "score"]]
+    for x in outs[1:]:
+        torch.testing.assert_close(x, outs[0], rtol=1e-8, atol=1e-8)
+
+
+def test_diffusers_prediction_names_accepted(small_mixture, small_noise):
+    a = deis_fast.sample(small_mixture.model(VP, "x0"), small_noise, schedule=VP, prediction="sample", nfe=5,
+                         time_dtype=torch.float64)
+    b = deis_fast.sample(small_mixture.model(VP, "v"), small_noise, schedule=VP, prediction="v_prediction", nfe=5,
+                         time_dtype=torch.float64)
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_classifier_free_guidance_is_the_guided_combination(small_noise):
+    from deis_fast.testing import GaussianMixture
+    cond_mix, uncond_mix = GaussianMixture.random(4, 8, 0.5, seed=1), GaussianMixture.random(4, 8, 0.5, seed=2)
+    mc, mu = cond_mix.model(VP), uncond_mix.model(VP)
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        return torch.where(y.reshape(-1, 1) > 0, mc(x, t), mu(x, t))
+
+    w = 3.0
+    n = small_noise.shape[0]
+
+    def guided(x, t):
+        return mu(x, t) + w * (mc(x, t) - mu(x, t))
+
+    for method in ["tab3", "dpmpp2"]:
+        calls.clear()
+        x = deis_fast.sample(model, small_noise, schedule=VP, method=method, nfe=6, guidance_scale=w,
+                             uncond={"y": torch.zeros(n)}, model_kwargs={"y": torch.ones(n)})
+        ref = deis_fast.sample(guided, small_noise, schedule=VP, method=method, nfe=6)
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+        assert calls == [2 * n] * 6, "one batched network call per NFE"
+
+
+def test_classifier_guidance_shifts_eps(small_mixture, small_noise):
+    base = small_mixture.model(VP)
+    g = torch.randn(small_noise.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    scale = 0.7
+
+    def shifted(x, t):
+        sig = torch.as_tensor(VP.sigma(t.numpy()), dtype=torch.float64).reshape(-1, 1)
+        return base(x, t) - scale * sig * g
+
+    for method in ["tab2", "dpmpp2"]:
+        x = deis_fast.sample(base, small_noise, schedule=VP, method=method, nfe=5,
+                             classifier_grad=lambda x, t: g, classifier_scale=scale, time_dtype=torch.float64)
+        ref = deis_fast.sample(shifted, small_noise, schedule=VP, method=method, nfe=5, time_dtype=torch.float64)
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_denoiser_adapter_on_ve(small_mixture, small_noise):
+    ve = VESchedule(0.02, 20.0)
+    x0_model = small_mixture.model(ve, "x0")
+    den = deis_fast.denoiser_to_model(lambda x, sigma: x0_model(x, sigma))
+    a = deis_fast.sample(den, small_noise * 20, schedule=ve, method="tab2", nfe=6, prediction="x0")
+    b = deis_fast.sample(small_mixture.model(ve), small_noise * 20, schedule=ve, method="tab2", nfe=6)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_model_is_called_with_its_own_time_as_float_tensor():
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x) + 0.1
+    deis_fast.sample(model, torch.randn(3, 2), schedule=VP, method="ddim", nfe=None, grid=[999, 412.37, 0])
+    assert seen[0].dtype == torch.float32 and seen[0].shape == (3,)
+    assert seen[1][0].item() == pytest.approx(412.37, rel=1e-6)
+    seen.clear()
+    ve = VESchedule(0.002, 80.0)
+    deis_fast.sample(model, torch.randn(3, 2), schedule=ve, method="ddim", nfe=2, grid="karras")
+    assert seen[0][0].item() == pytest.approx(80.0)
+
+
+def test_constant_model_ddim_is_exact_and_multistep_agrees():
+    c = torch.randn(4, 3, dtype=torch.float64)
+
+    def model(x, t):
+        return c.clone()
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    rho = VP.rho(np.array([999.0, 0.0]))
+    a = VP.alpha(np.array([999.0, 0.0]))
+    exact = a[1] * (x0 / a[0] + (rho[1] - rho[0]) * c)
+    for method in ["ddim", "tab3", "rhoab2", "logrho3", "ipndm4", "rho_rk4", "dpmpp1"]:
+        x = deis_fast.sample(model, x0, schedule=VP, method=method, nfe=4 if method != "rho_rk4" else 8)
+        torch.testing.assert_close(x, exact, rtol=1e-10, atol=1e-10, msg=method)
+
+
+def test_stochastic_ddim_per_sample_seeds_independent_of_batch():
+    def model(x, t):
+        return 0.3 * x
+    seeds = [11, 12, 13, 14]
+    noise = deis_fast.randn_per_sample((4, 5), seeds, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(s + 1000) for s in seeds]
+    full = deis_fast.sample(model, noise, schedule=VP, method="ddim_eta", nfe=6, eta=1.0, generator=gens)
+    part = deis_fast.sample(model, noise[2:], schedule=VP, method="ddim_eta", nfe=6, eta=1.0,
+                            generator=[torch.Generator().manual_seed(s + 1000) for s in seeds[2:]])
+    assert torch.equal(full[2:], part)
+    det = deis_fast.sample(model, noise, schedule=VP, method="ddim_eta", nfe=6, eta=0.0, generator=gens)
+    torch.testing.assert_close(det, deis_fast.sample(model, noise, schedule=VP, method="ddim", nfe=6))
+    assert not torch.allclose(full, det)
+
+
+def test_stochastic_ddim_matches_diffusers_variance():
+    """eta = 1 noise std equals DDPM posterior std: sigma_t(eta) of DDIM (Song et al. eq. 16)."""
+    from deis_fast.solvers.stochastic import ancestral_split
+    t = np.array([999.0, 500.0, 100.0, 0.0])
+    rho = VP.rho(t)
+    a = VP.alpha(t)
+    s = VP.sigma(t)
+    _, up = ancestral_split(rho, 0.6)
+    expected = 0.6 * (s[1:] / s[:-1]) * np.sqrt(1 - a[:-1] ** 2 / a[1:] ** 2)
+    np.testing.assert_allclose(a[1:] * up, expected, rtol=1e-12)
+
+
+def test_sampler_reuse_and_workspace():
+    def model(x, t):
+        return 0.3 * x
+    s = deis_fast.Sampler(model, VP, "tab3", 6)
+    x1 = s(torch.randn(2, 3))
+    x2 = s(torch.randn(2, 3))
+    x3 = s(torch.randn(5, 3))
+    assert x1.shape == (2, 3) and x3.shape == (5, 3)
+    assert x1.data_ptr() != x2.data_ptr(), "results must not alias the reusable workspace"
+    assert s.nfe == 6 and s.plan.nfe == 6
+
+
+def test_model_that_reuses_its_output_buffer_is_safe(small_mixture, small_noise):
+    base = small_mixture.model(VP)
+    buf = torch.empty_like(small_noise)
+
+    def static_out_model(x, t):
+        return buf.copy_(base(x, t))
+    a = deis_fast.sample(static_out_model, small_noise, schedule=VP, method="tab3", nfe=6)
+    b = deis_fast.sample(base, small_noise, schedule=VP, method="tab3", nfe=6)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="valid methods: .*tab3"):
+        deis_fast.build_plan(VP, "tab9", 5)
+    with pytest.raises(ValueError, match="valid grids"):
+        deis_fast.build_plan(VP, "tab3", 5, "weird")
+    with pytest.raises(ValueError, match="prediction"):
+        deis_fast.Sampler(_eps_model, VP, prediction="noise_pred")
+
+
+@pytest.mark.parametrize("nfe,match", [(0, ">= 1"), (-3, ">= 1"), (10 ** 9, "absurd")])
+def test_bad_nfe(nfe, match):
+    with pytest.raises(ValueError, match=match):
+        deis_fast.build_plan(VP, "tab3", nfe)
+
+
+def test_nfe_too_small_or_not_multiple_for_rk():
+    with pytest.raises(ValueError, match=">= 4"):
+        deis_fast.build_plan(VP, "rho_rk4", 3)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        deis_fast.build_plan(VP, "rho_heun", 5)
+    with pytest.raises(TypeError, match="int"):
+        deis_fast.build_plan(VP, "tab3", 5.5)
+
+
+def test_wrong_model_output_raises_with_step():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="shape"):
+        deis_fast.sample(lambda x, t: x[:1] * 1, x, schedule=VP, nfe=3)
+    with pytest.raises(TypeError, match="dtype"):
+        deis_fast.sample(lambda x, t: x.double(), x, schedule=VP, nfe=3)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        deis_fast.sample(lambda x, t: 3.0, x, schedule=VP, nfe=3)
+
+
+def test_non_finite_model_output_names_step_and_time():
+    def model(x, t):
+        out = 0.1 * x
+        if float(t[0]) < 500:
+            out = out + float("nan")
+        return out
+    with pytest.raises(deis_fast.NonFiniteError, match=r"step 3 .*t=399.6"):
+        deis_fast.sample(model, torch.randn(2, 3), schedule=VP, method="tab3", nfe=5, grid="time_uniform")
+    x = deis_fast.sample(model, torch.randn(2, 3), schedule=VP, method="tab3", nfe=5, grid="time_uniform",
+                         check_finite=False)
+    assert torch.isnan(x).any()
+
+
+def test_bad_noise_raises():
+    with pytest.raises(ValueError, match="batch"):
+        deis_fast.sample(_eps_model, torch.randn(0, 3), schedule=VP, nfe=3)
+    with pytest.raises(TypeError, match="floating"):
+        deis_fast.sample(_eps_model, torch.ones(2, 3, dtype=torch.long), schedule=VP, nfe=3)
+    with pytest.raises(deis_fast.NonFiniteError, match="input noise"):
+        deis_fast.sample(_eps_model, torch.full((2, 3), float("inf")), schedule=VP, nfe=3)
+
+
+def test_cfg_without_uncond_raises():
+    with pytest.raises(ValueError, match="uncond"):
+        deis_fast.Sampler(_eps_model, VP, guidance_scale=5.0)
