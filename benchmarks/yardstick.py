@@ -3,6 +3,8 @@ linear betas, t 999 -> 0, 400 noises from seed 0; median per-sample relative err
 endpoint. deis_fast methods x grids against diffusers' schedulers (default spacing and Karras sigmas).
 
     python benchmarks/yardstick.py [--nfe 5 6 8 10 15 20] [--out benchmarks/yardstick.md]
+    python benchmarks/yardstick.py --nfe 4 5 6 8 10 --methods ddim tab3 logrho3 --grids time_quadratic logsnr \
+        --no-diffusers --extra ddim:time_quadratic:1,1 ddim:time_quadratic:2,1 ...   # PFDiff table
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
     ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--grids", nargs="*", default=GRIDS)
+    ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[], help="extra deis_fast rows as method:grid[:k,h for pfdiff]")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
@@ -32,16 +37,19 @@ def main(argv=None) -> int:
     model = mix.model(sched)
     problems = [(noise, ref)]
     results = []
-    for m in METHODS:
-        for g in GRIDS:
+    for m in args.methods:
+        for g in args.grids:
             results.append(B.evaluate(f"deis_fast {m} / {g}", "deis_fast", B.deis_runner(model, sched, m, g),
                                       problems, args.nfe))
     for spec in args.extra:
         m, g, *pf = spec.split(":")
         kw = {"pfdiff": tuple(int(v) for v in pf[0].split(","))} if pf else {}
-        results.append(B.evaluate(f"deis_fast {m} / {g}" + (f" / pfdiff{kw['pfdiff']}" if pf else ""), "deis_fast",
+        if len(pf) > 1 and pf[1] == "exp":
+            kw["pfdiff_experimental"] = True
+        label = f"deis_fast {m} / {g}" + (f" / PFDiff{kw['pfdiff']}" if pf else "") + (" exp." if len(pf) > 1 else "")
+        results.append(B.evaluate(label, "deis_fast",
                                   B.deis_runner(model, sched, m, g, **kw), problems, args.nfe))
-    for name in B.DIFFUSERS_SCHEDULERS:
+    for name in ([] if args.no_diffusers else B.DIFFUSERS_SCHEDULERS):
         for karras in (False, True):
             r = B.evaluate(f"diffusers {name}" + (" karras" if karras else ""), "diffusers",
                            lambda nz, n, name=name, karras=karras: B.run_diffusers(name, karras, model, nz, n),
@@ -53,7 +61,8 @@ def main(argv=None) -> int:
              "| NFE | best deis_fast | best diffusers | ratio |", "|---|---|---|---|"]
     bd, bf = B.best_per_nfe(results, "deis_fast", args.nfe), B.best_per_nfe(results, "diffusers", args.nfe)
     for n in args.nfe:
-        lines.append(f"| {n} | {bd[n][0]} {bd[n][1]:.3g} | {bf[n][0]} {bf[n][1]:.3g} | {bf[n][1] / bd[n][1]:.1f}x |")
+        if n in bd and n in bf:
+            lines.append(f"| {n} | {bd[n][0]} {bd[n][1]:.3g} | {bf[n][0]} {bf[n][1]:.3g} | {bf[n][1] / bd[n][1]:.1f}x |")
     lines.append("")
     lines.append(f"(wall time {time.time() - t0:.0f} s)")
     text = "\n".join(lines)
