@@ -2,7 +2,9 @@
 same start and end times, error measured against an exact (or high-accuracy) ODE endpoint."""
 from __future__ import annotations
 
+import argparse
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -14,7 +16,7 @@ from .sampler import sample
 from .schedules import Schedule
 from .testing import relative_errors
 
-__all__ = ["DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach"]
+__all__ = ["yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach"]
 
 # name -> (diffusers class, constructor kwargs); every one starts at t=999 and ends at t=0 (alpha_cumprod[0])
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -136,3 +138,61 @@ def best_per_nfe(results: Sequence[Result], family: str, nfes: Sequence[int]) ->
             v, lab = min(cands)
             out[n] = (lab, v)
     return out
+
+
+YARDSTICK_METHODS = ["ddim", "tab1", "tab2", "tab3", "rhoab3", "logrho3", "dpmpp2", "dpmpp3", "ipndm4", "ipndm_v"]
+YARDSTICK_GRIDS = ["time_quadratic", "logsnr", "karras", "time_uniform"]
+
+
+def yardstick_main(argv: Sequence[str] | None = None) -> int:
+    """The public-yardstick table (DESIGN §7); see benchmarks/yardstick.py for usage."""
+    ap = argparse.ArgumentParser(prog="deis-fast bench yardstick", description="Public yardstick: deis_fast vs diffusers on the 64-d mixture.")
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--methods", nargs="*", default=YARDSTICK_METHODS)
+    ap.add_argument("--grids", nargs="*", default=YARDSTICK_GRIDS)
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--extra", nargs="*", default=[], help="extra deis_fast rows as method:grid[:k,h for pfdiff]")
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    from .testing import yardstick_problem
+    mix, sched, noise, ref = yardstick_problem(args.samples)
+    model = mix.model(sched)
+    problems = [(noise, ref)]
+    results = []
+    for m in args.methods:
+        for g in args.grids:
+            results.append(evaluate(f"deis_fast {m} / {g}", "deis_fast", deis_runner(model, sched, m, g),
+                                      problems, args.nfe))
+    for spec in args.extra:
+        m, g, *pf = spec.split(":")
+        kw = {"pfdiff": tuple(int(v) for v in pf[0].split(","))} if pf else {}
+        if len(pf) > 1 and pf[1] == "exp":
+            kw["pfdiff_experimental"] = True
+        label = f"deis_fast {m} / {g}" + (f" / PFDiff{kw['pfdiff']}" if pf else "") + (" exp." if len(pf) > 1 else "")
+        results.append(evaluate(label, "deis_fast",
+                                  deis_runner(model, sched, m, g, **kw), problems, args.nfe))
+    for name in ([] if args.no_diffusers else DIFFUSERS_SCHEDULERS):
+        for karras in (False, True):
+            r = evaluate(f"diffusers {name}" + (" karras" if karras else ""), "diffusers",
+                           lambda nz, n, name=name, karras=karras: run_diffusers(name, karras, model, nz, n),
+                           problems, args.nfe)
+            if r.errors:
+                results.append(r)
+    lines = ["Median per-sample relative error to the exact ODE endpoint (lower is better).", "",
+             markdown_table(results, args.nfe), "", "Best of each family:", "",
+             "| NFE | best deis_fast | best diffusers | ratio |", "|---|---|---|---|"]
+    bd, bf = best_per_nfe(results, "deis_fast", args.nfe), best_per_nfe(results, "diffusers", args.nfe)
+    for n in args.nfe:
+        if n in bd and n in bf:
+            lines.append(f"| {n} | {bd[n][0]} {bd[n][1]:.3g} | {bf[n][0]} {bf[n][1]:.3g} | {bf[n][1] / bd[n][1]:.1f}x |")
+    lines.append("")
+    lines.append(f"(wall time {time.time() - t0:.0f} s)")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
