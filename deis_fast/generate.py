@@ -1,0 +1,595 @@
+"""``deis-fast generate``: sharded, resumable, seed-deterministic bulk sample generation.
+
+    deis-fast generate --num 50000 --outdir out --batch-size 64 --method tab3 --nfe 10
+    torchrun --nproc_per_node 4 -m deis_fast.generate --num 50000 --outdir out ...
+
+* Runs as one process, or under ``torchrun`` (``torch.distributed`` is initialised only when the
+  ``WORLD_SIZE`` environment variable is > 1; backend nccl on CUDA, gloo on CPU). Rank r of K takes the
+  indices r, r+K, r+2K, ...
+* Sample ``i`` depends only on its seed ``seed_offset + i``: a per-sample ``torch.Generator`` seeded with
+  it draws the initial noise (exactly :func:`deis_fast.randn_per_sample`) and then, passed to the sampler as
+  the list ``generator=``, the step noise of stochastic methods.
+* Batch invariance. On CPU (and with cuDNN) a convolution's low bits depend on the batch size and on the
+  number of intra-op threads. So the network is always called on chunks of exactly ``--model-batch``
+  samples (the last chunk is zero-padded; a sample never depends on its neighbours), and on CPU the
+  intra-op thread count is pinned (``--threads``, default 1, also torchrun's default). The solver's
+  updates are elementwise. Together: a sample's bits do not depend on ``--batch-size``, on the world
+  size or on which rank made it (for a fixed ``--model-batch``, thread count, device type and torch build).
+* Output: ``--format png`` writes one ``{index:08d}.png`` per sample; ``npz`` one
+  ``batch-{first:08d}-{n}.npz`` per batch with ``indices``, ``seeds`` and ``samples`` (float32; float64
+  for float64 runs). Every file is written to a temporary file in the same directory, then ``os.replace``\\ d.
+  After a batch's files, a per-shard record ``records/shard-{first:08d}.json`` (index, seed, file, the
+  sampler config) is written the same way: a sample counts as done only once its record exists.
+* ``config.json`` holds the sampler config; re-running into an outdir made with another config fails
+  with a message naming the differing keys. ``--num`` may grow between runs (the run is extended).
+* Restart: completed indices are read from the records and skipped; temporary files and data files
+  without a record (a crash between the data file and its record) are removed by rank 0 at start.
+* At the end rank 0 (after a barrier) checks that each index 0..N-1 is recorded exactly once with its
+  file present, writes ``manifest.jsonl`` (one line per index: index, seed, file) and the process exits
+  with 0; otherwise it prints what is missing or duplicated and every rank exits with 1. Usage and config
+  errors exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+import uuid
+import zlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .sampler import NonFiniteError
+
+__all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise",
+           "GenerateError", "verify_outdir", "write_png", "read_records"]
+
+FORMATS = ("png", "npz")
+CONFIG_FILE = "config.json"
+RECORDS_DIR = "records"
+MANIFEST_FILE = "manifest.jsonl"
+TMP_PREFIX = ".tmp-"
+_PNG_RE = re.compile(r"^\d{8}\.png$")
+_NPZ_RE = re.compile(r"^batch-\d{8}-\d+\.npz$")
+_REC_RE = re.compile(r"^shard-\d{8}\.json$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+MAX_SEED = 2 ** 63 - 1
+
+
+class GenerateError(ValueError):
+    """A usage or configuration error (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _pfdiff_arg(s: str) -> tuple[int, int]:
+    parts = s.split(",")
+    try:
+        k, h = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pfdiff takes 'k,h' (two integers, e.g. 2,1), got {s!r}") from None
+    return k, h
+
+
+def _grid_arg(s: str) -> str | list[float]:
+    if "," not in s:
+        return s
+    try:
+        return [float(p) for p in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid takes a grid name or comma-separated times, got {s!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``generate`` options to ``parser`` (used by ``deis-fast generate`` and by :func:`main`)."""
+    parser.add_argument("-n", "--num", "--num-samples", dest="num", type=_positive_int, required=True,
+                        help="number of samples N (indices 0..N-1); under torchrun put '--' before the options "
+                             "or use -n (torchrun's own parser takes --num for an abbreviation of --numa-binding)")
+    parser.add_argument("--outdir", required=True, help="output directory (created; a re-run resumes it)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="samples per sampler call and shard")
+    parser.add_argument("--method", default="tab3", help="solver (see deis_fast.METHODS)")
+    parser.add_argument("--nfe", type=_positive_int, default=10, help="network evaluations per sample")
+    parser.add_argument("--grid", type=_grid_arg, default=None,
+                        help="time_uniform | time_quadratic | logsnr | karras, or comma-separated times")
+    parser.add_argument("--eta", type=_finite_float, default=1.0, help="noise level of ddim_eta")
+    parser.add_argument("--pfdiff", type=_pfdiff_arg, default=None, metavar="K,H",
+                        help="PFDiff-k_h timestep skipping on a first-order method")
+    parser.add_argument("--seed-offset", type=_nonneg_int, default=0, help="sample i uses seed seed_offset + i")
+    parser.add_argument("--format", choices=FORMATS, default="png", help="png (one file per sample) or npz")
+    parser.add_argument("--model", default="digits",
+                        help="'digits' (the embedded model) or a diffusers model directory (UNet2DModel)")
+    parser.add_argument("--prediction", default=None,
+                        help="model output type (default: eps for digits, the scheduler config's for diffusers)")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--model-batch", type=_positive_int, default=8,
+                        help="the network always sees exactly this many samples per call (batch invariance)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU intra-op threads per process (default 1 on CPU: results depend on it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # testing hooks: a rank dies abruptly after K samples, leaving a partial temp file and an unrecorded file
+    parser.add_argument("--_fail-after", dest="_fail_after", type=_nonneg_int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_fail-rank", dest="_fail_rank", type=_nonneg_int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deis-fast generate", description=(__doc__ or "").split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+# ---------------------------------------------------------------------------------------- model & noise
+class FixedBatchModel:
+    """Calls ``model`` on chunks of exactly ``chunk`` samples (zero-padding the last one), so that a
+    sample's output does not depend on how many samples the caller batched together."""
+
+    def __init__(self, model: Callable[..., Any], chunk: int):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model = model
+        self.chunk = int(chunk)
+
+    @staticmethod
+    def _unwrap(out: Any) -> Any:
+        if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
+            return out.sample
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        b, c = x.shape[0], self.chunk
+        if not torch.is_tensor(t):
+            t = torch.tensor(float(t), device=x.device)
+        t = t.reshape(-1)
+        if t.numel() == 1 and b != 1:
+            t = t.expand(b)
+        if b == c:
+            return self._unwrap(self.model(x, t, **cond))
+        outs = []
+        for i in range(0, b, c):
+            xi, ti = x[i:i + c], t[i:i + c]
+            n = xi.shape[0]
+            if n < c:
+                xi = torch.cat([xi, xi.new_zeros((c - n,) + tuple(xi.shape[1:]))])
+                ti = torch.cat([ti, ti[:1].expand(c - n)])
+            outs.append(self._unwrap(self.model(xi, ti, **cond))[:n])
+        return torch.cat(outs)
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """(noise [len(seeds), *shape], generators): noise is bitwise ``randn_per_sample((n, *shape), seeds)``;
+    each generator has drawn its sample's noise and goes on to draw that sample's step noise."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in gens])
+    return noise.to(device, dtype), gens
+
+
+def _load_model(spec: str, device: torch.device, dtype: torch.dtype, prediction: str | None):
+    """(model, schedule, prediction, sample_shape, model_id)."""
+    from .schedules import VPSchedule, schedule_from_diffusers_config
+    if spec == "digits":
+        from .digits import DIGITS_SCHEDULE, DIGITS_SHAPE, load_digits_model
+        return (load_digits_model(device=device, dtype=dtype), VPSchedule.discrete(DIGITS_SCHEDULE),
+                prediction or "eps", tuple(DIGITS_SHAPE), "digits")
+    root = os.path.abspath(spec)
+    if not os.path.isdir(root):
+        raise GenerateError(f"--model {spec!r}: not 'digits' and not a directory")
+    unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
+    sched_cfg = None
+    for cand in (os.path.join(root, "scheduler", "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
+        if os.path.isfile(cand):
+            with open(cand) as f:
+                sched_cfg = json.load(f)
+            break
+    if sched_cfg is None:
+        raise GenerateError(f"--model {spec!r}: no scheduler/scheduler_config.json found")
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise GenerateError(f"--model {spec!r} needs diffusers ({e})") from None
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # safetensors only, never pickle
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise GenerateError(f"--model {spec!r}: cannot load a UNet2DModel with safetensors weights: {e}") from None
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    shape = (int(cfg.in_channels), int(size[0]), int(size[1]))
+    pred = prediction or sched_cfg.get("prediction_type", "epsilon")
+    return unet, schedule_from_diffusers_config(sched_cfg), pred, shape, root
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    """Minimal PNG encoder (8-bit gray / RGB / RGBA) for a uint8 array [C, H, W]."""
+    c, h, w = img.shape
+    color = {1: 0, 3: 2, 4: 6}.get(c)
+    if color is None:
+        raise GenerateError(f"--format png needs 1, 3 or 4 channels, the samples have {c}; use --format npz")
+    rows = np.ascontiguousarray(np.transpose(img, (1, 2, 0))).reshape(h, w * c)
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(path: str, img: np.ndarray) -> None:
+    data = _png_bytes(img)
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _config_sha(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_records(outdir: str) -> tuple[list[dict], list[str]]:
+    """(valid records, names of unreadable record files)."""
+    rdir = os.path.join(outdir, RECORDS_DIR)
+    recs, bad = [], []
+    if not os.path.isdir(rdir):
+        return recs, bad
+    for name in sorted(os.listdir(rdir)):
+        if not _REC_RE.match(name):
+            continue
+        try:
+            with open(os.path.join(rdir, name)) as f:
+                r = json.load(f)
+            if not (isinstance(r, dict) and len(r["indices"]) == len(r["seeds"]) == len(r["files"])):
+                raise ValueError("malformed")
+        except (OSError, ValueError, KeyError, TypeError):
+            bad.append(name)
+            continue
+        r["_name"] = name
+        recs.append(r)
+    return recs, bad
+
+
+def _completed(recs: list[dict], outdir: str) -> set[int]:
+    done = set()
+    for r in recs:
+        for i, f in zip(r["indices"], r["files"]):
+            if os.path.exists(os.path.join(outdir, f)):
+                done.add(int(i))
+    return done
+
+
+def _cleanup(outdir: str, recs: list[dict], bad: list[str]) -> int:
+    """Remove temp files, unreadable records and data files no record refers to; returns the count."""
+    referenced = {f for r in recs for f in r["files"]}
+    removed = 0
+    rdir = os.path.join(outdir, RECORDS_DIR)
+    for d in (outdir, rdir):
+        for name in os.listdir(d):
+            p = os.path.join(d, name)
+            stale = name.startswith(TMP_PREFIX) or (d == rdir and name in bad) or (
+                d == outdir and (_PNG_RE.match(name) or _NPZ_RE.match(name)) and name not in referenced)
+            if stale and os.path.isfile(p):
+                os.remove(p)
+                removed += 1
+    return removed
+
+
+def verify_outdir(outdir: str, num: int, config: dict | None = None) -> tuple[bool, str, list[dict]]:
+    """Check that each index 0..num-1 is recorded exactly once (with its file present, and the
+    record's config equal to ``config`` when given). Returns (ok, message, manifest rows)."""
+    recs, bad = read_records(outdir)
+    count = np.zeros(num, dtype=np.int64)
+    rows: dict[int, dict] = {}
+    missing_files, wrong_cfg, extra = [], [], 0
+    sha = _config_sha(config) if config is not None else None
+    for r in recs:
+        if sha is not None and r.get("config_sha") != sha:
+            wrong_cfg.append(r["_name"])
+            continue
+        for i, s, f in zip(r["indices"], r["seeds"], r["files"]):
+            i = int(i)
+            if not os.path.exists(os.path.join(outdir, f)):
+                missing_files.append(f)
+                continue
+            if 0 <= i < num:
+                count[i] += 1
+                rows[i] = {"index": i, "seed": int(s), "file": f}
+            else:
+                extra += 1
+    missing = np.flatnonzero(count == 0).tolist()
+    dup = np.flatnonzero(count > 1).tolist()
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing indices (first: {missing[:10]})")
+    if dup:
+        problems.append(f"{len(dup)} indices recorded more than once (first: {dup[:10]})")
+    if missing_files:
+        problems.append(f"{len(missing_files)} recorded files do not exist (first: {missing_files[:5]})")
+    if wrong_cfg:
+        problems.append(f"{len(wrong_cfg)} records were made with another config (first: {wrong_cfg[:5]})")
+    if bad:
+        problems.append(f"{len(bad)} unreadable records (first: {bad[:5]})")
+    if problems:
+        return False, f"verification of {outdir} FAILED: " + "; ".join(problems), []
+    note = f" ({extra} samples with index >= {num} are also present)" if extra else ""
+    return True, f"verified {num} samples in {outdir}: each index 0..{num - 1} exactly once{note}", \
+        [rows[i] for i in range(num)]
+
+
+# ----------------------------------------------------------------------------------------------- run
+def _dist_env() -> tuple[int, int, int]:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise GenerateError("WORLD_SIZE / RANK / LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise GenerateError(f"bad distributed environment: RANK={rank}, WORLD_SIZE={world}")
+    return world, rank, local
+
+
+def _print(rank: int, msg: str, err: bool = False) -> None:
+    print(f"[rank {rank}] {msg}" if rank else msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``generate`` with parsed ``args``; returns the exit code (0 ok, 1 verification failed, 2 usage)."""
+    try:
+        world, rank, local = _dist_env()
+    except GenerateError as e:
+        _print(0, f"deis-fast generate: error: {e}", err=True)
+        return 2
+    old_threads = torch.get_num_threads()
+    try:
+        return _run(args, world, rank, local)
+    except GenerateError as e:
+        _print(rank, f"deis-fast generate: error: {e}", err=True)
+        return 2
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
+    import deis_fast
+
+    # ---- validate everything before touching the filesystem or the process group
+    if args.num - 1 + args.seed_offset > MAX_SEED:
+        raise GenerateError(f"seed_offset + num exceeds {MAX_SEED}")
+    dtype = _DTYPES[args.dtype]
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except RuntimeError as e:
+        raise GenerateError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError("--device cuda but CUDA is not available")
+        if world > 1 and device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type != "cpu":
+        raise GenerateError(f"--device {args.device!r}: use cpu or cuda")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, schedule, prediction, shape, model_id = _load_model(args.model, device, dtype, args.prediction)
+    try:
+        sampler = deis_fast.Sampler(FixedBatchModel(model, args.model_batch), schedule, method=args.method,
+                                    nfe=args.nfe, grid=args.grid, prediction=prediction, eta=args.eta,
+                                    pfdiff=args.pfdiff)
+    except (ValueError, TypeError) as e:
+        raise GenerateError(f"invalid sampler options: {e}") from None
+    plan = sampler.plan
+    config = {"model": model_id, "shape": list(shape), "prediction": prediction, "method": args.method,
+              "plan_method": plan.method, "nfe": plan.nfe, "grid": args.grid, "eta": args.eta,
+              "pfdiff": list(args.pfdiff) if args.pfdiff else None, "seed_offset": args.seed_offset,
+              "format": args.format, "dtype": args.dtype, "model_batch": args.model_batch,
+              "times": [float(t) for t in plan.times]}
+    sha = _config_sha(config)
+    outdir = os.path.abspath(args.outdir)
+
+    # ---- process group
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist)
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _barrier(dist) -> None:
+    if dist is not None:
+        dist.barrier()
+
+
+def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist) -> int:
+    from .digits import to_image
+    cfg_path = os.path.join(outdir, CONFIG_FILE)
+
+    def load_cfg() -> dict | None:
+        try:
+            with open(cfg_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise GenerateError(f"cannot read {cfg_path}: {e}") from None
+
+    # ---- rank 0 sets the directory up (only when the config matches); everyone then checks the config
+    if rank == 0:
+        os.makedirs(os.path.join(outdir, RECORDS_DIR), exist_ok=True)
+        try:
+            old = load_cfg()
+        except GenerateError:
+            old = {"unreadable": True}
+        if old is None:
+            _atomic_write(cfg_path, lambda f: f.write(json.dumps(config, indent=1, sort_keys=True) + "\n"), "w")
+        if old is None or old == config:
+            recs, bad = read_records(outdir)
+            recs = [r for r in recs if r.get("config_sha") == sha]
+            n = _cleanup(outdir, recs, bad)
+            if n:
+                _print(rank, f"removed {n} stale temporary/unrecorded files from an interrupted run")
+    _barrier(dist)
+    old = load_cfg()
+    if old != config:
+        if old is None:
+            raise GenerateError(f"{cfg_path} is missing")
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        detail = "; ".join(f"{k}: {old.get(k)!r} there vs {config.get(k)!r} now" for k in diff[:6])
+        raise GenerateError(f"{outdir} was generated with a different config ({detail}); "
+                            "use the same options to resume, or another --outdir")
+
+    recs, _ = read_records(outdir)
+    done = _completed([r for r in recs if r.get("config_sha") == sha], outdir)
+    todo = [i for i in range(rank, args.num, world) if i not in done]
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    n_done_total = sum(1 for i in done if i < args.num)
+
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=args.num, initial=n_done_total, desc="generate", unit="sample")
+    fail_rank = args._fail_rank if args._fail_rank is not None else (1 if world > 1 else 0)
+    made = 0
+    progress = n_done_total
+    common = {"config_sha": sha, "config": config, "rank": rank, "world_size": world,
+              "batch_size": args.batch_size, "threads": torch.get_num_threads(), "device": str(device),
+              "torch": torch.__version__}
+    for bi, idx in enumerate(batches):
+        seeds = [args.seed_offset + i for i in idx]
+        noise, gens = initial_noise(shape, seeds, device, dtype)
+        with torch.inference_mode():
+            try:
+                x = sampler(noise, generator=gens if sampler.plan.num_noise else None)
+            except NonFiniteError as e:
+                raise GenerateError(f"samples {idx[0]}..{idx[-1]}: {e}") from None
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        arr = x.detach().cpu().numpy()
+        if args.format == "png":
+            imgs = to_image(arr)
+            files = [f"{i:08d}.png" for i in idx]
+            for f, img in zip(files, imgs):
+                write_png(os.path.join(outdir, f), img)
+        else:
+            files = [f"batch-{idx[0]:08d}-{len(idx)}.npz"] * len(idx)
+
+            def w(fh, arr=arr, idx=idx, seeds=seeds):
+                np.savez(fh, indices=np.asarray(idx, np.int64), seeds=np.asarray(seeds, np.int64), samples=arr)
+            _atomic_write(os.path.join(outdir, files[0]), w)
+        rec = {"indices": idx, "seeds": seeds, "files": files, **common}
+        _atomic_write(os.path.join(outdir, RECORDS_DIR, f"shard-{idx[0]:08d}.json"),
+                      lambda f, rec=rec: f.write(json.dumps(rec)), "w")
+        made += len(idx)
+        if bar is not None:
+            new = min(args.num, n_done_total + made * world)
+            bar.update(new - progress)
+            progress = new
+        if args._fail_after is not None and rank == fail_rank and made >= args._fail_after:
+            _simulate_crash(outdir, batches[bi + 1] if bi + 1 < len(batches) else None, args.format)
+    if bar is not None:
+        bar.update(args.num - progress)
+        bar.close()
+
+    # ---- verification on rank 0 after everyone has finished
+    _barrier(dist)
+    code = 0
+    if rank == 0:
+        ok, msg, rows = verify_outdir(outdir, args.num, config)
+        if ok:
+            data = "".join(json.dumps(r) + "\n" for r in rows)
+            _atomic_write(os.path.join(outdir, MANIFEST_FILE), lambda f: f.write(data), "w")
+            _print(rank, msg)
+        else:
+            _print(rank, msg, err=True)
+            code = 1
+    if dist is not None:
+        t = torch.tensor([code], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=0)
+        code = int(t.item())
+    return code
+
+
+def _simulate_crash(outdir: str, next_batch: list[int] | None, fmt: str) -> None:
+    """Testing hook: die like a killed process in the middle of writing the next batch."""
+    with open(os.path.join(outdir, f"{TMP_PREFIX}partial.{os.getpid()}"), "wb") as f:
+        f.write(b"\x89PNG partial")
+    if next_batch:
+        name = f"{next_batch[0]:08d}.png" if fmt == "png" else f"batch-{next_batch[0]:08d}-{len(next_batch)}.npz"
+        with open(os.path.join(outdir, name), "wb") as f:  # a complete-looking file without its record
+            f.write(b"garbage")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(17)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
