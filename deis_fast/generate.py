@@ -317,9 +317,21 @@ def _completed(recs: list[dict], outdir: str) -> set[int]:
 
 def _cleanup(outdir: str, recs: list[dict], bad: list[str]) -> int:
     """Remove temp files, unreadable records and data files no record refers to; returns the count."""
-    referenced = {f for r in recs for f in r["files"]}
     removed = 0
     rdir = os.path.join(outdir, RECORDS_DIR)
+    for r in recs:  # a record whose files were lost (deleted by hand): drop those entries so they are redone
+        keep = [k for k, f in enumerate(r["files"]) if os.path.exists(os.path.join(outdir, f))]
+        if len(keep) < len(r["files"]):
+            for key in ("indices", "seeds", "files"):
+                r[key] = [r[key][k] for k in keep]
+            path = os.path.join(rdir, r["_name"])
+            if keep:
+                body = json.dumps({k: v for k, v in r.items() if k != "_name"})
+                _atomic_write(path, lambda f, body=body: f.write(body), "w")
+            else:
+                os.remove(path)
+            removed += 1
+    referenced = {f for r in recs for f in r["files"]}
     for d in (outdir, rdir):
         for name in os.listdir(d):
             p = os.path.join(d, name)
