@@ -60,12 +60,14 @@ class ModelAdapter:
 
     guidance_scale: classifier-free guidance w (diffusers convention: out = u + w (c - u)); the model
       is called once on a doubled batch [cond; uncond]; ``uncond`` holds the unconditional kwargs.
+      A float is folded into the conversion Combine (coefficients w, 1 - w); a 0-d tensor is read at run
+      time with ``torch.lerp(u, c, w, out=buf)``, so it can change in place without re-capture.
     guidance_rescale: diffusers' std rescale (Lin et al.), 0 disables it.
     classifier_grad: ``fn(x, model_t, **cond) -> grad log p(y | x_t)``; eps <- eps - scale * sigma * grad.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], prediction: str = "eps", *, variance_preserving: bool = True,
-                 guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
+                 guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, time_dtype: torch.dtype | None = None):
         if not callable(model):
@@ -73,7 +75,14 @@ class ModelAdapter:
         self.model = model
         self.prediction = normalize_prediction(prediction)
         self.vp = variance_preserving
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        # a float is folded into the conversion Combine; a 0-d tensor is read at run time (torch.lerp), so
+        # changing it in place needs no re-trace / re-capture (CUDA graphs, torch.compile)
+        if guidance_scale is None or isinstance(guidance_scale, torch.Tensor):
+            if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() != 1:
+                raise ValueError(f"a tensor guidance_scale must hold one value, got shape {tuple(guidance_scale.shape)}")
+            self.guidance_scale = guidance_scale
+        else:
+            self.guidance_scale = float(guidance_scale)
         if self.guidance_scale is not None and uncond is None:
             raise ValueError("classifier-free guidance needs `uncond`: the unconditional keyword arguments "
                              "(e.g. uncond={'encoder_hidden_states': empty_embedding})")
@@ -95,33 +104,60 @@ class ModelAdapter:
             out = out[0]
         return out
 
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None
+
+    def prepare_cond(self, cond: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Once per sampling call: the conditioning the network sees ([cond; uncond] batched for CFG)."""
+        return _cat_cond(cond, self.uncond) if self.guided else cond
+
     def __call__(self, x: torch.Tensor, op: Eval, t: torch.Tensor, cond: Mapping[str, Any],
-                 buf: torch.Tensor) -> torch.Tensor:
-        """Return the target quantity for ``op`` at state ``x``; may write into ``buf`` (same shape as x)."""
-        if self.guidance_scale is None:
+                 buf: torch.Tensor, xx: torch.Tensor | None = None, tt: torch.Tensor | None = None,
+                 guidance: float | torch.Tensor | None = None, raw_cond: Mapping[str, Any] | None = None
+                 ) -> torch.Tensor:
+        """Return the target quantity for ``op`` at state ``x``; may write into ``buf`` (same shape as x).
+
+        With guidance, ``cond`` is :meth:`prepare_cond`'s result, ``xx`` a [2B, ...] buffer for the doubled
+        batch (filled with one ``torch.cat(out=)``; allocated here when None), ``tt`` the doubled time,
+        ``guidance`` overrides the scale (a 0-d device tensor inside CUDA graphs) and ``raw_cond`` is the
+        caller's conditioning (for ``classifier_grad``).
+
+        Ops outside the network per NFE: none (eps model, eps solver), else one ``ops.combine`` into
+        ``buf``; with CFG, ``cat`` + ``split`` + one combine (float scale) or ``lerp`` (+ one combine when
+        a conversion remains) for a tensor scale.
+        """
+        if not self.guided:
             raw = self.call_model(x, t, cond)
             _check_output(raw, x, op)
             pieces = [(1.0, raw)]
         else:
-            xx = torch.cat([x, x])
-            tt = torch.cat([t, t])
-            cc = _cat_cond(cond, self.uncond)
-            raw2 = self.call_model(xx, tt, cc)
+            if xx is None:
+                xx = torch.cat([x, x])
+            else:
+                torch.cat([x, x], out=xx)
+            if tt is None:
+                tt = torch.cat([t, t])
+            raw2 = self.call_model(xx, tt, cond)
             _check_output(raw2, xx, op)
             c, u = raw2.chunk(2)
-            w = self.guidance_scale
+            w = self.guidance_scale if guidance is None else guidance
             if self.guidance_rescale > 0:
-                g = u + w * (c - u)
+                g = torch.lerp(u, c, w)
                 dims = list(range(1, g.ndim))
                 g_rescaled = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
                 pieces = [(1.0, self.guidance_rescale * g_rescaled + (1 - self.guidance_rescale) * g)]
+            elif isinstance(w, torch.Tensor):
+                # guided = u + w (c - u) with w read from the tensor at run time: one op into buf
+                pieces = [(1.0, torch.lerp(u, c, w.to(device=buf.device) if w.device != buf.device else w,
+                                           out=buf))]
             else:
                 pieces = [(w, c), (1.0 - w, u)]
         convert = _to_eps if (op.target == "eps" or self.classifier_grad is not None) else _to_x0
         a, b = convert(self.prediction, op.alpha, op.sigma, self.vp)
         terms = [(a, x)] + [(b * k, p) for k, p in pieces]
         if self.classifier_grad is not None:
-            grad = self.classifier_grad(x, t, **cond)
+            grad = self.classifier_grad(x, t, **(raw_cond if raw_cond is not None else cond))
             _check_output(grad, x, op, what="classifier gradient")
             terms.append((-self.classifier_scale * op.sigma, grad))
             if op.target == "x0":  # x0 = (x - sigma * eps) / alpha
@@ -129,7 +165,7 @@ class ModelAdapter:
                 terms[0] = (terms[0][0] + 1.0 / op.alpha, x)
         terms = [(c, s) for c, s in terms if c != 0.0]
         if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
-            return terms[0][1]  # the network's output is already the target: no extra pass
+            return terms[0][1]  # the network's output (or the guided lerp in buf) is already the target
         return ops.combine([s for _, s in terms], [c for c, _ in terms], out=buf)
 
 

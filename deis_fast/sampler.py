@@ -113,8 +113,17 @@ class Sampler:
     network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B]
     (float32, or float64 for float64 states, unless ``time_dtype`` says otherwise).
     The plan is compiled once; the executor has no data-dependent branches and writes every Combine
-    into a preallocated slot. ``check_finite`` adds one reduction per NFE and a single host sync at
-    the end (no per-step syncs) to raise :class:`NonFiniteError` naming the first bad step.
+    into a preallocated slot; after the first call (warm-up) a call allocates nothing but its result
+    (nothing at all with ``out=``). ``check_finite`` adds one reduction per NFE (written in place into a
+    preallocated buffer) and a single host sync at the end (no per-step syncs) to raise
+    :class:`NonFiniteError` naming the first bad step. Under ``torch.compile`` the finite check is skipped.
+
+    ``copy_outputs``: None detects on the first eager call whether the model returns a reused output
+    buffer (then its outputs are copied into the workspace); True/False force it. Under torch.compile an
+    undetected model is assumed to return fresh tensors (a repeated output object raises).
+    ``guidance_scale`` may be a 0-d tensor: it is read at run time (see :class:`ModelAdapter`).
+    ``sampler.cuda_graph(example_noise, **cond)`` captures the whole loop in one CUDA graph
+    (:class:`deis_fast.graph.CUDAGraphSampler`).
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
@@ -122,10 +131,10 @@ class Sampler:
                  t_start: float | None = None, t_end: float | None = None, *, eta: float = 1.0,
                  lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                  pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
-                 guidance_scale: float | None = None, uncond: Mapping[str, Any] | None = None,
+                 guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
-                 time_dtype: torch.dtype | None = None, plan: Plan | None = None):
+                 time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None):
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
@@ -141,11 +150,10 @@ class Sampler:
         self.model = model
         self.check_finite = check_finite
         self.progress = progress
-        self._cache_key: tuple | None = None
-        # None until the first call has checked whether the model hands back a reused output buffer
-        self._copy_outputs: bool | None = None
-        self._bufs: list[torch.Tensor | None] = []
-        self._times: list[torch.Tensor] = []
+        # None until the first eager call has checked whether the model hands back a reused output buffer
+        self._copy_outputs: bool | None = copy_outputs
+        self._ws: _Workspace | None = None
+        self._graphs: dict[tuple, Any] = {}
 
     @property
     def nfe(self) -> int:
@@ -159,47 +167,138 @@ class Sampler:
         return f"Sampler(method={self.plan.method!r}, nfe={self.nfe}, schedule={self.schedule!r})"
 
     # --- workspace ----------------------------------------------------------------
-    def _workspace(self, x: torch.Tensor) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
-        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4)
-        if key != self._cache_key:
-            plan = self.plan
-            fmt = torch.channels_last if key[3] and not x.is_contiguous() else torch.contiguous_format
-            self._bufs = [None] + [torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-                                   for _ in range(plan.num_slots - 1)]
-            tdt = self.adapter.time_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
-            self._times = [torch.full((x.shape[0],), op.model_t, dtype=tdt, device=x.device)
-                           for op in plan.evals]
-            self._cache_key = key
-        return self._bufs, self._times
+    def _workspace(self, x: torch.Tensor, fresh: bool = False) -> "_Workspace":
+        """The preallocated slots of this (shape, dtype, device, layout); cached unless ``fresh``."""
+        key = _Workspace.key_of(x)
+        if fresh:
+            return _Workspace(self.plan, self.adapter, x, key)
+        if self._ws is None or self._ws.key != key:
+            self._ws = _Workspace(self.plan, self.adapter, x, key)
+        return self._ws
 
     # --- run ----------------------------------------------------------------------
     def __call__(self, noise: torch.Tensor, generator: Generator = None, step_noise: torch.Tensor | None = None,
-                 callback: Callable[[dict[str, Any]], None] | None = None, **cond: Any) -> torch.Tensor:
-        """Integrate from ``noise`` (the state at t_start) to t_end and return the result (a new tensor).
+                 callback: Callable[[dict[str, Any]], None] | None = None, *, out: torch.Tensor | None = None,
+                 guidance_scale: float | torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
+        """Integrate from ``noise`` (the state at t_start) to t_end and return the result (a new tensor,
+        or ``out`` when given; ``out`` may be ``noise`` itself).
 
         Stochastic plans draw their step noise from ``generator`` (one generator, or one per sample so
         that each sample depends only on its own seed) unless ``step_noise`` [num_noise, *noise.shape] is given.
+        ``guidance_scale`` overrides the CFG scale for this call.
         """
         _check_noise(noise)
-        bufs, times = self._workspace(noise)
+        compiling = torch.compiler.is_compiling()
+        # under torch.compile the workspace is local to the traced call (graph intermediates: no mutated
+        # inputs, so mode="reduce-overhead" can cudagraph it)
+        ws = self._workspace(noise, fresh=compiling)
+        step_noise = self._step_noise(ws, noise, generator, step_noise)
+        if out is None:
+            x = noise.clone()
+        else:
+            _check_out(out, noise)
+            x = out if out is noise else out.copy_(noise)
+        check = self.check_finite and not compiling
+        self._run(x, ws, cond, step_noise, check, callback, self.progress and not compiling, guidance_scale)
+        if check:
+            _finish_finite_check(self.plan, ws, x)
+        return x
+
+    def _step_noise(self, ws: "_Workspace", like: torch.Tensor, generator: Generator,
+                    step_noise: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The per-draw noise views for one call (the workspace's buffer, filled in place, unless given)."""
         plan = self.plan
-        if step_noise is None:
-            step_noise = _draw_step_noise(plan.num_noise, noise, generator)
-        elif plan.num_noise and tuple(step_noise.shape) != (plan.num_noise,) + tuple(noise.shape):
-            raise ValueError(f"step_noise must have shape {(plan.num_noise,) + tuple(noise.shape)}, "
-                             f"got {tuple(step_noise.shape)}")
-        x = noise.clone()
+        if not plan.num_noise:
+            return None
+        if step_noise is not None:
+            if tuple(step_noise.shape) != (plan.num_noise,) + tuple(like.shape):
+                raise ValueError(f"step_noise must have shape {(plan.num_noise,) + tuple(like.shape)}, "
+                                 f"got {tuple(step_noise.shape)}")
+            return list(step_noise.unbind())
+        ws.draw_noise(generator)
+        return ws.z_views
+
+    def _run(self, x: torch.Tensor, ws: "_Workspace", cond: Mapping[str, Any], step_noise: torch.Tensor | None,
+             check_finite: bool, callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+             guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+        """execute() on the workspace, with the first-call detection of models that reuse an output buffer."""
         if self._copy_outputs is None and not torch.compiler.is_compiling():
             # first call: copy model outputs and keep the originals alive, so that two outputs sharing
             # storage prove the model reuses a static buffer (then we must keep copying)
             raw: list[torch.Tensor] = []
-            out = execute(plan, x, self.adapter, cond, bufs, times, step_noise, self.check_finite,
-                          callback=callback, progress=self.progress, copy_outputs=True, keep=raw)
+            execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
+                    progress=progress, copy_outputs=True, keep=raw, guidance=guidance)
             ptrs = [r.untyped_storage().data_ptr() for r in raw]
             self._copy_outputs = len(set(ptrs)) < len(ptrs)
-            return out
-        return execute(plan, x, self.adapter, cond, bufs, times, step_noise, self.check_finite,
-                       callback=callback, progress=self.progress, copy_outputs=bool(self._copy_outputs))
+            return x
+        return execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
+                       progress=progress, copy_outputs=bool(self._copy_outputs), guidance=guidance)
+
+    def cuda_graph(self, example_noise: torch.Tensor, *, enabled: bool | None = None,
+                   check_finite: bool | None = None, **example_cond: Any):
+        """A :class:`deis_fast.graph.CUDAGraphSampler` for noise like ``example_noise`` (and conditioning
+        like ``example_cond``), cached per (shape, dtype, device, layout, plan, conditioning shapes).
+        Falls back to eager when not on CUDA or when ``DEIS_FAST_CUDA_GRAPH=0`` (or ``enabled=False``)."""
+        from .graph import CUDAGraphSampler, cond_signature
+        key = (_Workspace.key_of(example_noise), id(self.plan), enabled, check_finite,
+               cond_signature(example_cond))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = CUDAGraphSampler(self, example_noise, enabled=enabled,
+                                                     check_finite=check_finite, **example_cond)
+        return g
+
+
+class _Workspace:
+    """Everything a call needs, allocated once per (shape, dtype, device, layout) and plan: model-output /
+    stage slots, time inputs, the doubled CFG batch, the step-noise buffer, the finite-check sums."""
+
+    @staticmethod
+    def key_of(x: torch.Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, x.device, x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                and not x.is_contiguous())
+
+    def __init__(self, plan: Plan, adapter: ModelAdapter, x: torch.Tensor, key: tuple):
+        self.key = key
+        fmt = torch.channels_last if key[3] else torch.contiguous_format
+        shape, dt, dev = tuple(x.shape), x.dtype, x.device
+
+        def empty(s: tuple) -> torch.Tensor:
+            t = torch.empty(s, dtype=dt, device=dev)
+            return t.contiguous(memory_format=fmt) if fmt is torch.channels_last else t
+
+        self.bufs: list[torch.Tensor | None] = [None] + [empty(shape) for _ in range(plan.num_slots - 1)]
+        tdt = adapter.time_dtype or (torch.float64 if dt == torch.float64 else torch.float32)
+        b = shape[0]
+        self.times = [torch.full((b,), op.model_t, dtype=tdt, device=dev) for op in plan.evals]
+        guided = adapter.guided
+        self.times2 = [torch.full((2 * b,), op.model_t, dtype=tdt, device=dev) for op in plan.evals] if guided else None
+        self.xx = empty((2 * b,) + shape[1:]) if guided else None
+        n = plan.num_noise
+        self.z = torch.empty((n,) + shape, dtype=dt, device=dev) if n else None
+        self.z32 = torch.empty((n,) + shape, dtype=torch.float32, device=dev) if n and dt != torch.float32 else None
+        self.z_views = list(self.z.unbind()) if n else None
+        sdt = torch.float32 if dev.type == "mps" else torch.float64
+        self.fin = torch.zeros(plan.nfe + 2, dtype=sdt, device=dev)
+        self.fin_views = list(self.fin.unbind())
+        self.fin_total = torch.zeros((), dtype=sdt, device=dev)
+
+    def draw_noise(self, generator: Generator) -> torch.Tensor:
+        """Step noise for one call, N(0, 1) drawn in float32 (same values as ``torch.randn``), in place."""
+        z = self.z
+        if generator is None or (isinstance(generator, torch.Generator) and generator.device == z.device):
+            if self.z32 is None:
+                return z.normal_(generator=generator)
+            return z.copy_(self.z32.normal_(generator=generator))
+        return z.copy_(_draw_step_noise(z.shape[0], z[0], generator))
+
+
+def _check_out(out: Any, noise: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != noise.shape or out.dtype != noise.dtype \
+            or out.device != noise.device:
+        got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a tensor like the noise {(tuple(noise.shape), noise.dtype, noise.device)}, "
+                         f"got {got}")
 
 
 def _check_noise(noise: Any) -> None:
@@ -207,24 +306,37 @@ def _check_noise(noise: Any) -> None:
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if noise.device.type == "meta":
+        raise ValueError("noise is on the 'meta' device (no data); sample with real CPU or CUDA tensors")
     if noise.ndim < 1 or noise.shape[0] == 0:
         raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
     if noise.numel() == 0:
         raise ValueError(f"noise has no elements (shape {tuple(noise.shape)})")
 
 
-def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any],
-            bufs: Sequence[torch.Tensor | None], times: Sequence[torch.Tensor], step_noise: torch.Tensor | None,
-            check_finite: bool = True, callback: Callable[[dict[str, Any]], None] | None = None,
-            progress: bool = False, copy_outputs: bool = False, keep: list | None = None) -> torch.Tensor:
-    """The one executor: walks the plan; Evals call the adapter, Combines call ``ops.combine``.
+def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any], ws: _Workspace,
+            step_noise: Sequence[torch.Tensor] | None, check_finite: bool = True,
+            callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+            copy_outputs: bool = False, keep: list | None = None,
+            guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The one executor: walks the plan in place on ``x``; Evals call the adapter, Combines call ``ops.combine``.
 
-    A model output that already is the solver's target is used in place (zero copy) unless
-    ``copy_outputs`` (models that return a reused buffer); ``keep`` collects those outputs.
+    Static: every Combine writes with ``out=`` into ``x`` or a workspace slot, no host syncs, no
+    data-dependent branches, no allocation (outside the network). A model output that already is the
+    solver's target is used in place (zero copy) unless ``copy_outputs`` (models that return a reused
+    buffer); ``keep`` collects those outputs. ``check_finite`` writes one fp64 sum per NFE into
+    ``ws.fin`` and their total into ``ws.fin_total`` (read by :func:`_finish_finite_check`).
+    ``step_noise`` is indexed by a Combine's ``noise_index`` (a list of views: no indexing op per step).
     """
+    bufs, times = ws.bufs, ws.times
     slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
-    sums: list[torch.Tensor] = [x.sum(dtype=torch.float32)] if check_finite else []
+    fin = ws.fin_views
+    if check_finite:
+        torch.sum(x, dim=None, dtype=fin[0].dtype, out=fin[0])
+    guided = adapter.guided
+    pcond = adapter.prepare_cond(cond)
     compiling = torch.compiler.is_compiling()
+    seen: list[torch.Tensor] = []
     bar = None
     if progress and not compiling:
         from tqdm.auto import tqdm
@@ -232,15 +344,26 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     k = 0
     for op in plan.ops:
         if type(op) is Eval:
-            out = adapter(slots[op.src], op, times[k], cond, bufs[op.dst])
-            if out is not bufs[op.dst]:
+            buf = bufs[op.dst]
+            if guided:
+                out = adapter(slots[op.src], op, times[k], pcond, buf, ws.xx, ws.times2[k], guidance, cond)
+            else:
+                out = adapter(slots[op.src], op, times[k], pcond, buf)
+            if out is not buf:
                 if keep is not None:
                     keep.append(out)
+                if compiling and not copy_outputs:
+                    for prev in seen:
+                        if out is prev:
+                            raise RuntimeError("the model returned the same output tensor twice (it reuses an output "
+                                               "buffer): run the sampler once eagerly before torch.compile, or pass "
+                                               "Sampler(..., copy_outputs=True)")
+                    seen.append(out)
                 if copy_outputs or out is slots[op.src]:
-                    out = bufs[op.dst].copy_(out)
+                    out = buf.copy_(out)
             slots[op.dst] = out
             if check_finite:
-                sums.append(out.sum(dtype=torch.float32))
+                torch.sum(out, dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
             k += 1
             if bar is not None:
                 bar.update(1)
@@ -256,11 +379,15 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     if bar is not None:
         bar.close()
     if check_finite:
-        sums.append(x.sum(dtype=torch.float32))
-        flags = torch.isfinite(torch.stack(sums))
-        if not compiling and not bool(flags.all()):
-            _raise_non_finite(plan, flags.cpu().tolist(), x)
+        torch.sum(x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
+        torch.sum(ws.fin, dim=None, out=ws.fin_total)
     return x
+
+
+def _finish_finite_check(plan: Plan, ws: _Workspace, x: torch.Tensor) -> None:
+    """The one host sync of a checked call: reads the total of the per-NFE sums (NaN/Inf propagate)."""
+    if not math.isfinite(ws.fin_total.item()):
+        _raise_non_finite(plan, torch.isfinite(ws.fin).cpu().tolist(), x)
 
 
 def _raise_non_finite(plan: Plan, flags: list[bool], x: torch.Tensor) -> None:
