@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from . import ops
+from .grid_opt import OptimizedGrid, load_grid, optimize_grid, save_grid
 from .grids import GRIDS, make_grid
 from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
 from .plan import Combine, Eval, Plan
@@ -17,5 +18,5 @@ from .solvers import METHOD_SPECS, METHODS
 __version__ = "0.1.0"
 
 __all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "ModelAdapter", "NonFiniteError",
-           "Plan", "Sampler", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
+           "OptimizedGrid", "Plan", "Sampler", "load_grid", "optimize_grid", "save_grid", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -16,7 +16,7 @@ from .sampler import sample
 from .schedules import Schedule
 from .testing import relative_errors
 
-__all__ = ["yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach"]
+__all__ = ["quality_main", "yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach"]
 
 # name -> (diffusers class, constructor kwargs); every one starts at t=999 and ends at t=0 (alpha_cumprod[0])
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -195,4 +195,180 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The quality benchmark (issue 7): two models, fixed and optimized grids, diffusers peers, 4 seeds.
+# --------------------------------------------------------------------------------------------------
+
+QUALITY_METHODS = ["tab1", "tab2", "tab3", "rhoab3", "ipndm4", "dpmpp2", "dpmpp3", "logrho3", "pfdiff"]
+QUALITY_GRIDS = ["logsnr", "time_quadratic", "karras"]
+
+
+@dataclass
+class Problem:
+    name: str
+    model: Callable
+    schedule: Schedule
+    sets: list[tuple[torch.Tensor, torch.Tensor]]        # held-out (noise, reference) per seed
+    calibration: tuple[torch.Tensor, torch.Tensor]
+
+
+def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
+    from .testing import GaussianMixture, reference_solution
+    from .schedules import VPSchedule
+    mix = GaussianMixture.random(8, 64, 0.3, 1234)
+    sched = VPSchedule.discrete("linear")
+
+    def setup(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return z, reference_solution(mix, sched, z, sched.t_max, sched.t_min)
+    return Problem("mixture (64-d, exact reference)", mix.model(sched), sched,
+                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32))
+
+
+def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800) -> Problem:
+    """Embedded digits model in float64; reference: rho_rk4 at ``reference_nfe`` NFE (logsnr grid)."""
+    from .digits import load_digits_model
+    from .sampler import Sampler
+    from .schedules import VPSchedule
+    net = load_digits_model(dtype=torch.float64)
+    sched = VPSchedule.discrete("linear")
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(x, t)
+    ref_sampler = Sampler(model, sched, "rho_rk4", reference_nfe, "logsnr", check_finite=False)
+
+    def setup(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return z, ref_sampler(z)
+    return Problem(f"embedded digits U-Net (float64, reference rho_rk4 @ {reference_nfe} NFE)", model, sched,
+                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 8))
+
+
+def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str], grids: Sequence[str],
+                    opt_methods: Sequence[str], opt_budget: float, diffusers: bool = True,
+                    log: Callable[[str], None] = print) -> list[Result]:
+    from .grid_opt import optimize_grid
+    results: list[Result] = []
+    for m in methods:
+        for g in grids:
+            results.append(evaluate(f"deis_fast {m} / {g}", "deis_fast", deis_runner(problem.model, problem.schedule, m, g),
+                                    problem.sets, nfes))
+    cal_noise, cal_ref = problem.calibration
+    for m in opt_methods:
+        res = Result(f"deis_fast {m} / optimized", "deis_fast")
+        for n in nfes:
+            og = optimize_grid(problem.model, problem.schedule, m, n, cal_noise, reference=cal_ref, time_budget=opt_budget)
+            log(f"  optimized {m} @ {n}: calibration {og.start_error:.3g} ({og.start_grid}) -> {og.calibration_error:.3g}"
+                f" in {og.seconds:.1f}s / {og.evaluations} evals")
+            r = evaluate(res.label, "deis_fast", deis_runner(problem.model, problem.schedule, m, og), problem.sets, [n])
+            res.errors.update(r.errors)
+            res.rms.update(r.rms)
+        results.append(res)
+    if diffusers:
+        for name in DIFFUSERS_SCHEDULERS:
+            for karras in (False, True):
+                r = evaluate(f"diffusers {name}" + (" karras" if karras else ""), "diffusers",
+                             lambda nz, n, name=name, karras=karras: run_diffusers(name, karras, problem.model, nz, n),
+                             problem.sets, nfes)
+                if r.errors:
+                    results.append(r)
+    return results
+
+
+def plot_quality(panels: Sequence[tuple[str, Sequence[Result]]], nfes: Sequence[int], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (title, results) in zip(axes[0], panels):
+        for r in _best_per_label_prefix(results, nfes):
+            xs = [n for n in nfes if n in r.errors and np.isfinite(r.mean(n))]
+            if not xs:
+                continue
+            style = "-o" if r.family == "deis_fast" else "--s"
+            ax.errorbar(xs, [r.mean(n) for n in xs], yerr=[r.std(n) for n in xs], fmt=style, ms=3, capsize=2,
+                        label=r.label, alpha=0.85)
+        ax.axhline(0.01, color="gray", lw=0.8, ls=":")
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="median relative error (mean ± std over seeds)",
+               title=title)
+        ax.set_xticks(list(nfes))
+        ax.set_xticklabels([str(n) for n in nfes])
+        ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _best_per_label_prefix(results: Sequence[Result], nfes: Sequence[int]) -> list[Result]:
+    """One curve per method (its best grid by mean error over NFEs) and per diffusers scheduler."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        key = r.label.split(" / ")[0] if r.family == "deis_fast" else r.label.replace(" karras", "")
+        groups.setdefault(key, []).append(r)
+
+    def score(r: Result) -> float:
+        v = [math.log(r.mean(n)) for n in nfes if n in r.errors and np.isfinite(r.mean(n)) and r.mean(n) > 0]
+        return float(np.mean(v)) if len(v) == len(nfes) else math.inf
+    return [min(g, key=score) for g in groups.values()]
+
+
+def summary_table(results: Sequence[Result], nfes: Sequence[int]) -> str:
+    bd, bf = best_per_nfe(results, "deis_fast", nfes), best_per_nfe(results, "diffusers", nfes)
+    lines = ["| NFE | best deis_fast | best diffusers | ratio |", "|---|---|---|---|"]
+    for n in nfes:
+        if n in bd and n in bf:
+            lines.append(f"| {n} | {bd[n][1]:.3g} ({bd[n][0].replace('deis_fast ', '')}) | {bf[n][1]:.3g} "
+                         f"({bf[n][0].replace('diffusers ', '')}) | {bf[n][1] / bd[n][1]:.1f}x |")
+    reach_d = [(nfe_to_reach(r), r.label) for r in results if r.family == "deis_fast"]
+    reach_f = [(nfe_to_reach(r), r.label) for r in results if r.family == "diffusers"]
+    fmt = lambda v: f"{v[0]} ({v[1]})" if v[0] is not None else f"> {max(nfes)}"
+    lines += ["", "NFE to reach 1% median relative error: deis_fast " +
+              fmt(min(((a, b) for a, b in reach_d if a is not None), default=(None, ""))) + "; diffusers " +
+              fmt(min(((a, b) for a, b in reach_f if a is not None), default=(None, "")))]
+    return "\n".join(lines)
+
+
+def quality_main(argv: Sequence[str] | None = None) -> int:
+    """deis_fast vs diffusers on the mixture and the digits model, fixed and optimized grids."""
+    ap = argparse.ArgumentParser(prog="deis-fast bench quality", description=quality_main.__doc__)
+    ap.add_argument("--models", nargs="+", default=["mixture", "digits"], choices=["mixture", "digits"])
+    ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10, 15, 20])
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--methods", nargs="*", default=QUALITY_METHODS)
+    ap.add_argument("--grids", nargs="*", default=QUALITY_GRIDS)
+    ap.add_argument("--opt-methods", nargs="*", default=None,
+                    help="methods to run on optimized grids (default: all for the mixture; "
+                         "logrho3 dpmpp3 ipndm4 pfdiff for digits)")
+    ap.add_argument("--opt-budget", type=float, default=60.0, help="seconds per grid optimization")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--out-md", default="quality.md")
+    ap.add_argument("--out-png", default="quality.png")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    panels, text = [], []
+    for name in args.models:
+        t1 = time.time()
+        prob = mixture_problem(args.seeds) if name == "mixture" else digits_problem(args.seeds)
+        print(f"[{name}] problem ready in {time.time() - t1:.0f}s", flush=True)
+        opt = args.opt_methods
+        if opt is None:
+            opt = args.methods if name == "mixture" else [m for m in ("logrho3", "dpmpp3", "ipndm4", "pfdiff")
+                                                           if m in args.methods]
+        res = quality_results(prob, args.nfe, args.methods, args.grids, opt, args.opt_budget, not args.no_diffusers)
+        panels.append((prob.name, res))
+        text += [f"### {prob.name}", "", f"{args.seeds} held-out noise seeds; each cell: median per-sample "
+                 "relative error, mean ± std over seeds. Optimized grids were fit on a separate calibration seed.",
+                 "", markdown_table(res, args.nfe, with_std=True), "", summary_table(res, args.nfe), ""]
+        print(f"[{name}] done in {time.time() - t1:.0f}s", flush=True)
+    plot_quality(panels, args.nfe, args.out_png)
+    text.append(f"(total wall time {time.time() - t0:.0f} s; plot: {args.out_png})")
+    out = "\n".join(text)
+    print(out)
+    with open(args.out_md, "w") as f:
+        f.write(out + "\n")
     return 0

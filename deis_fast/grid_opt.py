@@ -1,0 +1,217 @@
+"""Training-free time-grid optimization.
+
+Given a model, a method and an NFE budget, choose the grid that minimizes the distance of the
+method's endpoint to a fine reference solution from the same calibration noises. The free
+parameters are the grid's increments in lambda (half log-SNR) through a softmax, so every
+candidate is strictly monotone with exact endpoints; the search is derivative-free (Nelder-Mead)
+from the best fixed grid, so the result is never worse than that grid on the calibration set.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from .grids import GRIDS, make_grid
+from .sampler import Sampler, build_plan
+from .schedules import Schedule, VPSchedule
+
+__all__ = ["OptimizedGrid", "optimize_grid", "grid_intervals", "save_grid", "load_grid"]
+
+
+@dataclass
+class OptimizedGrid:
+    """A grid found by :func:`optimize_grid`; pass it as ``grid=`` to ``sample`` / ``Sampler``."""
+
+    times: list[float]
+    method: str
+    nfe: int
+    pfdiff: tuple[int, int] | None = None
+    model_id: str = ""
+    calibration_error: float = math.nan   # geometric-mean relative error on the calibration noises
+    start_error: float = math.nan         # same, for the best fixed grid it started from
+    start_grid: str = ""
+    evaluations: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.times, dtype=dtype or np.float64)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __getitem__(self, i):
+        return self.times[i]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["pfdiff"] = list(self.pfdiff) if self.pfdiff else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "OptimizedGrid":
+        d = dict(d)
+        d["pfdiff"] = tuple(d["pfdiff"]) if d.get("pfdiff") else None
+        return cls(**d)
+
+
+def grid_intervals(method: str, nfe: int, pfdiff: tuple[int, int] | None = None) -> int:
+    """Number of grid intervals a (method, nfe[, pfdiff]) plan uses."""
+    from .solvers import get_method
+    if method == "pfdiff":
+        method, pfdiff = "ddim", pfdiff or (2, 1)
+    if pfdiff is not None:
+        k = int(pfdiff[0])
+        return nfe * (k + 1) - k
+    return nfe // get_method(method).stages
+
+
+def _key(model_id: str, method: str, nfe: int, pfdiff) -> str:
+    return f"{model_id}|{method}|{nfe}" + (f"|pfdiff{pfdiff[0]}{pfdiff[1]}" if pfdiff else "")
+
+
+def save_grid(path: str | Path, grid: OptimizedGrid) -> None:
+    """Add or replace ``grid`` in a JSON file keyed by (model_id, method, nfe[, pfdiff])."""
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() else {}
+    data[_key(grid.model_id, grid.method, grid.nfe, grid.pfdiff)] = grid.to_json()
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(p)
+
+
+def load_grid(path: str | Path, model_id: str, method: str, nfe: int,
+              pfdiff: tuple[int, int] | None = None) -> OptimizedGrid:
+    data = json.loads(Path(path).read_text())
+    key = _key(model_id, method, nfe, pfdiff)
+    if key not in data:
+        raise KeyError(f"no optimized grid for {key!r} in {path}; available: {sorted(data)}")
+    return OptimizedGrid.from_json(data[key])
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(x.shape[0], -1).double()
+    ref = ref.reshape(ref.shape[0], -1).double()
+    return (x - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+
+
+def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
+                  nfe: int = 5, noise: torch.Tensor | None = None, t_start: float | None = None,
+                  t_end: float | None = None, *, prediction: str = "eps", pfdiff: tuple[int, int] | None = None,
+                  pfdiff_experimental: bool = False, shape: Sequence[int] | None = None, seed: int = 0,
+                  reference: torch.Tensor | None = None, reference_method: str = "tab3", reference_nfe: int = 500,
+                  max_evals: int | None = None, max_restarts: int = 4, time_budget: float = 60.0, model_id: str = "",
+                  start_grids: Sequence[str] = ("time_quadratic", "logsnr", "karras", "time_uniform"),
+                  **cond: Any) -> OptimizedGrid:
+    """Choose the grid minimizing the (geometric) mean relative error of ``method`` at ``nfe`` on calibration noises.
+
+    noise: calibration noise at t_start (or give ``shape`` and ``seed``). reference: the fine endpoint for
+    that noise; by default ``reference_method`` at ``reference_nfe`` NFE on the logsnr grid. Each
+    Nelder-Mead run stops after ``max_evals`` evaluations (default 60 per free parameter); it restarts
+    from the incumbent up to ``max_restarts`` times while that still helps, and everything stops after
+    ``time_budget`` seconds. Deterministic for a given noise / seed.
+    """
+    schedule = VPSchedule.discrete("linear") if schedule is None else schedule
+    if noise is None:
+        if shape is None:
+            raise ValueError("give calibration `noise` or its `shape` (and `seed`)")
+        noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    if method == "pfdiff":
+        method, pfdiff = "ddim", tuple(pfdiff or (2, 1))
+    n = grid_intervals(method, nfe, pfdiff)
+    t0 = time.perf_counter()
+    common = dict(prediction=prediction, check_finite=False)
+    if reference is None:
+        ref_sampler = Sampler(model, schedule, reference_method, reference_nfe, "logsnr", t_start=t_start,
+                              t_end=t_end, **common)
+        with torch.no_grad():
+            reference = ref_sampler(noise, **cond)
+    evals = 0
+
+    def error_of(times: np.ndarray) -> float:
+        nonlocal evals
+        evals += 1
+        try:
+            plan = build_plan(schedule, method, None if pfdiff is None else nfe, list(times),
+                              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental)
+        except ValueError:
+            return math.inf
+        with torch.no_grad():
+            x = Sampler(model, schedule, plan=plan, **common)(noise, **cond)
+        # geometric mean: robust to the few samples that cross a mode boundary at low NFE, which
+        # would otherwise dominate (and be chased by) an arithmetic mean
+        e = float(_rel_err(x, reference).clamp_min(1e-12).log().mean().exp())
+        return e if math.isfinite(e) else math.inf
+
+    best_name, best_t, best_e = "", None, math.inf
+    for g in start_grids:
+        t = make_grid(schedule, g, n, t_start, t_end)
+        e = error_of(t)
+        if e < best_e:
+            best_name, best_t, best_e = g, t, e
+    if best_t is None:
+        raise ValueError("every starting grid failed; check the model and the time range")
+    start_e = best_e
+    lam0, lam1 = float(schedule.lam(best_t[0])), float(schedule.lam(best_t[-1]))
+    if n >= 2 and math.isfinite(lam1):
+        dl = np.diff(schedule.lam(best_t))
+        theta0 = np.log(np.maximum(dl / (lam1 - lam0), 1e-12))
+        theta0 = theta0[1:] - theta0[0]
+
+        def times_of(theta: np.ndarray) -> np.ndarray:
+            z = np.concatenate([[0.0], theta])
+            w = np.exp(z - z.max())
+            w /= w.sum()
+            lam = lam0 + (lam1 - lam0) * np.concatenate([[0.0], np.cumsum(w)])
+            t = schedule.t_from_lambda(lam)
+            t[0], t[-1] = best_t[0], best_t[-1]
+            return t
+
+        cache: dict[bytes, float] = {}
+
+        def objective(theta: np.ndarray) -> float:
+            if time.perf_counter() - t0 > time_budget:
+                raise _OutOfTime
+            k = np.round(theta, 12).tobytes()
+            if k not in cache:
+                cache[k] = error_of(times_of(theta))
+            return cache[k]
+
+        budget = max_evals or 60 * len(theta0)
+        theta_best, f_best = theta0, best_e
+        try:
+            for restart in range(max_restarts + 1):  # restart from the incumbent with a fresh simplex
+                res = minimize(objective, theta_best, method="Nelder-Mead",
+                               options={"maxfev": budget, "xatol": 1e-3, "fatol": 1e-8, "adaptive": True,
+                                        "initial_simplex": _simplex(theta_best, 0.3 / (1 + restart))})
+                improved = res.fun < f_best * (1 - 1e-3)
+                if res.fun < f_best:
+                    theta_best, f_best = res.x, float(res.fun)
+                if not improved:
+                    break
+        except _OutOfTime:
+            theta_best = np.frombuffer(min(cache.items(), key=lambda kv: kv[1])[0], dtype=np.float64)
+        e = error_of(times_of(theta_best))
+        if e < best_e:
+            best_t, best_e = times_of(theta_best), e
+    return OptimizedGrid([float(v) for v in best_t], method, int(nfe), pfdiff, model_id, best_e, start_e, best_name,
+                         evals, time.perf_counter() - t0)
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _simplex(x0: np.ndarray, step: float) -> np.ndarray:
+    s = np.tile(x0, (len(x0) + 1, 1))
+    for i in range(len(x0)):
+        s[i + 1, i] += step
+    return s

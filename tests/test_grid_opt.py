@@ -1,0 +1,73 @@
+"""Grid optimizer: deterministic, valid grids, JSON round trip, and a held-out improvement."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import deis_fast
+from deis_fast.grid_opt import OptimizedGrid, grid_intervals, load_grid, optimize_grid, save_grid
+from deis_fast.testing import GaussianMixture, reference_solution, relative_errors
+
+VP = deis_fast.VPSchedule.discrete("linear")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    mix = GaussianMixture.random(8, 16, 0.3, seed=11)
+    model = mix.model(VP)
+    cal = torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    held = torch.randn(64, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return (model, cal, reference_solution(mix, VP, cal, 999.0, 0.0),
+            held, reference_solution(mix, VP, held, 999.0, 0.0))
+
+
+def test_deterministic_valid_and_accepted_by_sample(problem):
+    model, cal, cref, held, _ = problem
+    a = optimize_grid(model, VP, "logrho3", 4, cal, reference=cref, max_evals=60, max_restarts=0)
+    b = optimize_grid(model, VP, "logrho3", 4, cal, reference=cref, max_evals=60, max_restarts=0)
+    assert a.times == b.times
+    t = np.asarray(a)
+    assert t.shape == (5,) and np.all(np.diff(t) < 0) and t[0] == 999.0 and t[-1] == 0.0
+    assert a.calibration_error <= a.start_error
+    x = deis_fast.sample(model, held, schedule=VP, method="logrho3", nfe=4, grid=a)
+    assert torch.isfinite(x).all()
+    s = deis_fast.Sampler(model, VP, "logrho3", 4, grid=a)
+    assert s.plan.nfe == 4 and s.plan.times == tuple(a.times)
+
+
+def test_pfdiff_grid_has_the_pfdiff_number_of_intervals(problem):
+    model, cal, cref, _, _ = problem
+    g = optimize_grid(model, VP, "pfdiff", 3, cal, reference=cref, max_evals=30, max_restarts=0)
+    assert len(g) == grid_intervals("ddim", 3, (2, 1)) + 1 == 3 * 3 - 2 + 1
+    assert g.pfdiff == (2, 1) and g.method == "ddim"
+
+
+def test_json_round_trip_keyed_by_model_method_nfe(tmp_path, problem):
+    model, cal, cref, _, _ = problem
+    g = optimize_grid(model, VP, "tab2", 3, cal, reference=cref, max_evals=20, max_restarts=0, model_id="mix16")
+    path = tmp_path / "grids.json"
+    save_grid(path, g)
+    save_grid(path, OptimizedGrid([999.0, 0.0], "ddim", 1, model_id="mix16"))
+    back = load_grid(path, "mix16", "tab2", 3)
+    assert back.times == g.times and back.calibration_error == g.calibration_error
+    assert set(json.loads(path.read_text())) == {"mix16|tab2|3", "mix16|ddim|1"}
+    with pytest.raises(KeyError, match="no optimized grid"):
+        load_grid(path, "mix16", "tab3", 3)
+
+
+def test_beats_the_best_fixed_grid_on_held_out_noise(problem):
+    model, cal, cref, held, href = problem
+    for method in ("logrho3", "pfdiff"):
+        og = optimize_grid(model, VP, method, 5, cal, reference=cref, time_budget=20)
+        fixed = min(float(relative_errors(deis_fast.sample(model, held, schedule=VP, method=method, nfe=5, grid=g),
+                                          href).median())
+                    for g in ("time_quadratic", "logsnr", "karras", "time_uniform"))
+        opt = float(relative_errors(deis_fast.sample(model, held, schedule=VP, method=og.method, nfe=5, grid=og,
+                                                     pfdiff=og.pfdiff), href).median())
+        assert opt * 1.5 <= fixed, (method, opt, fixed)
+
+
+def test_needs_noise_or_shape():
+    with pytest.raises(ValueError, match="calibration"):
+        optimize_grid(lambda x, t: x, VP, "ddim", 3)
