@@ -166,7 +166,11 @@ class ModelAdapter:
         terms = [(c, s) for c, s in terms if c != 0.0]
         if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
             return terms[0][1]  # the network's output (or the guided lerp in buf) is already the target
-        return ops.combine([s for _, s in terms], [c for c, _ in terms], out=buf)
+        srcs, coefs = [s for _, s in terms], [float(c) for c, _ in terms]
+        if torch.compiler.is_compiling():  # the registered op, as ops.combine emits it when traced
+            torch.ops.deis_fast.combine(srcs, coefs, buf, None, 0.0, None)
+            return buf
+        return ops.combine(srcs, coefs, out=buf)
 
 
 def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:

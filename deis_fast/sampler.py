@@ -369,7 +369,13 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
                 bar.update(1)
         else:
             srcs = [slots[s] for s in op.srcs]
-            if op.noise_index >= 0:
+            if compiling:
+                # traced: the registered op directly (what ops.combine emits when compiling), without its
+                # host-side argument validation (plan coefficients are finite floats, slots share one shape)
+                _combine_op(srcs, list(op.coefs), slots[op.dst],
+                            step_noise[op.noise_index] if op.noise_index >= 0 else None,
+                            op.noise_coef if op.noise_index >= 0 else 0.0, None)
+            elif op.noise_index >= 0:
                 ops.combine(srcs, op.coefs, out=slots[op.dst], noise=step_noise[op.noise_index],
                             noise_coef=op.noise_coef)
             else:
@@ -382,6 +388,10 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
         torch.sum(x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
         torch.sum(ws.fin, dim=None, out=ws.fin_total)
     return x
+
+
+def _combine_op(*args: Any) -> None:
+    torch.ops.deis_fast.combine(*args)
 
 
 def _finish_finite_check(plan: Plan, ws: _Workspace, x: torch.Tensor) -> None:
