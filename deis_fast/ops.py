@@ -1,6 +1,7 @@
 """The public fused op. Every Combine instruction of every plan is one call of :func:`combine`."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -16,7 +17,13 @@ _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _Tensor = torch.Tensor
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_isfinite = math.isfinite
+
+
 def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    if not isinstance(t, _Tensor):
+        raise TypeError(f"combine: {what} must be a torch.Tensor, got {type(t).__name__}")
     if t.shape != ref.shape:
         raise ValueError(f"combine: {what} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
     if t.dtype != ref.dtype:
@@ -38,6 +45,15 @@ def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.
     if len(coefs) != ns:
         raise ValueError(f"combine got {ns} sources but {len(coefs)} coefficients")
     s0 = sources[0]
+    if not isinstance(s0, _Tensor):
+        raise TypeError(f"combine: sources[0] must be a torch.Tensor, got {type(s0).__name__}")
+    if s0.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"combine: sources must be float32, float16, bfloat16 or float64, got {s0.dtype}")
+    for c in coefs:
+        if not _isfinite(c):
+            raise ValueError(f"combine: coefficients must be finite, got {list(coefs)}")
+    if not _isfinite(noise_coef):
+        raise ValueError(f"combine: noise_coef must be finite, got {noise_coef}")
     for j in range(1, ns):
         _check_like(sources[j], s0, f"sources[{j}]")
     if noise is not None:

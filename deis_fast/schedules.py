@@ -104,7 +104,7 @@ class VPSchedule(Schedule):
         self.name = name or kind
         if kind == "discrete":
             ac = _f64(alphas_cumprod)
-            if ac.ndim != 1 or ac.size < 2 or np.any(ac <= 0) or np.any(ac > 1) or np.any(np.diff(ac) > 0):
+            if ac.ndim != 1 or ac.size < 2 or not np.all(np.isfinite(ac)) or np.any(ac <= 0) or np.any(ac > 1) or np.any(np.diff(ac) > 0):
                 raise ValueError("alphas_cumprod must be a 1-D, non-increasing sequence in (0, 1] of length >= 2")
             self.alphas_cumprod = ac
             self.num_train_timesteps = ac.size
@@ -114,10 +114,15 @@ class VPSchedule(Schedule):
             self.t_max = float(ac.size - 1) if t_max is None else float(t_max)
         elif kind == "linear":
             self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+            if not (math.isfinite(self.beta_min) and math.isfinite(self.beta_max) and self.beta_min >= 0
+                    and self.beta_max > 0):
+                raise ValueError(f"need finite beta_min >= 0 and beta_max > 0, got {beta_min}, {beta_max}")
             self.t_min = 1e-3 if t_min is None else float(t_min)
             self.t_max = 1.0 if t_max is None else float(t_max)
         elif kind == "cosine":
             self.cosine_s = float(cosine_s)
+            if not (math.isfinite(self.cosine_s) and self.cosine_s >= 0):
+                raise ValueError(f"cosine offset s must be finite and >= 0, got {cosine_s}")
             self._cos_beta_max = 999.0
             self.t_min = 1e-3 if t_min is None else float(t_min)
             # as in DPM-Solver: stop before alpha reaches 0
@@ -125,6 +130,13 @@ class VPSchedule(Schedule):
             self._log_alpha_0 = math.log(math.cos(self.cosine_s / (1.0 + self.cosine_s) * math.pi / 2.0))
         else:
             raise ValueError(f"unknown VP schedule kind {kind!r}; use 'discrete', 'linear' or 'cosine'")
+        if not (math.isfinite(self.t_min) and math.isfinite(self.t_max) and self.t_min < self.t_max):
+            raise ValueError(f"need finite t_min < t_max, got {self.t_min}, {self.t_max}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            rho_max = float(self.rho(self.t_max))
+        if not np.isfinite(rho_max):
+            raise ValueError(f"{self!r}: sigma/alpha at t_max={self.t_max} overflows float64 (alpha underflows); "
+                             "lower beta_max / t_max")
 
     # --- constructors ---------------------------------------------------------
     @classmethod
@@ -136,7 +148,7 @@ class VPSchedule(Schedule):
     @classmethod
     def from_betas(cls, betas: ArrayLike, name: str = "custom") -> "VPSchedule":
         b = _f64(betas)
-        if b.ndim != 1 or np.any(b <= 0) or np.any(b >= 1):
+        if b.ndim != 1 or not np.all(np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
             raise ValueError("betas must be a 1-D sequence with every value in (0, 1)")
         return cls("discrete", alphas_cumprod=np.cumprod(1.0 - b), name=name)
 
@@ -231,6 +243,8 @@ class VESchedule(Schedule):
                  model_time: str = "sigma"):
         if not (0.0 <= sigma_min < sigma_max) or not math.isfinite(sigma_max):
             raise ValueError(f"need 0 <= sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+        if sigma_max > 1e30:
+            raise ValueError(f"sigma_max={sigma_max} is absurdly large (limit 1e30): sigma^2 would overflow")
         if geometric and sigma_min <= 0:
             raise ValueError("the geometric VE schedule needs sigma_min > 0")
         if model_time not in ("sigma", "t"):
