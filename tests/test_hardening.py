@@ -194,7 +194,7 @@ def test_channels_last_noise_gives_the_contiguous_result(conv_model, method):
     if method == "ddim_eta":
         # the step noise buffer is standard-contiguous, so the noisy combine takes the torch path for the
         # mixed layouts: the same values up to float32 rounding
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     else:
         assert torch.equal(a, b)
 
