@@ -212,7 +212,7 @@ def _load_diffusers_model(path: str):
                          "scheduler_config.json)")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    unet = UNet2DModel.from_pretrained(path, subfolder=sub).eval()
+    unet = UNet2DModel.from_pretrained(path, subfolder=sub, use_safetensors=True).eval()
     return unet, cfg
 
 

@@ -168,3 +168,15 @@ def test_interface_bits():
         DEISFastScheduler(method="nope")
     with pytest.raises(ValueError, match="multiple of 2"):
         DEISFastScheduler(method="rho_heun").set_timesteps(5)
+
+
+def test_schedule_changing_config_keys_are_refused_not_ignored():
+    import diffusers
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    cfg = dict(diffusers.DDIMScheduler(rescale_betas_zero_snr=True).config)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        DEISFastScheduler.from_config(cfg)
+    cfg = dict(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True).config)
+    with pytest.warns(UserWarning):
+        s = DEISFastScheduler.from_config(cfg, method="tab3")
+    assert s.config.grid == "karras"

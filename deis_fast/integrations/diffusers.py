@@ -83,6 +83,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  pfdiff: Sequence[int] | None = None, eta: float = 1.0, timestep_spacing: str = "linspace",
                  steps_offset: int = 0, **kwargs: Any):
         if kwargs:
+            _refuse_schedule_changing_keys(kwargs)
             _warn_ignored(kwargs, stacklevel=4)
         if isinstance(trained_betas, np.ndarray):
             self.register_to_config(trained_betas=trained_betas.tolist())
@@ -118,6 +119,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if config is not None and hasattr(config, "config") and not isinstance(config, dict):
             config = config.config  # a scheduler instance
         cfg = dict(config or {})
+        _refuse_schedule_changing_keys(cfg)
+        if cfg.get("use_karras_sigmas") and "grid" not in kwargs:
+            kwargs["grid"] = "karras"  # keep the user's spacing choice; the key itself is then consumed
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
         cfg = {k: v for k, v in cfg.items() if k in known}
@@ -303,6 +307,19 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+# keys that, when set, change the noise schedule or the sigma family: ignoring them would sample the wrong
+# process silently, so they are refused instead
+_SCHEDULE_CHANGING = ("rescale_betas_zero_snr", "use_flow_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                      "use_dynamic_shifting", "thresholding")
+
+
+def _refuse_schedule_changing_keys(cfg: dict) -> None:
+    bad = sorted(k for k in _SCHEDULE_CHANGING if cfg.get(k))
+    if bad:
+        raise ValueError(f"DEISFastScheduler does not support {', '.join(f'{k}=True' for k in bad)}: it would change "
+                         "the noise schedule or the sampling process. Set them to False (or use the original scheduler)")
 
 
 def _warn_ignored(keys: dict, stacklevel: int) -> None:
