@@ -56,6 +56,22 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
                lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False) -> Plan:
     """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side)."""
+    if isinstance(grid, str) and grid == "optimized":
+        raise ValueError("grid='optimized' needs the model and calibration noise: use "
+                         "Sampler(model, ..., grid='optimized', calibration_noise=z) or deis_fast.optimize_grid(...)")
+    plan = _build_plan(schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
+                       karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,
+                       pfdiff_experimental=pfdiff_experimental)
+    bad = [op for op in plan.combines if not all(math.isfinite(c) for c in op.coefs + (op.noise_coef,))]
+    if bad:
+        raise ValueError(f"the {plan.method!r} plan has non-finite coefficients (first: {bad[0]}); the schedule or "
+                         "grid is degenerate (check the betas / sigma range and t_start, t_end)")
+    return plan
+
+
+def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
+                t_end: float | None, *, eta: float, lower_order_final: bool, karras_rho: float,
+                integer_timesteps: bool, pfdiff: tuple[int, int] | None, pfdiff_experimental: bool) -> Plan:
     if method == "pfdiff":
         from .solvers.pfdiff import pfdiff_preset
         method, pfdiff = pfdiff_preset(method, pfdiff)
@@ -134,11 +150,22 @@ class Sampler:
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
-                 time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None):
+                 time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None,
+                 calibration_noise: torch.Tensor | None = None, calibration_cond: Mapping[str, Any] | None = None):
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
         self.method = method
+        self.optimized_grid = None
+        if plan is None and isinstance(grid, str) and grid == "optimized":
+            if calibration_noise is None:
+                raise ValueError("grid='optimized' needs calibration_noise (a few noise samples shaped like the real "
+                                 "input); or call deis_fast.optimize_grid(...) and pass its result as grid=")
+            from .grid_opt import optimize_grid
+            self.optimized_grid = grid = optimize_grid(
+                model, self.schedule, method, nfe, calibration_noise, t_start, t_end, prediction=prediction,
+                pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, **dict(calibration_cond or {}))
+            method, pfdiff = grid.method, grid.pfdiff
         self.plan = plan if plan is not None else build_plan(
             self.schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
             karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,

@@ -290,3 +290,16 @@ def test_fuzz_cpu(n, ns, dtype, noise, alias, offset, seed):
         out = torch.empty(n + offset, dtype=dtype)[offset:]
     ops.combine(srcs, coefs, out=out, noise=z, noise_coef=zc, backend="cpu")
     check_result(out, orig, coefs, z, zc)
+
+
+def test_direct_ops_combine_compiles_fullgraph_with_noise():
+    """Users may call ops.combine inside their own compiled code: no graph break from input checks."""
+    import deis_fast.ops as dops
+
+    def f(a, b, z):
+        out = torch.empty_like(a)
+        dops.combine([a, b], [0.5, -1.25], out=out, noise=z, noise_coef=0.3)
+        return out
+    a, b, z = (torch.randn(3, 17, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = torch.compile(f, fullgraph=True, backend="eager")(a, b, z)
+    torch.testing.assert_close(got, 0.5 * a - 1.25 * b + 0.3 * z, rtol=1e-6, atol=1e-6)

@@ -71,3 +71,32 @@ def test_beats_the_best_fixed_grid_on_held_out_noise(problem):
 def test_needs_noise_or_shape():
     with pytest.raises(ValueError, match="calibration"):
         optimize_grid(lambda x, t: x, VP, "ddim", 3)
+
+
+def test_sampler_grid_optimized_string(problem):
+    model, cal, cref, held, href = problem
+    s = deis_fast.Sampler(model, VP, "logrho3", 4, grid="optimized", calibration_noise=cal)
+    assert s.optimized_grid is not None and s.plan.nfe == 4
+    assert s.plan.times == tuple(s.optimized_grid.times)
+    s2 = deis_fast.Sampler(model, VP, "pfdiff", 3, grid="optimized", calibration_noise=cal)
+    assert s2.plan.nfe == 3 and len(s2.plan.times) == 3 * 3 - 2 + 1
+    with pytest.raises(ValueError, match="calibration_noise"):
+        deis_fast.Sampler(model, VP, "logrho3", 4, grid="optimized")
+    with pytest.raises(ValueError, match="optimize_grid"):
+        deis_fast.build_plan(VP, "tab3", 4, "optimized")
+
+
+def test_build_plan_refuses_non_finite_coefficients(monkeypatch):
+    import dataclasses
+    import deis_fast.sampler as smp
+    real = smp._build_plan
+
+    def poisoned(*a, **k):
+        plan = real(*a, **k)
+        ops = list(plan.ops)
+        j = next(i for i, op in enumerate(ops) if isinstance(op, deis_fast.Combine))
+        ops[j] = dataclasses.replace(ops[j], coefs=(float("nan"),) + ops[j].coefs[1:])
+        return dataclasses.replace(plan, ops=tuple(ops))
+    monkeypatch.setattr(smp, "_build_plan", poisoned)
+    with pytest.raises(ValueError, match="non-finite coefficients"):
+        deis_fast.build_plan(VP, "tab2", 4)
