@@ -144,6 +144,23 @@ YARDSTICK_METHODS = ["ddim", "tab1", "tab2", "tab3", "rhoab3", "logrho3", "dpmpp
 YARDSTICK_GRIDS = ["time_quadratic", "logsnr", "karras", "time_uniform"]
 
 
+def _optimized_result(label: str, model: Callable, sched: Schedule, method: str, kw: dict,
+                      problems: Sequence[tuple[torch.Tensor, torch.Tensor]], nfes: Sequence[int], mix) -> Result:
+    """Optimized grids, fit on 32 calibration noises (seed 100, exact reference), evaluated on ``problems``."""
+    from .grid_opt import optimize_grid
+    from .testing import reference_solution
+    cal = torch.randn(32, mix.dim, generator=torch.Generator().manual_seed(100), dtype=torch.float64)
+    cref = reference_solution(mix, sched, cal, sched.t_max, sched.t_min)
+    res = Result(label, "deis_fast")
+    for n in nfes:
+        og = optimize_grid(model, sched, method, n, cal, reference=cref, pfdiff=kw.get("pfdiff"),
+                           pfdiff_experimental=kw.get("pfdiff_experimental", False))
+        r = evaluate(label, "deis_fast", deis_runner(model, sched, og.method, og, pfdiff=og.pfdiff), problems, [n])
+        res.errors.update(r.errors)
+        res.rms.update(r.rms)
+    return res
+
+
 def yardstick_main(argv: Sequence[str] | None = None) -> int:
     """The public-yardstick table (DESIGN §7); see benchmarks/yardstick.py for usage."""
     ap = argparse.ArgumentParser(prog="deis-fast bench yardstick", description="Public yardstick: deis_fast vs diffusers on the 64-d mixture.")
@@ -152,7 +169,9 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=YARDSTICK_METHODS)
     ap.add_argument("--grids", nargs="*", default=YARDSTICK_GRIDS)
     ap.add_argument("--no-diffusers", action="store_true")
-    ap.add_argument("--extra", nargs="*", default=[], help="extra deis_fast rows as method:grid[:k,h for pfdiff]")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="extra deis_fast rows as method:grid[:k,h for pfdiff[:exp]]; grid 'optimized' fits a grid "
+                         "per NFE on 32 separate calibration noises (seed 100)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -172,6 +191,9 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
         if len(pf) > 1 and pf[1] == "exp":
             kw["pfdiff_experimental"] = True
         label = f"deis_fast {m} / {g}" + (f" / PFDiff{kw['pfdiff']}" if pf else "") + (" exp." if len(pf) > 1 else "")
+        if g == "optimized":
+            results.append(_optimized_result(label, model, sched, m, kw, problems, args.nfe, mix))
+            continue
         results.append(evaluate(label, "deis_fast",
                                   deis_runner(model, sched, m, g, **kw), problems, args.nfe))
     for name in ([] if args.no_diffusers else DIFFUSERS_SCHEDULERS):
@@ -297,6 +319,7 @@ def plot_quality(panels: Sequence[tuple[str, Sequence[Result]]], nfes: Sequence[
                title=title)
         ax.set_xticks(list(nfes))
         ax.set_xticklabels([str(n) for n in nfes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=6.5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
