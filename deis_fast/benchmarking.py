@@ -267,7 +267,7 @@ def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800)
         z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return z, ref_sampler(z)
     return Problem(f"embedded digits U-Net (float64, reference rho_rk4 @ {reference_nfe} NFE)", model, sched,
-                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 8))
+                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32))
 
 
 def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str], grids: Sequence[str],
