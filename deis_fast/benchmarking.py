@@ -204,13 +204,9 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
             if r.errors:
                 results.append(r)
     lines = ["Median per-sample relative error to the exact ODE endpoint (lower is better).", "",
-             markdown_table(results, args.nfe), "", "Best of each family:", "",
-             "| NFE | best deis_fast | best diffusers | ratio |", "|---|---|---|---|"]
-    bd, bf = best_per_nfe(results, "deis_fast", args.nfe), best_per_nfe(results, "diffusers", args.nfe)
-    for n in args.nfe:
-        if n in bd and n in bf:
-            lines.append(f"| {n} | {bd[n][0]} {bd[n][1]:.3g} | {bf[n][0]} {bf[n][1]:.3g} | {bf[n][1] / bd[n][1]:.1f}x |")
-    lines.append("")
+             markdown_table(results, args.nfe), ""]
+    if not args.no_diffusers:
+        lines += ["Best of each family:", "", summary_table(results, args.nfe), ""]
     lines.append(f"(wall time {time.time() - t0:.0f} s)")
     text = "\n".join(lines)
     print(text)

@@ -463,6 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deis-fast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `deis-fast plan ... | head`: the reader left, not a failure
+        try:
+            sys.stdout = open(os.devnull, "w")  # silence the flush at interpreter exit
+        except OSError:
+            pass
+        return 0
     except Exception as e:  # noqa: BLE001 - the CLI reports, not crashes
         print(f"deis-fast {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
