@@ -180,3 +180,17 @@ def test_schedule_changing_config_keys_are_refused_not_ignored():
     with pytest.warns(UserWarning):
         s = DEISFastScheduler.from_config(cfg, method="tab3")
     assert s.config.grid == "karras"
+
+
+def test_lower_order_final_is_not_carried_over_from_other_schedulers():
+    import diffusers
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    cfg = dict(diffusers.DEISMultistepScheduler().config)
+    assert cfg["lower_order_final"] is True
+    with pytest.warns(UserWarning):
+        s = DEISFastScheduler.from_config(cfg, method="tab3")
+    assert s.config.lower_order_final is None
+    s2 = DEISFastScheduler.from_config(cfg, method="tab3", lower_order_final=True)
+    assert s2.config.lower_order_final is True
+    own = DEISFastScheduler.from_config(s2.config)
+    assert own.config.lower_order_final is True
