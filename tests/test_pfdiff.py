@@ -81,23 +81,19 @@ def test_matches_direct_transcription_on_1d_gaussian(kh, n):
     np.testing.assert_allclose(x.numpy(), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_bad_input_errors():
-    with pytest.raises(ValueError, match="k must be"):
-        deis_fast.build_plan(VP, "ddim", 5, pfdiff=(4, 1))
-    with pytest.raises(ValueError, match="h must satisfy"):
-        deis_fast.build_plan(VP, "ddim", 5, pfdiff=(2, 3))
-    with pytest.raises(ValueError, match="h must satisfy"):
-        deis_fast.build_plan(VP, "ddim", 5, pfdiff=(2, 0))
-    with pytest.raises(ValueError, match="first-order base"):
-        deis_fast.build_plan(VP, "tab3", 5, pfdiff=(2, 1))
-    with pytest.raises(ValueError, match="first-order base"):
-        deis_fast.build_plan(VP, "rho_heun", 6, pfdiff=(2, 1))
-    with pytest.raises(ValueError, match="nfe >= 1"):
-        deis_fast.build_plan(VP, "ddim", 0, pfdiff=(2, 1))
-    with pytest.raises(ValueError, match="integer timesteps"):
-        deis_fast.build_plan(VP, "ddim", 400, pfdiff=(3, 1), integer_timesteps=True)
-    with pytest.raises(ValueError, match="pair"):
-        deis_fast.build_plan(VP, "ddim", 5, pfdiff="2,1")
+@pytest.mark.parametrize("method,nfe,kw,match", [
+    ("ddim", 5, {"pfdiff": (4, 1)}, "k must be"),
+    ("ddim", 5, {"pfdiff": (2, 3)}, "h must satisfy"),
+    ("ddim", 5, {"pfdiff": (2, 0)}, "h must satisfy"),
+    ("tab3", 5, {"pfdiff": (2, 1)}, "first-order base"),
+    ("rho_heun", 6, {"pfdiff": (2, 1)}, "first-order base"),
+    ("ddim", 0, {"pfdiff": (2, 1)}, "nfe >= 1"),
+    ("ddim", 400, {"pfdiff": (3, 1), "integer_timesteps": True}, "integer timesteps"),
+    ("ddim", 5, {"pfdiff": "2,1"}, "pair"),
+])
+def test_bad_input_errors(method, nfe, kw, match):
+    with pytest.raises(ValueError, match=match):
+        deis_fast.build_plan(VP, method, nfe, **kw)
 
 
 def test_experimental_multistep_base_keeps_nfe_and_is_exact_for_constant_output():
