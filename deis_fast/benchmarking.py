@@ -267,8 +267,9 @@ def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800)
 
 
 def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str], grids: Sequence[str],
-                    opt_methods: Sequence[str], opt_budget: float, diffusers: bool = True,
+                    opt_nfes: dict[str, Sequence[int]], opt_budget: float, diffusers: bool = True,
                     log: Callable[[str], None] = print) -> list[Result]:
+    """Fixed grids for every method x grid at every NFE; optimized grids for ``opt_nfes[method]``."""
     from .grid_opt import optimize_grid
     results: list[Result] = []
     for m in methods:
@@ -276,9 +277,9 @@ def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str
             results.append(evaluate(f"deis_fast {m} / {g}", "deis_fast", deis_runner(problem.model, problem.schedule, m, g),
                                     problem.sets, nfes))
     cal_noise, cal_ref = problem.calibration
-    for m in opt_methods:
+    for m, m_nfes in opt_nfes.items():
         res = Result(f"deis_fast {m} / optimized", "deis_fast")
-        for n in nfes:
+        for n in m_nfes:
             og = optimize_grid(problem.model, problem.schedule, m, n, cal_noise, reference=cal_ref, time_budget=opt_budget)
             log(f"  optimized {m} @ {n}: calibration {og.start_error:.3g} ({og.start_grid}) -> {og.calibration_error:.3g}"
                 f" in {og.seconds:.1f}s / {og.evaluations} evals")
@@ -351,6 +352,25 @@ def summary_table(results: Sequence[Result], nfes: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def optimized_gain_table(results: Sequence[Result], nfe: int) -> str:
+    """Per method: held-out error of its optimized grid against its best fixed grid at ``nfe``."""
+    fixed: dict[str, tuple[float, str]] = {}
+    opt: dict[str, float] = {}
+    for r in results:
+        if r.family != "deis_fast" or nfe not in r.errors:
+            continue
+        method, grid = r.label.removeprefix("deis_fast ").split(" / ")
+        if grid == "optimized":
+            opt[method] = r.mean(nfe)
+        elif r.mean(nfe) < fixed.get(method, (math.inf, ""))[0]:
+            fixed[method] = (r.mean(nfe), grid)
+    lines = [f"| method | best fixed grid @ NFE {nfe} | optimized | gain |", "|---|---|---|---|"]
+    for m, e in opt.items():
+        if m in fixed:
+            lines.append(f"| {m} | {fixed[m][0]:.3g} ({fixed[m][1]}) | {e:.3g} | {fixed[m][0] / e:.2f}x |")
+    return "\n".join(lines)
+
+
 def quality_main(argv: Sequence[str] | None = None) -> int:
     """deis_fast vs diffusers on the mixture and the digits model, fixed and optimized grids."""
     ap = argparse.ArgumentParser(prog="deis-fast bench quality", description=quality_main.__doc__)
@@ -360,8 +380,10 @@ def quality_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=QUALITY_METHODS)
     ap.add_argument("--grids", nargs="*", default=QUALITY_GRIDS)
     ap.add_argument("--opt-methods", nargs="*", default=None,
-                    help="methods to run on optimized grids (default: all for the mixture; "
+                    help="methods to run on optimized grids at every NFE (default: all for the mixture; "
                          "logrho3 dpmpp3 ipndm4 pfdiff for digits)")
+    ap.add_argument("--gain-nfe", type=int, default=5,
+                    help="NFE at which every method also gets an optimized grid, compared with its best fixed grid")
     ap.add_argument("--opt-budget", type=float, default=60.0, help="seconds per grid optimization")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out-md", default="quality.md")
@@ -378,11 +400,16 @@ def quality_main(argv: Sequence[str] | None = None) -> int:
         if opt is None:
             opt = args.methods if name == "mixture" else [m for m in ("logrho3", "dpmpp3", "ipndm4", "pfdiff")
                                                            if m in args.methods]
-        res = quality_results(prob, args.nfe, args.methods, args.grids, opt, args.opt_budget, not args.no_diffusers)
+        gain = [args.gain_nfe] if args.gain_nfe in args.nfe else []
+        opt_nfes = {m: args.nfe if m in opt else gain for m in args.methods if m in opt or gain}
+        res = quality_results(prob, args.nfe, args.methods, args.grids, opt_nfes, args.opt_budget,
+                              not args.no_diffusers)
         panels.append((prob.name, res))
         text += [f"### {prob.name}", "", f"{args.seeds} held-out noise seeds; each cell: median per-sample "
                  "relative error, mean ± std over seeds. Optimized grids were fit on a separate calibration seed.",
-                 "", markdown_table(res, args.nfe, with_std=True), "", summary_table(res, args.nfe), ""]
+                 "", markdown_table(res, args.nfe, with_std=True), "", summary_table(res, args.nfe), "",
+                 f"Optimized grid against the same method's best fixed grid at NFE {args.gain_nfe} (held-out):", "",
+                 optimized_gain_table(res, args.gain_nfe), ""]
         print(f"[{name}] done in {time.time() - t1:.0f}s", flush=True)
     plot_quality(panels, args.nfe, args.out_png)
     text.append(f"(total wall time {time.time() - t0:.0f} s; plot: {args.out_png})")

@@ -68,6 +68,23 @@ def test_beats_the_best_fixed_grid_on_held_out_noise(problem):
         assert opt * 1.5 <= fixed, (method, opt, fixed)
 
 
+def test_multi_start_never_worse_than_the_best_start_alone(problem):
+    model, cal, cref, _, _ = problem
+    kw = dict(reference=cref, max_evals=40, max_restarts=0, time_budget=None)
+    every = optimize_grid(model, VP, "ipndm4", 5, cal, **kw)
+    alone = optimize_grid(model, VP, "ipndm4", 5, cal, start_grids=(every.start_grid,), **kw)
+    assert every.calibration_error <= alone.calibration_error < alone.start_error
+    assert every.evaluations > alone.evaluations and not every.extra["stopped_by_time_budget"]
+
+
+def test_time_budget_stops_the_search_and_says_so(problem):
+    model, cal, cref, _, _ = problem
+    g = optimize_grid(model, VP, "tab3", 5, cal, reference=cref, time_budget=0.0)
+    assert g.extra["stopped_by_time_budget"] and g.calibration_error == g.start_error
+    fixed = np.asarray(deis_fast.make_grid(VP, g.start_grid, 5))
+    np.testing.assert_allclose(np.asarray(g), fixed)
+
+
 def test_needs_noise_or_shape():
     with pytest.raises(ValueError, match="calibration"):
         optimize_grid(lambda x, t: x, VP, "ddim", 3)

@@ -182,6 +182,18 @@ def test_schedule_changing_config_keys_are_refused_not_ignored():
     assert s.config.grid == "karras"
 
 
+@pytest.mark.parametrize("name", ["ScoreSdeVeScheduler", "EDMEulerScheduler"])
+def test_ve_scheduler_configs_are_refused(name):
+    import diffusers
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    with pytest.raises(ValueError, match="VE / EDM noise schedule.*VESchedule"):
+        DEISFastScheduler.from_config(getattr(diffusers, name)().config)
+    cfg = dict(diffusers.EulerDiscreteScheduler(sigma_max=14.6, sigma_min=0.03).config)  # VP, clamped range
+    with pytest.warns(UserWarning, match="sigma_max.*timestep_type"):  # Euler's timestep_type means else
+        s = DEISFastScheduler.from_config(cfg)
+    assert s.config.timestep_type == "auto"
+
+
 def test_lower_order_final_is_not_carried_over_from_other_schedulers():
     import diffusers
     from deis_fast.integrations.diffusers import DEISFastScheduler

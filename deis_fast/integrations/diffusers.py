@@ -120,15 +120,20 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             config = config.config  # a scheduler instance
         cfg = dict(config or {})
         _refuse_schedule_changing_keys(cfg)
+        _refuse_ve_config(cfg)
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
         if not ours and "lower_order_final" not in kwargs:
             # other schedulers default it to True; for deis_fast grids it costs accuracy (tab3 at NFE 10 on the
             # yardstick: 0.0117 -> 0.0179), so keep our default (on only for the diffusers grid)
             cfg.pop("lower_order_final", None)
+        clashing = {}
+        if not ours and cfg.get("timestep_type") not in (None,) + _TIMESTEP_TYPES:
+            clashing["timestep_type"] = cfg.pop("timestep_type")  # EulerDiscrete's key, another meaning
         if cfg.get("use_karras_sigmas") and "grid" not in kwargs:
             kwargs["grid"] = "karras"  # keep the user's spacing choice; the key itself is then consumed
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
+        ignored.update(clashing)
         cfg = {k: v for k, v in cfg.items() if k in known}
         if ignored:
             _warn_ignored(ignored, stacklevel=3)
@@ -325,6 +330,16 @@ def _refuse_schedule_changing_keys(cfg: dict) -> None:
     if bad:
         raise ValueError(f"DEISFastScheduler does not support {', '.join(f'{k}=True' for k in bad)}: it would change "
                          "the noise schedule or the sampling process. Set them to False (or use the original scheduler)")
+
+
+def _refuse_ve_config(cfg: dict) -> None:
+    """A sigma range without betas is a VE / EDM scheduler (ScoreSdeVe, EDMEuler, ...): not a discrete VP one."""
+    if cfg.get("sigma_max") is not None and "beta_start" not in cfg and cfg.get("trained_betas") is None:
+        name = cfg.get("_class_name", "this scheduler")
+        raise ValueError(f"{name}'s config describes a VE / EDM noise schedule (sigma_min={cfg.get('sigma_min')}, "
+                         f"sigma_max={cfg['sigma_max']}, no betas); DEISFastScheduler supports discrete VP (DDPM-style "
+                         "betas) schedules only. For VE models use deis_fast.sample(..., schedule="
+                         "deis_fast.VESchedule(sigma_min, sigma_max)) or deis_fast.integrations.k_diffusion")
 
 
 def _warn_ignored(keys: dict, stacklevel: int) -> None:
