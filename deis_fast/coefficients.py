@@ -19,7 +19,7 @@ import numpy as np
 from .schedules import Schedule
 
 __all__ = ["StepRow", "lagrange_integrals", "points_per_step", "eps_ab_rows", "data_ab_rows",
-           "ipndm_rows", "IPNDM_WEIGHTS"]
+           "dpmsolver_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
 
@@ -116,9 +116,9 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
     return rows
 
 
-def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:
-    """Data-form lambda-AB: ``x_{i+1} = s_{i+1}/s_i x_i + a_{i+1} sum_j E_ij D_{i-j}``,
-    ``E_ij = int_{lam_i}^{lam_{i+1}} exp(lam - lam_{i+1}) l_j(lam) d lam`` (polynomial in lambda).
+def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
+                    weights: Callable[[np.ndarray, int, int], np.ndarray]) -> list[StepRow]:
+    """Rows ``x_{i+1} = s_{i+1}/s_i x_i + a_{i+1} sum_j E_ij D_{i-j}`` with ``E_i = weights(lam, i, p)``.
 
     A step that ends at rho = 0 is the exact first-order jump x = alpha * D.
     """
@@ -131,13 +131,49 @@ def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> 
         if rho[i + 1] == 0.0:
             rows.append(StepRow(0.0, (float(alpha[i + 1]),)))
             continue
-        hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
-        lb = lam[i + 1]
-        e = lagrange_integrals(lam[i], lb, lam[hist], lambda u: u, weight=lambda u: np.exp(u - lb), pieces=2)
-        if p == 1:  # closed form, no cancellation: 1 - exp(-h)
-            e = np.array([-np.expm1(-(lb - lam[i]))])
+        e = np.array([-np.expm1(-(lam[i + 1] - lam[i]))]) if p == 1 else weights(lam, i, p)  # 1 - e^{-h}
         rows.append(StepRow(float(sigma[i + 1] / sigma[i]), tuple(float(alpha[i + 1] * x) for x in e)))
     return rows
+
+
+def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:
+    """Data-form lambda-AB: ``E_ij = int_{lam_i}^{lam_{i+1}} exp(lam - lam_{i+1}) l_j(lam) d lam``, the exact
+    integral of the Lagrange polynomial in lambda through the last ``p`` data predictions."""
+    def exact(lam: np.ndarray, i: int, p: int) -> np.ndarray:
+        lb = lam[i + 1]
+        hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
+        return lagrange_integrals(lam[i], lb, lam[hist], lambda u: u, weight=lambda u: np.exp(u - lb), pieces=2)
+    return _data_form_rows(schedule, rho, points, exact)
+
+
+def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
+                   solver_type: str = "midpoint") -> list[StepRow]:
+    """DPM-Solver++ multistep (2M / 3M) exactly as published (Lu et al.; diffusers' and k-diffusion's code).
+
+    Same data form as :func:`data_ab_rows`, but the history enters through the finite differences
+    D1 = (D_i - D_{i-1}) / r0 (and D2) with the phi weights of the DPM-Solver code. Order-2 steps:
+    ``solver_type="midpoint"`` weighs D1 by phi_1 / 2 (the paper's 2M); "heun" by phi_2 (= the exact
+    lambda-AB step of ``data_ab_rows``). Order-3 steps (3M) weigh D2 by phi_3, which is half the
+    exact integral of the quadratic interpolant, so 3M is not exact for quadratic D (see the tests).
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+
+    def published(lam: np.ndarray, i: int, p: int) -> np.ndarray:
+        h = lam[i + 1] - lam[i]
+        phi1 = -np.expm1(-h)                  # 1 - e^{-h}
+        phi2 = 1.0 - phi1 / h                 # (e^{-h} - 1) / h + 1
+        r0 = (lam[i] - lam[i - 1]) / h
+        if p == 2:
+            d1 = np.array([1.0, -1.0]) / r0   # D1 over (D_i, D_{i-1})
+            return np.array([phi1, 0.0]) + (0.5 * phi1 if solver_type == "midpoint" else phi2) * d1
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d10, d11 = np.array([1.0, -1.0, 0.0]) / r0, np.array([0.0, 1.0, -1.0]) / r1
+        d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+        d2 = (d10 - d11) / (r0 + r1)
+        phi3 = (h - phi1) / h ** 2 - 0.5     # (e^{-h} - 1 + h) / h^2 - 1/2
+        return np.array([phi1, 0.0, 0.0]) + phi2 * d1 - phi3 * d2
+    return _data_form_rows(schedule, rho, points, published)
 
 
 def ipndm_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:

@@ -24,7 +24,8 @@ from .grids import GRIDS, make_grid
 from .sampler import Sampler, build_plan
 from .schedules import Schedule, VPSchedule
 
-__all__ = ["OptimizedGrid", "optimize_grid", "grid_intervals", "save_grid", "load_grid"]
+__all__ = ["OptimizedGrid", "optimize_grid", "grid_intervals", "grid_from_theta", "theta_from_grid", "save_grid",
+           "load_grid"]
 
 
 @dataclass
@@ -163,21 +164,9 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
         raise ValueError("every starting grid failed; check the model and the time range")
     best_e, best_name, best_t = starts[0]
     start_e, out_of_time = best_e, False
-    lam0, lam1 = float(schedule.lam(best_t[0])), float(schedule.lam(best_t[-1]))
-    if n >= 2 and math.isfinite(lam1):
-        def theta_of(t: np.ndarray) -> np.ndarray:
-            dl = np.diff(schedule.lam(t))
-            th = np.log(np.maximum(dl / (lam1 - lam0), 1e-12))
-            return th[1:] - th[0]
-
+    if n >= 2 and math.isfinite(float(schedule.lam(best_t[-1]))):
         def times_of(theta: np.ndarray) -> np.ndarray:
-            z = np.concatenate([[0.0], theta])
-            w = np.exp(z - z.max())
-            w /= w.sum()
-            lam = lam0 + (lam1 - lam0) * np.concatenate([[0.0], np.cumsum(w)])
-            t = schedule.t_from_lambda(lam)
-            t[0], t[-1] = best_t[0], best_t[-1]
-            return t
+            return grid_from_theta(schedule, best_t[0], best_t[-1], theta)
 
         cache: dict[bytes, float] = {}
 
@@ -203,7 +192,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
             # multi-start: the best fixed grid is not always in the best basin (on the digits model
             # ipndm4 from time_quadratic ends 1.3x lower than from the better-starting logsnr grid)
             for _, _, t in starts:
-                descend(theta_of(t), 0.3)
+                descend(theta_from_grid(schedule, t), 0.3)
             theta_best, f_best = incumbent()
             for restart in range(max_restarts):   # fresh, smaller simplices around the incumbent
                 descend(theta_best, 0.3 / (2 + restart))
@@ -219,6 +208,24 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
                 best_t, best_e = times_of(theta_best), e
     return OptimizedGrid([float(v) for v in best_t], method, int(nfe), pfdiff, model_id, best_e, start_e, best_name,
                          evals, time.perf_counter() - t0, {"stopped_by_time_budget": out_of_time})
+
+
+def grid_from_theta(schedule: Schedule, t_start: float, t_end: float, theta: np.ndarray) -> np.ndarray:
+    """The grid whose lambda increments are softmax([0, *theta]) of lambda(t_end) - lambda(t_start)."""
+    lam0, lam1 = float(schedule.lam(t_start)), float(schedule.lam(t_end))
+    z = np.concatenate([[0.0], np.asarray(theta, dtype=np.float64)])
+    w = np.exp(z - z.max())
+    w /= w.sum()
+    t = schedule.t_from_lambda(lam0 + (lam1 - lam0) * np.concatenate([[0.0], np.cumsum(w)]))
+    t[0], t[-1] = t_start, t_end
+    return t
+
+
+def theta_from_grid(schedule: Schedule, times: Sequence[float]) -> np.ndarray:
+    """Inverse of :func:`grid_from_theta` (increments floored at 1e-12 of the total)."""
+    lam = schedule.lam(np.asarray(times, dtype=np.float64))
+    th = np.log(np.maximum(np.diff(lam) / (lam[-1] - lam[0]), 1e-12))
+    return th[1:] - th[0]
 
 
 class _OutOfTime(Exception):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from deis_fast.coefficients import data_ab_rows, eps_ab_rows, ipndm_rows, points_per_step
+from deis_fast.coefficients import data_ab_rows, dpmsolver_rows, eps_ab_rows, ipndm_rows, points_per_step
 from deis_fast.grids import grid_rho, make_grid
 from deis_fast.schedules import VESchedule, VPSchedule
 
@@ -77,6 +77,37 @@ def test_data_rows_invariants_and_exactness(s):
                 approx = sum(c / alpha[i + 1] * p(lam[i - j]) for j, c in enumerate(r.coefs))
                 exact = quad(lambda u: np.exp(u - lam[i + 1]) * p(u), lam[i], lam[i + 1], epsabs=1e-14)[0]
                 assert approx == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("s", SCHEDULES, ids=repr)
+def test_dpm_solver_pp_rows_exact_where_published_formulas_are(s):
+    """Measured facts of DPM-Solver++ multistep: every row sums to the DDIM weight; 2M-heun equals the exact
+    lambda-AB step; 2M-midpoint is not exact for linear D; 3M is exact for linear D but misses a quadratic
+    (its D2 weight phi_3 is half the exact integral), while the exact lambda-AB 3-point row is not."""
+    t, rho = _grid(s, 12)
+    t, rho = t[:-1], rho[:-1]  # keep rho > 0 (the final jump to rho = 0 is the same first-order step)
+    alpha = s.alpha_from_rho(rho)
+    with np.errstate(divide="ignore"):
+        lam = -np.log(rho)
+    pts = points_per_step(len(t) - 1, 3)
+    mid3, heun2 = dpmsolver_rows(s, rho, pts), dpmsolver_rows(s, rho, points_per_step(len(t) - 1, 2), "heun")
+    mid2, exact2 = dpmsolver_rows(s, rho, points_per_step(len(t) - 1, 2)), data_ab_rows(s, rho, points_per_step(len(t) - 1, 2))
+    exact3 = data_ab_rows(s, rho, pts)
+    for a, b in zip(heun2, exact2):
+        np.testing.assert_allclose(a.coefs, b.coefs, rtol=1e-9, atol=1e-14)
+    i = 6
+
+    def err(row, p):
+        approx = sum(c / alpha[i + 1] * p(lam[i - j]) for j, c in enumerate(row.coefs))
+        exact = quad(lambda u: np.exp(u - lam[i + 1]) * p(u), lam[i], lam[i + 1], epsabs=1e-14)[0]
+        return abs(approx - exact) / abs(exact)
+    for rows in (mid3, mid2, heun2):
+        assert sum(rows[i].coefs) / alpha[i + 1] == pytest.approx(-np.expm1(-(lam[i + 1] - lam[i])), rel=1e-10)
+    lin, quadratic = (lambda u: 0.3 + 1.7 * u), (lambda u: 0.3 + 1.7 * u - 0.9 * u ** 2)
+    assert err(heun2[i], lin) < 1e-9 and err(mid3[i], lin) < 1e-9 and err(exact3[i], quadratic) < 1e-9
+    assert err(mid2[i], lin) > 1e-4 and err(mid3[i], quadratic) > 1e-4
+    with pytest.raises(ValueError, match="solver_type"):
+        dpmsolver_rows(s, rho, pts, "bogus")
 
 
 def test_ipndm_fixed_weights_equal_exact_ab_on_uniform_rho_grid():

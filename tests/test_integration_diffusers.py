@@ -206,3 +206,18 @@ def test_lower_order_final_is_not_carried_over_from_other_schedulers():
     assert s2.config.lower_order_final is True
     own = DEISFastScheduler.from_config(s2.config)
     assert own.config.lower_order_final is True
+
+
+@pytest.mark.parametrize("name,kw,method", [("DEISMultistepScheduler", dict(solver_order=2), "logrho2"),
+                                            ("DPMSolverMultistepScheduler", dict(solver_order=2), "dpmpp_2m"),
+                                            ("DPMSolverMultistepScheduler", dict(solver_order=2, solver_type="heun"),
+                                             "dpmpp2"),
+                                            ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_3m")])
+def test_ignored_keys_warning_names_the_equivalent_method(name, kw, method):
+    import diffusers
+    from deis_fast.integrations.diffusers import DEISFastScheduler, equivalent_method
+    cfg = getattr(diffusers, name)(**kw).config
+    assert equivalent_method(dict(cfg)) == method
+    with pytest.warns(UserWarning, match=f"method='{method}'"):
+        DEISFastScheduler.from_config(cfg)
+    assert equivalent_method(dict(diffusers.UniPCMultistepScheduler().config)) is None

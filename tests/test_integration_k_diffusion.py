@@ -4,7 +4,8 @@ import torch
 
 import deis_fast
 from deis_fast.integrations.k_diffusion import (get_sigmas_karras, sample_deis, sample_deis_fast, sample_deis_logrho,
-                                                sample_dpmpp_deis, sample_ipndm, sample_pfdiff, sample_rho_rk)
+                                                sample_dpmpp_2m, sample_dpmpp_deis, sample_ipndm, sample_pfdiff,
+                                                sample_rho_rk)
 from deis_fast.testing import GaussianMixture, reference_solution, relative_errors
 
 SMIN, SMAX = 0.002, 80.0
@@ -37,6 +38,34 @@ def sample_euler(model, x, sigmas):
         denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
         x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x
+
+
+def sample_dpmpp_2m_reference(model, x, sigmas):
+    """k-diffusion's sample_dpmpp_2m, written out: data form in t = -log(sigma), midpoint D1 weight,
+    first order on the first step and on the jump to sigma = 0."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = float(torch.log(sigmas[i] / sigmas[i + 1]))
+            d = denoised
+            if old is not None:
+                r = float(torch.log(sigmas[i - 1] / sigmas[i])) / h
+                d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(torch.tensor(-h, dtype=x.dtype)) * d
+        old = denoised
+    return x
+
+
+def test_dpmpp_2m_equals_k_diffusion_dpmpp_2m(problem):
+    model, x0, _, _ = problem
+    for sig in (get_sigmas_karras(10, SMIN, SMAX, dtype=torch.float64),
+                get_sigmas_karras(7, SMIN, SMAX, dtype=torch.float64)[:-1]):   # with and without the final 0
+        a = sample_dpmpp_2m(model, x0, sig, disable=True)
+        b = sample_dpmpp_2m_reference(model, x0, sig)
+        assert float((a - b).norm() / b.norm()) < 1e-12
 
 
 def test_ddim_equals_k_diffusion_euler(problem):

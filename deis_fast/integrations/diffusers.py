@@ -136,7 +136,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         ignored.update(clashing)
         cfg = {k: v for k, v in cfg.items() if k in known}
         if ignored:
-            _warn_ignored(ignored, stacklevel=3)
+            _warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --- diffusers scheduler interface -----------------------------------------------
@@ -342,11 +342,20 @@ def _refuse_ve_config(cfg: dict) -> None:
                          "deis_fast.VESchedule(sigma_min, sigma_max)) or deis_fast.integrations.k_diffusion")
 
 
-def _warn_ignored(keys: dict, stacklevel: int) -> None:
+def equivalent_method(config: dict) -> str | None:
+    """The deis_fast method running the same update as the DEIS / DPM-Solver++ multistep scheduler that
+    ``config`` describes (recognized by its ``algorithm_type``), else None."""
+    algo, k = config.get("algorithm_type"), config.get("solver_order")
+    if algo == "deis" and k in (1, 2, 3):
+        return f"logrho{k}"
+    if algo == "dpmsolver++" and k in (1, 2, 3):
+        return {1: "dpmpp1", 2: "dpmpp2" if config.get("solver_type") == "heun" else "dpmpp_2m", 3: "dpmpp_3m"}[k]
+    return None
+
+
+def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
     names = ", ".join(sorted(keys))
-    hint = ""
-    if "solver_order" in keys:
-        hint = (f" (DEISMultistepScheduler's solver_order={keys['solver_order']} corresponds to "
-                f"method='logrho{keys['solver_order']}')")
+    same = equivalent_method(config or {})
+    hint = f" (the same update as that scheduler's is method={same!r})" if same else ""
     warnings.warn(f"DEISFastScheduler ignores these config keys: {names}{hint}; the solver is chosen with method=",
                   UserWarning, stacklevel=stacklevel)

@@ -25,7 +25,8 @@ from ..schedules import VESchedule
 from ..solvers import get_method
 
 __all__ = ["sample_deis_fast", "sample_deis", "sample_deis_logrho", "sample_ipndm", "sample_ipndm_v",
-           "sample_dpmpp_deis", "sample_rho_rk", "sample_pfdiff", "get_sigmas_karras"]
+           "sample_dpmpp_deis", "sample_dpmpp_2m", "sample_rho_rk", "sample_pfdiff",
+           "get_sigmas_karras"]
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: Any = "cpu",
@@ -130,6 +131,11 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
 def sample_dpmpp_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 2, **options):
     """Data-form lambda-AB multistep (DPM-Solver++ ``order``M-style), ``order`` 1-3."""
     return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method=f"dpmpp{int(order)}", **options)
+
+
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """DPM-Solver++(2M) as k-diffusion's ``sample_dpmpp_2m`` (midpoint weights), as one fused plan."""
+    return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method="dpmpp_2m", **options)
 
 
 def sample_rho_rk(model, x, sigmas, extra_args=None, callback=None, disable=None, method: str = "rho_heun",

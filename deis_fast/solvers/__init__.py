@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..plan import Plan
-from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
+from .multistep import data_ab_plan, dpmsolver_plan, eps_ab_plan, ipndm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 
@@ -43,7 +43,14 @@ def _registry() -> dict[str, MethodSpec]:
         m[f"logrho{k}"] = MethodSpec(f"logrho{k}", k, 1, "eps_ab", partial(eps_ab_plan, points=k, variable="logrho"),
                                      k == 1, f"diffusers' DEISMultistepScheduler, solver_order={k} (log-rho AB)")
         m[f"dpmpp{k}"] = MethodSpec(f"dpmpp{k}", k, 1, "data_ab", partial(data_ab_plan, points=k), k == 1,
-                                    f"lambda-AB in data form with {k} point(s) (DPM-Solver++-style multistep)")
+                                    f"lambda-AB in data form with {k} point(s), exact weights (dpmpp2 = DPM-Solver++"
+                                    f"(2M) with solver_type='heun')")
+    m["dpmpp_2m"] = MethodSpec("dpmpp_2m", 2, 1, "data_ab", partial(dpmsolver_plan, points=2), False,
+                               "DPM-Solver++(2M) as published (midpoint weights; diffusers' default, k-diffusion's "
+                               "sample_dpmpp_2m)")
+    m["dpmpp_3m"] = MethodSpec("dpmpp_3m", 2, 1, "data_ab", partial(dpmsolver_plan, points=3), False,
+                               "DPM-Solver++(3M) as in diffusers' DPMSolverMultistepScheduler(solver_order=3); "
+                               "measured global order ~2.3 (its D2 weight is half the exact one; dpmpp3 is exact)")
     for k in range(1, 5):
         m[f"ipndm{k}"] = MethodSpec(f"ipndm{k}", k, 1, "ipndm", partial(ipndm_plan, points=k), k == 1,
                                     f"iPNDM, fixed Adams-Bashforth weights of order {k} on the rho grid")

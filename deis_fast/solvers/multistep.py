@@ -1,9 +1,9 @@
-"""Linear multistep plan builders: tAB / rhoAB / log-rho AB (eps form), lambda-AB (data form), iPNDM."""
+"""Linear multistep plan builders: tAB / rhoAB / log-rho AB (eps form), lambda-AB and DPM-Solver++ (data form), iPNDM."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..coefficients import data_ab_rows, eps_ab_rows, ipndm_rows, points_per_step
+from ..coefficients import data_ab_rows, dpmsolver_rows, eps_ab_rows, ipndm_rows, points_per_step
 from ..plan import Plan, multistep_plan
 
 
@@ -24,6 +24,12 @@ def data_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points:
                  lower_order_final: bool = False) -> Plan:
     pts = _points(len(t) - 1, points, rho, lower_order_final, True)
     return multistep_plan(name, schedule, t, data_ab_rows(schedule, rho, pts), "x0")
+
+
+def dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, solver_type: str = "midpoint",
+                   lower_order_final: bool = False) -> Plan:
+    pts = _points(len(t) - 1, points, rho, lower_order_final, True)
+    return multistep_plan(name, schedule, t, dpmsolver_rows(schedule, rho, pts, solver_type), "x0")
 
 
 def ipndm_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,
