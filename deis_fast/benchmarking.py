@@ -231,6 +231,7 @@ class Problem:
     schedule: Schedule
     sets: list[tuple[torch.Tensor, torch.Tensor]]        # held-out (noise, reference) per seed
     calibration: tuple[torch.Tensor, torch.Tensor]
+    mixture: object = None                                # the GaussianMixture of an analytic problem
 
 
 def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
@@ -243,7 +244,7 @@ def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
         z = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return z, reference_solution(mix, sched, z, sched.t_max, sched.t_min)
     return Problem("mixture (64-d, exact reference)", mix.model(sched), sched,
-                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32))
+                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32), mix)
 
 
 def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800) -> Problem:

@@ -112,7 +112,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
                   reference: torch.Tensor | None = None, reference_method: str = "tab3", reference_nfe: int = 500,
                   max_evals: int | None = None, max_restarts: int = 3, time_budget: float | None = 60.0, model_id: str = "",
                   start_grids: Sequence[str] = ("time_quadratic", "logsnr", "karras", "time_uniform"),
-                  **cond: Any) -> OptimizedGrid:
+                  min_gain: float = 0.05, **cond: Any) -> OptimizedGrid:
     """Choose the grid minimizing the (geometric) mean relative error of ``method`` at ``nfe`` on calibration noises.
 
     noise: calibration noise at t_start (or give ``shape`` and ``seed``). reference: the fine endpoint for
@@ -121,7 +121,9 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
     basin), then up to ``max_restarts`` runs restart around the incumbent while that still helps; each
     run stops after ``max_evals`` evaluations (default 40 per grid interval). Deterministic for a given
     noise / seed as long as ``time_budget`` (seconds, a wall-clock guard; ``None``: no limit) does not
-    cut the search short; where it does, the point reached depends on the machine's speed.
+    cut the search short; where it does, the point reached depends on the machine's speed. The optimized
+    grid replaces the best fixed grid only if its calibration error is lower by more than ``min_gain``
+    (relative); smaller gains are within the calibration noise and do not carry over to held-out noise.
     """
     schedule = VPSchedule.discrete("linear") if schedule is None else schedule
     if noise is None:
@@ -204,7 +206,9 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
             out_of_time = True
         if cache:
             theta_best, e = incumbent()
-            if e < best_e:
+            # a calibration gain within noise does not generalize (tab3 at NFE 4 on the mixture: -1.6% on
+            # calibration, +40% held-out), so the grid must buy at least min_gain to replace the fixed one
+            if e < best_e * (1.0 - min_gain):
                 best_t, best_e = times_of(theta_best), e
     return OptimizedGrid([float(v) for v in best_t], method, int(nfe), pfdiff, model_id, best_e, start_e, best_name,
                          evals, time.perf_counter() - t0, {"stopped_by_time_budget": out_of_time})

@@ -85,6 +85,16 @@ def test_time_budget_stops_the_search_and_says_so(problem):
     np.testing.assert_allclose(np.asarray(g), fixed)
 
 
+def test_gain_within_calibration_noise_keeps_the_fixed_grid(problem):
+    model, cal, cref, _, _ = problem
+    kw = dict(reference=cref, max_evals=40, max_restarts=0, time_budget=None)
+    free = optimize_grid(model, VP, "tab3", 5, cal, min_gain=0.0, **kw)
+    assert free.calibration_error < free.start_error
+    strict = optimize_grid(model, VP, "tab3", 5, cal, min_gain=0.999, **kw)
+    assert strict.calibration_error == strict.start_error
+    np.testing.assert_allclose(np.asarray(strict), np.asarray(deis_fast.make_grid(VP, strict.start_grid, 5)))
+
+
 def test_needs_noise_or_shape():
     with pytest.raises(ValueError, match="calibration"):
         optimize_grid(lambda x, t: x, VP, "ddim", 3)
