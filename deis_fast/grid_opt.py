@@ -126,6 +126,8 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
     (relative); smaller gains are within the calibration noise and do not carry over to held-out noise.
     """
     schedule = VPSchedule.discrete("linear") if schedule is None else schedule
+    if not 0.0 <= min_gain < 1.0:
+        raise ValueError(f"min_gain is a relative calibration gain in [0, 1), got {min_gain}")
     if noise is None:
         if shape is None:
             raise ValueError("give calibration `noise` or its `shape` (and `seed`)")

@@ -98,6 +98,8 @@ def test_gain_within_calibration_noise_keeps_the_fixed_grid(problem):
 def test_needs_noise_or_shape():
     with pytest.raises(ValueError, match="calibration"):
         optimize_grid(lambda x, t: x, VP, "ddim", 3)
+    with pytest.raises(ValueError, match="min_gain"):
+        optimize_grid(lambda x, t: x, VP, "ddim", 3, shape=(2, 4), min_gain=-0.1)
 
 
 def test_sampler_grid_optimized_string(problem):
