@@ -8,7 +8,8 @@ from typing import Callable
 import numpy as np
 
 from ..plan import Plan
-from .multistep import data_ab_plan, dpmsolver_plan, eps_ab_plan, ipndm_plan
+from ..coefficients import dpmsolver_rows
+from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 
@@ -45,10 +46,10 @@ def _registry() -> dict[str, MethodSpec]:
         m[f"dpmpp{k}"] = MethodSpec(f"dpmpp{k}", k, 1, "data_ab", partial(data_ab_plan, points=k), k == 1,
                                     f"lambda-AB in data form with {k} point(s), exact weights (dpmpp2 = DPM-Solver++"
                                     f"(2M) with solver_type='heun')")
-    m["dpmpp_2m"] = MethodSpec("dpmpp_2m", 2, 1, "data_ab", partial(dpmsolver_plan, points=2), False,
+    m["dpmpp_2m"] = MethodSpec("dpmpp_2m", 2, 1, "data_ab", partial(data_ab_plan, points=2, rows=dpmsolver_rows), False,
                                "DPM-Solver++(2M) as published (midpoint weights; diffusers' default, k-diffusion's "
                                "sample_dpmpp_2m)")
-    m["dpmpp_3m"] = MethodSpec("dpmpp_3m", 2, 1, "data_ab", partial(dpmsolver_plan, points=3), False,
+    m["dpmpp_3m"] = MethodSpec("dpmpp_3m", 2, 1, "data_ab", partial(data_ab_plan, points=3, rows=dpmsolver_rows), False,
                                "DPM-Solver++(3M) as in diffusers' DPMSolverMultistepScheduler(solver_order=3); "
                                "measured global order ~2.3 (its D2 weight is half the exact one; dpmpp3 is exact)")
     for k in range(1, 5):

@@ -1,9 +1,11 @@
 """Linear multistep plan builders: tAB / rhoAB / log-rho AB (eps form), lambda-AB and DPM-Solver++ (data form), iPNDM."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
-from ..coefficients import data_ab_rows, dpmsolver_rows, eps_ab_rows, ipndm_rows, points_per_step
+from ..coefficients import data_ab_rows, eps_ab_rows, ipndm_rows, points_per_step
 from ..plan import Plan, multistep_plan
 
 
@@ -21,15 +23,10 @@ def eps_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: 
 
 
 def data_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,
-                 lower_order_final: bool = False) -> Plan:
+                 lower_order_final: bool = False, rows: Callable[..., list] = data_ab_rows) -> Plan:
+    """Data-form multistep plan; ``rows`` is the weight table: exact lambda-AB or ``dpmsolver_rows``."""
     pts = _points(len(t) - 1, points, rho, lower_order_final, True)
-    return multistep_plan(name, schedule, t, data_ab_rows(schedule, rho, pts), "x0")
-
-
-def dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, solver_type: str = "midpoint",
-                   lower_order_final: bool = False) -> Plan:
-    pts = _points(len(t) - 1, points, rho, lower_order_final, True)
-    return multistep_plan(name, schedule, t, dpmsolver_rows(schedule, rho, pts, solver_type), "x0")
+    return multistep_plan(name, schedule, t, rows(schedule, rho, pts), "x0")
 
 
 def ipndm_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,
