@@ -115,6 +115,27 @@ def _compile_cuda(nvcc: str, build_temp: str) -> str:
 
 
 class BuildExt(build_ext):
+    """Builds deis_fast._C; a failed (optional) build leaves it out of everything that would copy or package
+    it, so the install -- editable or not -- succeeds and deis_fast uses the torch path."""
+
+    _failed: set = set()
+
+    def _without_failed(self, method: str, *args):
+        exts, self.extensions = self.extensions, [e for e in self.extensions if e.name not in self._failed]
+        try:
+            return getattr(super(), method)(*args)
+        finally:
+            self.extensions = exts
+
+    def copy_extensions_to_source(self):
+        return self._without_failed("copy_extensions_to_source")
+
+    def get_outputs(self):
+        return self._without_failed("get_outputs")
+
+    def get_output_mapping(self):
+        return self._without_failed("get_output_mapping")
+
     def build_extension(self, ext):
         want = _env_flag("DEIS_FAST_CUDA")
         required = _env_flag("DEIS_FAST_REQUIRE_EXT")
@@ -143,6 +164,7 @@ class BuildExt(build_ext):
         except Exception as e:
             if required or want is True:
                 raise
+            self._failed = self._failed | {ext.name}
             _log(f"WARNING: deis_fast._C failed to build ({e}); deis_fast will use the torch path")
 
 

@@ -17,6 +17,8 @@ from .solvers import METHOD_SPECS, METHODS
 
 __version__ = "0.1.0"
 
+ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
+
 __all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "ModelAdapter", "NonFiniteError",
            "OptimizedGrid", "Plan", "Sampler", "load_grid", "optimize_grid", "save_grid", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .cli_common import ArgumentParser, method_arg, positive_int
 from .sampler import sample
 from .schedules import Schedule
 from .testing import relative_errors
@@ -161,12 +162,21 @@ def _optimized_result(label: str, model: Callable, sched: Schedule, method: str,
     return res
 
 
+def _require_diffusers(ap: argparse.ArgumentParser, skipped: bool) -> None:
+    if skipped:
+        return
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        ap.error("the diffusers peers need diffusers: pip install 'deis_fast[diffusers]', or pass --no-diffusers")
+
+
 def yardstick_main(argv: Sequence[str] | None = None) -> int:
     """The public-yardstick table (DESIGN §7); see benchmarks/yardstick.py for usage."""
-    ap = argparse.ArgumentParser(prog="deis-fast bench yardstick", description="Public yardstick: deis_fast vs diffusers on the 64-d mixture.")
-    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20])
-    ap.add_argument("--samples", type=int, default=400)
-    ap.add_argument("--methods", nargs="*", default=YARDSTICK_METHODS)
+    ap = ArgumentParser(prog="deis-fast bench yardstick", description="Public yardstick: deis_fast vs diffusers on the 64-d mixture.")
+    ap.add_argument("--nfe", type=positive_int, nargs="+", default=[5, 6, 8, 10, 15, 20])
+    ap.add_argument("--samples", type=positive_int, default=400)
+    ap.add_argument("--methods", type=method_arg, nargs="*", default=YARDSTICK_METHODS)
     ap.add_argument("--grids", nargs="*", default=YARDSTICK_GRIDS)
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--extra", nargs="*", default=[],
@@ -174,6 +184,7 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
                          "per NFE on 32 separate calibration noises (seed 100)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
+    _require_diffusers(ap, args.no_diffusers)
     torch.set_num_threads(2)
     t0 = time.time()
     from .testing import yardstick_problem
@@ -374,22 +385,23 @@ def optimized_gain_table(results: Sequence[Result], nfe: int) -> str:
 
 def quality_main(argv: Sequence[str] | None = None) -> int:
     """deis_fast vs diffusers on the mixture and the digits model, fixed and optimized grids."""
-    ap = argparse.ArgumentParser(prog="deis-fast bench quality", description=quality_main.__doc__)
+    ap = ArgumentParser(prog="deis-fast bench quality", description=quality_main.__doc__)
     ap.add_argument("--models", nargs="+", default=["mixture", "digits"], choices=["mixture", "digits"])
-    ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10, 15, 20])
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--methods", nargs="*", default=QUALITY_METHODS)
+    ap.add_argument("--nfe", type=positive_int, nargs="+", default=[4, 5, 6, 8, 10, 15, 20])
+    ap.add_argument("--seeds", type=positive_int, default=4)
+    ap.add_argument("--methods", type=method_arg, nargs="*", default=QUALITY_METHODS)
     ap.add_argument("--grids", nargs="*", default=QUALITY_GRIDS)
     ap.add_argument("--opt-methods", nargs="*", default=None,
                     help="methods to run on optimized grids at every NFE (default: all for the mixture; "
                          "logrho3 dpmpp3 ipndm4 pfdiff for digits)")
-    ap.add_argument("--gain-nfe", type=int, default=5,
+    ap.add_argument("--gain-nfe", type=positive_int, default=5,
                     help="NFE at which every method also gets an optimized grid, compared with its best fixed grid")
     ap.add_argument("--opt-budget", type=float, default=60.0, help="seconds per grid optimization")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--out-md", default="quality.md")
     ap.add_argument("--out-png", default="quality.png")
     args = ap.parse_args(argv)
+    _require_diffusers(ap, args.no_diffusers)
     torch.set_num_threads(1)
     t0 = time.time()
     panels, text = [], []

@@ -18,42 +18,14 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, method_arg, nonneg_int, png_bytes,
+                         positive_int)
+
 __all__ = ["main", "build_parser"]
 
 DEMO_METHODS = ("ddim", "tab3", "logrho3", "dpmpp2", "ipndm4", "pfdiff")
 DEMO_NFES = (5, 10, 20)
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "vp-linear", "vp-cosine", "ve")
-
-
-class UsageError(Exception):
-    """Bad input detected by the CLI: exit code 2."""
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _parse_grid(text: str | None) -> Any:
-    """A grid name, or a comma-separated list of times."""
-    if text is None:
-        return None
-    from .grids import GRIDS
-    if text in GRIDS:
-        return text
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--grid must be one of {', '.join(GRIDS)} or a comma-separated list of times, "
-                         f"got {text!r}") from None
-
-
-def _parse_pfdiff(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        k, h = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--pfdiff takes k,h (e.g. 2,1), got {text!r}") from None
-    return k, h
 
 
 def _schedule(name: str):
@@ -70,8 +42,12 @@ def _schedule(name: str):
 
 
 def _save_png(arr, path: str) -> None:
-    from PIL import Image
-    Image.fromarray(arr).save(path)
+    """uint8 [H, W] or [H, W, C] -> PNG file."""
+    import numpy as np
+    a = np.asarray(arr)
+    a = a[None] if a.ndim == 2 else np.transpose(a, (2, 0, 1))
+    with open(path, "wb") as f:
+        f.write(png_bytes(np.ascontiguousarray(a)))
 
 
 def _tile(images, cols: int, scale: int, pad: int = 2, fill: int = 255):
@@ -94,10 +70,14 @@ def _tile(images, cols: int, scale: int, pad: int = 2, fill: int = 255):
 DEMO_COLS, DEMO_SCALE, DEMO_PAD, DEMO_LABEL_W = 16, 4, 2, 150
 
 
-def demo_grid_size(cols: int = DEMO_COLS, rows: int = 1 + len(DEMO_METHODS) * len(DEMO_NFES)) -> tuple[int, int]:
-    """(width, height) in pixels of the demo's samples.png."""
-    cell = 8 * DEMO_SCALE + DEMO_PAD
-    return DEMO_LABEL_W + cols * cell + DEMO_PAD, rows * cell + DEMO_PAD
+def _require(*modules: str) -> None:
+    """Fail fast, with the install command, when an optional dependency of a command is missing."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        names = {"PIL": "Pillow"}
+        raise UsageError(f"this command needs {', '.join(names.get(m, m) for m in missing)}: "
+                         "pip install 'deis_fast[demo]'")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -108,15 +88,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .digits import load_digits_model, to_image
     from .testing import relative_errors
 
+    _require("matplotlib", "PIL")  # before computing anything
     t_wall = time.time()
     quick = args.quick
     n_samples = args.samples or (16 if quick else 64)
     ref_method, ref_nfe = ("tab3", 200) if quick else ("rho_rk4", 800)
     methods = args.methods or list(DEMO_METHODS)
     nfes = args.nfe or list(DEMO_NFES)
-    for m in methods:
-        if m != "pfdiff":
-            deis_fast.solvers.get_method(m)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
@@ -194,57 +172,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- sample
 
 
-def _load_diffusers_model(path: str):
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path!r} is not a directory (a diffusers UNet2DModel or pipeline folder)")
-    try:
-        from diffusers import UNet2DModel
-    except ImportError:
-        raise UsageError("--model needs diffusers (pip install diffusers)") from None
-    sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-    cfg_path = None
-    for cand in (os.path.join(path, "scheduler", "scheduler_config.json"), os.path.join(path, "scheduler_config.json")):
-        if os.path.isfile(cand):
-            cfg_path = cand
-            break
-    if cfg_path is None:
-        raise UsageError(f"no scheduler config found in {path!r} (looked for scheduler/scheduler_config.json and "
-                         "scheduler_config.json)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    unet = UNet2DModel.from_pretrained(path, subfolder=sub, use_safetensors=True).eval()
-    return unet, cfg
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    import deis_fast
-    from .schedules import schedule_from_diffusers_config
+    from .cli_common import load_model
+    from .digits import to_image
+    from .generate import make_sampler, sample_images
 
-    grid = _parse_grid(args.grid)
-    pfdiff = _parse_pfdiff(args.pfdiff)
-    if args.num < 1 or args.batch_size < 1:
-        raise UsageError("--num and --batch-size must be >= 1")
-    if args.model:
-        unet, cfg = _load_diffusers_model(args.model)
-        sched = schedule_from_diffusers_config(cfg)
-        prediction = cfg.get("prediction_type", "epsilon")
-        size = unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (unet.config.in_channels,) + size
-        model = unet
-        upscale = args.upscale or 1
-    else:
-        from .digits import DIGITS_SHAPE, load_digits_model
-        sched = deis_fast.VPSchedule.discrete("linear")
-        prediction = "eps"
-        shape = DIGITS_SHAPE
-        model = load_digits_model()
-        upscale = args.upscale or 4
-    sampler = deis_fast.Sampler(model, sched, args.method, args.nfe, grid, prediction, pfdiff=pfdiff,
-                                eta=args.eta)
+    loaded = load_model(args.model, prediction=args.prediction, schedule=args.schedule)
+    sampler = make_sampler(loaded, args, args.model_batch)
+    upscale = args.upscale or (4 if args.model == "digits" else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
     from tqdm.auto import tqdm
     files: list[str] = []
@@ -252,33 +191,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     all_imgs = []
     bar = tqdm(total=args.num, desc=f"deis-fast {args.method} @ {sampler.nfe} NFE", unit="img",
                disable=args.json or args.quiet)
-    with torch.no_grad():
-        for start in range(0, args.num, args.batch_size):
-            b = min(args.batch_size, args.num - start)
-            seeds = range(args.seed + start, args.seed + start + b)
-            noise = deis_fast.randn_per_sample((b,) + tuple(shape), seeds)
-            gens = [torch.Generator().manual_seed(10_000_019 + s) for s in seeds] if sampler.plan.num_noise else None
-            x = sampler(noise, generator=gens)
-            imgs = np.round(((x.float() / 2 + 0.5).clamp(0, 1) * 255).numpy()).astype(np.uint8)
-            imgs = imgs.transpose(0, 2, 3, 1)
-            if imgs.shape[-1] == 1:
-                imgs = imgs[..., 0]
-            for j in range(b):
-                img = imgs[j]
-                if upscale > 1:
-                    img = img.repeat(upscale, axis=0).repeat(upscale, axis=1)
-                p = os.path.join(args.outdir, f"{args.seed + start + j:06d}.png")
-                _save_png(img, p)
-                files.append(p)
-                all_imgs.append(imgs[j])
-            bar.update(b)
+    for start in range(0, args.num, args.batch_size):
+        b = min(args.batch_size, args.num - start)
+        seeds = list(range(args.seed + start, args.seed + start + b))
+        imgs = to_image(sample_images(sampler, loaded.shape, seeds))  # [b, C, H, W] uint8
+        for j, seed in enumerate(seeds):
+            img = imgs[j]
+            all_imgs.append(img)
+            if upscale > 1:
+                img = img.repeat(upscale, axis=1).repeat(upscale, axis=2)
+            p = os.path.join(args.outdir, f"{seed:06d}.png")
+            with open(p, "wb") as f:
+                f.write(png_bytes(img))
+            files.append(p)
+        bar.update(b)
     bar.close()
     grid_png = os.path.join(args.outdir, "grid.png")
-    _save_png(_tile(all_imgs, min(8, len(all_imgs)), upscale), grid_png)
+    hwc = [im.transpose(1, 2, 0) if im.shape[0] > 1 else im[0] for im in all_imgs]
+    _save_png(_tile(hwc, min(8, len(hwc)), upscale), grid_png)
     secs = time.time() - t0
     info = {"method": args.method, "nfe": sampler.nfe, "num": len(files), "seconds": round(secs, 3),
             "outdir": args.outdir, "grid": grid_png, "files": files,
-            "model": args.model or "embedded digits model"}
+            "model": args.model if args.model != "digits" else "embedded digits model"}
     if args.json:
         print(json.dumps(info))
     elif not args.quiet:
@@ -307,12 +241,15 @@ def plan_to_dict(plan) -> dict:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import deis_fast
+    from .cli_common import resolve_nfe
     sched = _schedule(args.schedule)
-    grid = _parse_grid(args.grid)
-    nfe = None if (args.nfe == 0 or (args.nfe is None and isinstance(grid, list))) else (args.nfe or 10)
-    plan = deis_fast.build_plan(sched, args.method, nfe, grid, args.t_start, args.t_end, eta=args.eta,
-                                lower_order_final=args.lower_order_final, integer_timesteps=args.integer_timesteps,
-                                pfdiff=_parse_pfdiff(args.pfdiff))
+    opts = {} if args.eta is None else {"eta": args.eta}
+    try:
+        plan = deis_fast.build_plan(sched, args.method, resolve_nfe(args), args.grid, args.t_start, args.t_end,
+                                    lower_order_final=args.lower_order_final,
+                                    integer_timesteps=args.integer_timesteps, pfdiff=args.pfdiff, **opts)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
     if args.json:
         d = plan_to_dict(plan)
         d["schedule"] = repr(sched)
@@ -331,108 +268,101 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rest = list(args.args)
     if args.which == "yardstick":
         return int(benchmarking.yardstick_main(rest) or 0)
-    fn = getattr(benchmarking, "quality_main", None)
-    if fn is None:
-        print("deis-fast: error: 'bench quality' is not available in this version (deis_fast.benchmarking has no "
-              "quality_main)", file=sys.stderr)
-        return 2
-    return int(fn(rest) or 0)
+    return int(benchmarking.quality_main(rest) or 0)
 
 
 # ----------------------------------------------------------------------------- parser
 
 
-def _generate_module():
-    try:
-        from . import generate
-    except Exception:  # noqa: BLE001 - the subcommand is optional
-        return None
-    if callable(getattr(generate, "add_arguments", None)) and callable(getattr(generate, "run", None)):
-        return generate
-    return None
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .solvers import ALIASES, METHOD_SPECS
+    for name, spec in METHOD_SPECS.items():
+        print(f"{name:14s} order {spec.order}, {spec.stages} NFE/step  {spec.description}")
+    print(f"{'pfdiff':14s} PFDiff-(2,1) timestep skipping on ddim; --pfdiff K,H wraps any first-order method")
+    print("aliases: " + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(
+    from . import generate
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = ArgumentParser(
         prog="deis-fast",
         description="Few-step diffusion sampling (DEIS family, iPNDM, DPM-Solver++-style, PFDiff) with fused updates.",
-        epilog="Run 'deis-fast COMMAND --help' for the options of a command. Exit codes: 0 ok, 2 bad usage or "
-               "input, 1 runtime failure.")
+        epilog="Run 'deis-fast COMMAND --help' for the options of a command, 'deis-fast methods' for the solvers. "
+               "Exit codes: 0 ok, 2 bad usage or input, 1 runtime failure.")
     p.add_argument("--version", action="version", version=f"deis_fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="sample digits with several methods at NFE 5/10/20; PNG grid, plot, error table",
-                       description="Samples digits from the embedded model with several methods at NFE 5, 10 and 20 "
-                                   "from the same seeded noise, writes samples.png (rows = method x NFE), "
-                                   "error_vs_nfe.png and results.json, and prints the error table. Error: median "
-                                   "relative error to a high-accuracy reference (rho_rk4 at 800 NFE) from the "
-                                   "same noise.")
-    d.add_argument("--outdir", default="./deis_fast_demo", help="output folder (default: %(default)s)")
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="sample digits with several methods at NFE 5/10/20; PNG grid, plot, error table",
+                       description="Samples 64 digits from the embedded model with several methods at NFE 5, 10 "
+                                   "and 20 from the same seeded noise, writes samples.png (the first 16 digits; "
+                                   "rows = method x NFE), error_vs_nfe.png and results.json, and prints the error "
+                                   "table. Error: median relative error to a high-accuracy reference (rho_rk4 at "
+                                   "800 NFE) from the same noise. Needs the [demo] extra (matplotlib, Pillow).")
+    d.add_argument("--outdir", default="./deis_fast_demo", help="output folder")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    d.add_argument("--seed", type=int, default=0, help="first per-sample seed (default: %(default)s)")
-    d.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
-    d.add_argument("--methods", nargs="+", default=None, help=argparse.SUPPRESS)
-    d.add_argument("--nfe", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
-    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    d.add_argument("--seed", type=nonneg_int, default=0, help="first per-sample seed")
+    d.add_argument("--samples", type=positive_int, default=None, help="number of digits (default 64)")
+    d.add_argument("--methods", type=method_arg, nargs="+", default=None,
+                   help=f"methods (default: {' '.join(DEMO_METHODS)})")
+    d.add_argument("--nfe", type=positive_int, nargs="+", default=None,
+                   help=f"NFE budgets (default: {' '.join(map(str, DEMO_NFES))})")
+    d.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     d.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: fewer samples, cheaper reference
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("sample", help="write sample images (PNG) from the embedded model or a diffusers model",
-                       description="Samples images and writes one PNG per image plus grid.png. Sample i depends "
-                                   "only on seed+i (not on --batch-size).")
-    s.add_argument("--model", default=None, metavar="PATH",
-                   help="a diffusers UNet2DModel folder (or pipeline folder with unet/ and scheduler/); "
-                        "default: the embedded 8x8 digits model")
-    s.add_argument("--method", default="tab3", help="deis_fast method (default: %(default)s); see README")
-    s.add_argument("--nfe", type=int, default=10, help="network evaluations (default: %(default)s)")
-    s.add_argument("--grid", default=None, help="time_uniform, time_quadratic, logsnr, karras, or comma-separated "
-                                                "times (default: the method's recommended grid)")
-    s.add_argument("--pfdiff", default=None, metavar="K,H", help="wrap a first-order method in PFDiff-(k,h)")
-    s.add_argument("--eta", type=float, default=1.0, help="noise level of ddim_eta (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="first per-sample seed (default: %(default)s)")
-    s.add_argument("--num", type=int, default=16, help="number of images (default: %(default)s)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
-    s.add_argument("--upscale", type=int, default=None, help="nearest-neighbour upscaling of the PNGs "
-                                                             "(default: 4 for the 8x8 digits, else 1)")
-    s.add_argument("--outdir", default="./deis_fast_samples", help="output folder (default: %(default)s)")
+    s = sub.add_parser("sample", formatter_class=fmt,
+                       help="write sample images (PNG) from the embedded model or a diffusers model",
+                       description="Samples images and writes one PNG per image plus grid.png. Image i depends "
+                                   "only on seed+i, and equals what 'deis-fast generate' makes for that seed.")
+    add_model_arguments(s)
+    add_solver_arguments(s)
+    s.add_argument("--seed", type=nonneg_int, default=0, help="first per-sample seed")
+    s.add_argument("--num", type=positive_int, default=16, help="number of images")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call")
+    s.add_argument("--model-batch", type=positive_int, default=generate.MODEL_BATCH,
+                   help="the network always sees this many samples per call (results do not depend on --batch-size)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    s.add_argument("--upscale", type=positive_int, default=None,
+                   help="nearest-neighbour upscaling of the PNGs (default: 4 for the 8x8 digits, else 1)")
+    s.add_argument("--outdir", default="./deis_fast_samples", help="output folder")
     s.add_argument("--json", action="store_true", help="print a JSON summary (file list, timing) on stdout")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     s.set_defaults(func=cmd_sample)
 
-    pl = sub.add_parser("plan", help="print the compiled plan (network calls and fused combines)",
+    pl = sub.add_parser("plan", formatter_class=fmt, help="print the compiled plan (network calls and fused combines)",
                         description="Prints the plan a method compiles to: Evals (network calls) and Combines "
                                     "(fused linear combinations with their float64 coefficients).")
-    pl.add_argument("--method", default="tab3", help="deis_fast method (default: %(default)s)")
-    pl.add_argument("--nfe", type=int, default=None, help="network evaluations (default: 10; with a list --grid: "
-                                                          "taken from the grid)")
-    pl.add_argument("--grid", default=None, help="grid name or comma-separated times")
+    add_solver_arguments(pl)
     pl.add_argument("--schedule", default="linear", choices=SCHEDULES,
                     help="linear/scaled_linear/squaredcos_cap_v2 (discrete DDPM betas), vp-linear, vp-cosine, "
-                         "ve (EDM sigma 0.002..80); default: %(default)s")
-    pl.add_argument("--pfdiff", default=None, metavar="K,H", help="wrap a first-order method in PFDiff-(k,h)")
-    pl.add_argument("--t-start", type=float, default=None)
-    pl.add_argument("--t-end", type=float, default=None)
-    pl.add_argument("--eta", type=float, default=1.0)
+                         "ve (EDM sigma 0.002..80)")
+    pl.add_argument("--t-start", type=float, default=None, help="first time (default: the schedule's t_max)")
+    pl.add_argument("--t-end", type=float, default=None, help="last time (default: the schedule's t_min)")
     pl.add_argument("--lower-order-final", action="store_true")
     pl.add_argument("--integer-timesteps", action="store_true", help="round a discrete grid to training timesteps")
     pl.add_argument("--json", action="store_true", help="machine-readable plan (ops with coefficients)")
     pl.set_defaults(func=cmd_plan)
 
+    m = sub.add_parser("methods", help="list the solvers", description="Lists every method with its order.")
+    m.set_defaults(func=cmd_methods)
+
     b = sub.add_parser("bench", help="benchmarks: 'yardstick' (public mixture table) or 'quality'",
                        description="deis-fast bench yardstick [ARGS] runs the public yardstick "
                                    "(see 'deis-fast bench yardstick --help'); deis-fast bench quality [ARGS] runs "
-                                   "the quality benchmark where available.")
+                                   "the quality benchmark.")
     b.add_argument("which", choices=("yardstick", "quality"))
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
 
-    gen = _generate_module()
-    if gen is not None:
-        g = sub.add_parser("generate", help="bulk, resumable, seed-deterministic generation (FID-scale runs)",
-                           description=(gen.__doc__ or "").strip().split("\n")[0] or None)
-        gen.add_arguments(g)
-        g.set_defaults(func=gen.run)
+    g = sub.add_parser("generate", formatter_class=fmt,
+                       help="bulk, resumable, seed-deterministic generation (FID-scale runs)",
+                       description=(generate.__doc__ or "").strip().split("\n")[0] or None)
+    generate.add_arguments(g)
+    g.set_defaults(func=generate.run)
     return p
 
 
@@ -455,9 +385,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # sub-tools using argparse
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except UsageError as e:
-        print(f"deis-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"deis-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

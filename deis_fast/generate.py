@@ -18,12 +18,15 @@
 * Output: ``--format png`` writes one ``{index:08d}.png`` per sample; ``npz`` one
   ``batch-{first:08d}-{n}.npz`` per batch with ``indices``, ``seeds`` and ``samples`` (float32; float64
   for float64 runs). Every file is written to a temporary file in the same directory, then ``os.replace``\\ d.
-  After a batch's files, a per-shard record ``records/shard-{first:08d}.json`` (index, seed, file, the
-  sampler config) is written the same way: a sample counts as done only once its record exists.
-* ``config.json`` holds the sampler config; re-running into an outdir made with another config fails
-  with a message naming the differing keys. ``--num`` may grow between runs (the run is extended).
-* Restart: completed indices are read from the records and skipped; temporary files and data files
-  without a record (a crash between the data file and its record) are removed by rank 0 at start.
+  Before a batch's files, a journal ``records/pending-{first:08d}.json`` names them; after them, a per-shard
+  record ``records/shard-{first:08d}.json`` (index, seed, file, the sampler config) is written the same way
+  and the journal is removed: a sample counts as done only once its record exists.
+* The outdir must be new, empty, or an earlier run (it has ``config.json``); any other folder is refused
+  (exit 2), so generate never deletes or overwrites a file it did not write. Re-running into an outdir made
+  with another config fails with a message naming the differing keys. ``--num`` may grow between runs.
+* Restart: completed indices are read from the records and skipped; our temporary files and the data files
+  a journal names without a record (a crash between the data file and its record) are removed by rank 0.
+  Ctrl-C keeps what is written; the same command resumes.
 * At the end rank 0 (after a barrier) checks that each index 0..N-1 is recorded exactly once with its
   file present, writes ``manifest.jsonl`` (one line per index: index, seed, file) and the process exits
   with 0; otherwise it prints what is missing or duplicated and every rank exits with 1. Usage and config
@@ -36,19 +39,19 @@ import hashlib
 import json
 import os
 import re
-import struct
 import sys
 import uuid
-import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, initial_noise, load_model,
+                         nonneg_int, png_bytes, positive_int, resolve_nfe)
 from .sampler import NonFiniteError
 
-__all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise",
-           "GenerateError", "verify_outdir", "write_png", "read_records"]
+__all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise", "make_sampler",
+           "sample_images", "GenerateError", "verify_outdir", "write_png", "read_records", "MODEL_BATCH"]
 
 FORMATS = ("png", "npz")
 CONFIG_FILE = "config.json"
@@ -58,95 +61,49 @@ TMP_PREFIX = ".tmp-"
 _PNG_RE = re.compile(r"^\d{8}\.png$")
 _NPZ_RE = re.compile(r"^batch-\d{8}-\d+\.npz$")
 _REC_RE = re.compile(r"^shard-\d{8}\.json$")
+_PENDING_RE = re.compile(r"^pending-\d{8}\.json$")
+_TMP_RE = re.compile(r"^\.tmp-.+\.\d+\.[0-9a-f]{8}$")   # exactly what _atomic_write names its temp files
+MODEL_BATCH = 8
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 MAX_SEED = 2 ** 63 - 1
 
 
-class GenerateError(ValueError):
+class GenerateError(UsageError):
     """A usage or configuration error (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an int >= lo, with a message naming ``what`` it expected."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
-
-
-def _finite_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not np.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return v
-
-
-def _pfdiff_arg(s: str) -> tuple[int, int]:
-    parts = s.split(",")
-    try:
-        k, h = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--pfdiff takes 'k,h' (two integers, e.g. 2,1), got {s!r}") from None
-    return k, h
-
-
-def _grid_arg(s: str) -> str | list[float]:
-    if "," not in s:
-        return s
-    try:
-        return [float(p) for p in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid takes a grid name or comma-separated times, got {s!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``generate`` options to ``parser`` (used by ``deis-fast generate`` and by :func:`main`)."""
-    parser.add_argument("-n", "--num", "--num-samples", dest="num", type=_positive_int, required=True,
+    parser.add_argument("-n", "--num", "--num-samples", dest="num", type=positive_int, required=True,
                         help="number of samples N (indices 0..N-1); under torchrun put '--' before the options "
                              "or use -n (torchrun's own parser takes --num for an abbreviation of --numa-binding)")
-    parser.add_argument("--outdir", required=True, help="output directory (created; a re-run resumes it)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="samples per sampler call and shard")
-    parser.add_argument("--method", default="tab3", help="solver (see deis_fast.METHODS)")
-    parser.add_argument("--nfe", type=_positive_int, default=10, help="network evaluations per sample")
-    parser.add_argument("--grid", type=_grid_arg, default=None,
-                        help="time_uniform | time_quadratic | logsnr | karras, or comma-separated times")
-    parser.add_argument("--eta", type=_finite_float, default=1.0, help="noise level of ddim_eta")
-    parser.add_argument("--pfdiff", type=_pfdiff_arg, default=None, metavar="K,H",
-                        help="PFDiff-k_h timestep skipping on a first-order method")
-    parser.add_argument("--seed-offset", type=_nonneg_int, default=0, help="sample i uses seed seed_offset + i")
+    parser.add_argument("--outdir", type=_outdir_arg, required=True,
+                        help="output directory: new, empty, or an earlier run of generate (which is resumed)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="samples per sampler call and shard")
+    add_solver_arguments(parser)
+    parser.add_argument("--seed-offset", type=nonneg_int, default=0, help="sample i uses seed seed_offset + i")
     parser.add_argument("--format", choices=FORMATS, default="png", help="png (one file per sample) or npz")
-    parser.add_argument("--model", default="digits",
-                        help="'digits' (the embedded model) or a diffusers model directory (UNet2DModel)")
-    parser.add_argument("--prediction", default=None,
-                        help="model output type (default: eps for digits, the scheduler config's for diffusers)")
+    add_model_arguments(parser)
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--model-batch", type=_positive_int, default=8,
+    parser.add_argument("--model-batch", type=positive_int, default=MODEL_BATCH,
                         help="the network always sees exactly this many samples per call (batch invariance)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU intra-op threads per process (default 1 on CPU: results depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # testing hooks: a rank dies abruptly after K samples, leaving a partial temp file and an unrecorded file
-    parser.add_argument("--_fail-after", dest="_fail_after", type=_nonneg_int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_fail-rank", dest="_fail_rank", type=_nonneg_int, default=None, help=argparse.SUPPRESS)
+
+
+def _outdir_arg(s: str) -> str:
+    if os.path.exists(s) and not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s!r} exists and is not a directory; pick a new folder")
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deis-fast generate", description=(__doc__ or "").split("\n\n")[0])
+    p = ArgumentParser(prog="deis-fast generate", description=(__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     return p
 
@@ -195,50 +152,6 @@ class FixedBatchModel:
         return torch.cat(outs)
 
 
-def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """(noise [len(seeds), *shape], generators): noise is bitwise ``randn_per_sample((n, *shape), seeds)``;
-    each generator has drawn its sample's noise and goes on to draw that sample's step noise."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in gens])
-    return noise.to(device, dtype), gens
-
-
-def _load_model(spec: str, device: torch.device, dtype: torch.dtype, prediction: str | None):
-    """(model, schedule, prediction, sample_shape, model_id)."""
-    from .schedules import VPSchedule, schedule_from_diffusers_config
-    if spec == "digits":
-        from .digits import DIGITS_SCHEDULE, DIGITS_SHAPE, load_digits_model
-        return (load_digits_model(device=device, dtype=dtype), VPSchedule.discrete(DIGITS_SCHEDULE),
-                prediction or "eps", tuple(DIGITS_SHAPE), "digits")
-    root = os.path.abspath(spec)
-    if not os.path.isdir(root):
-        raise GenerateError(f"--model {spec!r}: not 'digits' and not a directory")
-    unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
-    sched_cfg = None
-    for cand in (os.path.join(root, "scheduler", "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
-        if os.path.isfile(cand):
-            with open(cand) as f:
-                sched_cfg = json.load(f)
-            break
-    if sched_cfg is None:
-        raise GenerateError(f"--model {spec!r}: no scheduler/scheduler_config.json found")
-    try:
-        from diffusers import UNet2DModel
-    except ImportError as e:
-        raise GenerateError(f"--model {spec!r} needs diffusers ({e})") from None
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # safetensors only, never pickle
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise GenerateError(f"--model {spec!r}: cannot load a UNet2DModel with safetensors weights: {e}") from None
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    shape = (int(cfg.in_channels), int(size[0]), int(size[1]))
-    pred = prediction or sched_cfg.get("prediction_type", "epsilon")
-    return unet, schedule_from_diffusers_config(sched_cfg), pred, shape, root
-
-
 # ---------------------------------------------------------------------------------------------- files
 def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     d, name = os.path.split(path)
@@ -256,24 +169,8 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> 
         raise
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
-    """Minimal PNG encoder (8-bit gray / RGB / RGBA) for a uint8 array [C, H, W]."""
-    c, h, w = img.shape
-    color = {1: 0, 3: 2, 4: 6}.get(c)
-    if color is None:
-        raise GenerateError(f"--format png needs 1, 3 or 4 channels, the samples have {c}; use --format npz")
-    rows = np.ascontiguousarray(np.transpose(img, (1, 2, 0))).reshape(h, w * c)
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
 def write_png(path: str, img: np.ndarray) -> None:
-    data = _png_bytes(img)
+    data = png_bytes(img)
     _atomic_write(path, lambda f: f.write(data))
 
 
@@ -313,7 +210,9 @@ def _completed(recs: list[dict], outdir: str) -> set[int]:
 
 
 def _cleanup(outdir: str, recs: list[dict], bad: list[str]) -> int:
-    """Remove temp files, unreadable records and data files no record refers to; returns the count."""
+    """Undo what an interrupted run of ours left: our temporary files, unreadable records in our records
+    folder, and data files that a pending journal says we were writing but no record covers. A file that no
+    journal of ours names is never touched. Returns the number of files removed."""
     removed = 0
     rdir = os.path.join(outdir, RECORDS_DIR)
     for r in recs:  # a record whose files were lost (deleted by hand): drop those entries so they are redone
@@ -329,14 +228,31 @@ def _cleanup(outdir: str, recs: list[dict], bad: list[str]) -> int:
                 os.remove(path)
             removed += 1
     referenced = {f for r in recs for f in r["files"]}
-    for d in (outdir, rdir):
-        for name in os.listdir(d):
-            p = os.path.join(d, name)
-            stale = name.startswith(TMP_PREFIX) or (d == rdir and name in bad) or (
-                d == outdir and (_PNG_RE.match(name) or _NPZ_RE.match(name)) and name not in referenced)
-            if stale and os.path.isfile(p):
-                os.remove(p)
-                removed += 1
+
+    def remove(path: str) -> None:
+        nonlocal removed
+        if os.path.isfile(path):
+            os.remove(path)
+            removed += 1
+
+    for name in sorted(os.listdir(rdir)):
+        path = os.path.join(rdir, name)
+        if _PENDING_RE.match(name):
+            try:
+                with open(path) as f:
+                    files = json.load(f)["files"]
+            except (OSError, ValueError, KeyError, TypeError):
+                files = []
+            for fname in files:
+                if isinstance(fname, str) and (_PNG_RE.match(fname) or _NPZ_RE.match(fname)) \
+                        and fname not in referenced:
+                    remove(os.path.join(outdir, fname))
+            remove(path)
+        elif name in bad or _TMP_RE.match(name):
+            remove(path)
+    for name in os.listdir(outdir):
+        if _TMP_RE.match(name):
+            remove(os.path.join(outdir, name))
     return removed
 
 
@@ -409,16 +325,37 @@ def run(args: argparse.Namespace) -> int:
     old_threads = torch.get_num_threads()
     try:
         return _run(args, world, rank, local)
-    except GenerateError as e:
+    except UsageError as e:
         _print(rank, f"deis-fast generate: error: {e}", err=True)
         return 2
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
+def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL_BATCH):
+    """The sampler both ``sample`` and ``generate`` run: the model called on fixed chunks of ``model_batch``."""
     import deis_fast
+    opts = {} if args.eta is None else {"eta": args.eta}
+    try:
+        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule, method=args.method,
+                                 nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, pfdiff=args.pfdiff,
+                                 **opts)
+    except (ValueError, TypeError) as e:
+        raise GenerateError(f"invalid sampler options: {e}") from None
 
+
+def sample_images(sampler: Any, shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The samples of ``seeds`` (sample i depends only on seeds[i]: its initial and its step noise)."""
+    noise, gens = initial_noise(shape, seeds, device, dtype)
+    with torch.inference_mode():
+        try:
+            return sampler(noise, generator=gens if sampler.plan.num_noise else None)
+        except NonFiniteError as e:
+            raise GenerateError(f"samples with seeds {seeds[0]}..{seeds[-1]}: {e}") from None
+
+
+def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
     # ---- validate everything before touching the filesystem or the process group
     if args.num - 1 + args.seed_offset > MAX_SEED:
         raise GenerateError(f"seed_offset + num exceeds {MAX_SEED}")
@@ -444,22 +381,18 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
         torch.set_num_threads(args.threads or 1)
     elif args.threads:
         torch.set_num_threads(args.threads)
-
-    model, schedule, prediction, shape, model_id = _load_model(args.model, device, dtype, args.prediction)
-    try:
-        sampler = deis_fast.Sampler(FixedBatchModel(model, args.model_batch), schedule, method=args.method,
-                                    nfe=args.nfe, grid=args.grid, prediction=prediction, eta=args.eta,
-                                    pfdiff=args.pfdiff)
-    except (ValueError, TypeError) as e:
-        raise GenerateError(f"invalid sampler options: {e}") from None
-    plan = sampler.plan
-    config = {"model": model_id, "shape": list(shape), "prediction": prediction, "method": args.method,
-              "plan_method": plan.method, "nfe": plan.nfe, "grid": args.grid, "eta": args.eta,
-              "pfdiff": list(args.pfdiff) if args.pfdiff else None, "seed_offset": args.seed_offset,
-              "format": args.format, "dtype": args.dtype, "model_batch": args.model_batch,
-              "times": [float(t) for t in plan.times]}
-    sha = _config_sha(config)
     outdir = os.path.abspath(args.outdir)
+    _check_outdir(outdir)
+
+    loaded = load_model(args.model, device, dtype, args.prediction, args.schedule)
+    sampler = make_sampler(loaded, args, args.model_batch)
+    plan = sampler.plan
+    config = {"model": loaded.model_id, "shape": list(loaded.shape), "prediction": loaded.prediction,
+              "method": args.method, "plan_method": plan.method, "nfe": plan.nfe, "grid": args.grid,
+              "eta": args.eta, "pfdiff": list(args.pfdiff) if args.pfdiff else None,
+              "seed_offset": args.seed_offset, "format": args.format, "dtype": args.dtype,
+              "model_batch": args.model_batch, "times": [float(t) for t in plan.times]}
+    sha = _config_sha(config)
 
     # ---- process group
     dist = None
@@ -468,10 +401,23 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist)
+        return _generate(args, config, sha, outdir, sampler, loaded.shape, device, dtype, world, rank, dist)
+    except KeyboardInterrupt:
+        _print(rank, f"interrupted: what is written is kept; run the same command again to resume into {outdir}",
+               err=True)
+        return 130
     finally:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_outdir(outdir: str) -> None:
+    """generate writes into a new or empty folder, or resumes one of its own runs; never into a user's folder."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise GenerateError(f"--outdir {outdir} exists and is not a directory; pick a new folder")
+    if os.path.isdir(outdir) and os.listdir(outdir) and not os.path.isfile(os.path.join(outdir, CONFIG_FILE)):
+        raise GenerateError(f"--outdir {outdir} is not empty and is not a folder made by deis-fast generate (no "
+                            f"{CONFIG_FILE}); pick a new or empty folder")
 
 
 def _barrier(dist) -> None:
@@ -479,8 +425,38 @@ def _barrier(dist) -> None:
         dist.barrier()
 
 
-def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist) -> int:
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _write_batch(outdir: str, fmt: str, idx: list[int], seeds: list[int], x: torch.Tensor, common: dict) -> None:
+    """Write one batch: a pending journal naming its data files, the files, their record, then drop the journal.
+    A crash at any point leaves only files that the journal or the record names (see :func:`_cleanup`)."""
     from .digits import to_image
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    arr = x.detach().cpu().numpy()
+    if fmt == "png":
+        files = [f"{i:08d}.png" for i in idx]
+    else:
+        files = [f"batch-{idx[0]:08d}-{len(idx)}.npz"] * len(idx)
+    rdir = os.path.join(outdir, RECORDS_DIR)
+    pending = os.path.join(rdir, f"pending-{idx[0]:08d}.json")
+    journal = json.dumps({"files": sorted(set(files))})
+    _atomic_write(pending, lambda f: f.write(journal), "w")
+    if fmt == "png":
+        for f, img in zip(files, to_image(arr)):
+            write_png(os.path.join(outdir, f), img)
+    else:
+        def w(fh):
+            np.savez(fh, indices=np.asarray(idx, np.int64), seeds=np.asarray(seeds, np.int64), samples=arr)
+        _atomic_write(os.path.join(outdir, files[0]), w)
+    rec = json.dumps({"indices": idx, "seeds": seeds, "files": files, **common})
+    _atomic_write(os.path.join(rdir, f"shard-{idx[0]:08d}.json"), lambda f: f.write(rec), "w")
+    os.remove(pending)
+
+
+def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist) -> int:
     cfg_path = os.path.join(outdir, CONFIG_FILE)
 
     def load_cfg() -> dict | None:
@@ -494,26 +470,27 @@ def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, r
 
     # ---- rank 0 sets the directory up (only when the config matches); everyone then checks the config
     if rank == 0:
-        os.makedirs(os.path.join(outdir, RECORDS_DIR), exist_ok=True)
+        os.makedirs(outdir, exist_ok=True)
         try:
             old = load_cfg()
         except GenerateError:
             old = {"unreadable": True}
         if old is None:
             _atomic_write(cfg_path, lambda f: f.write(json.dumps(config, indent=1, sort_keys=True) + "\n"), "w")
+        os.makedirs(os.path.join(outdir, RECORDS_DIR), exist_ok=True)
         if old is None or old == config:
             recs, bad = read_records(outdir)
             recs = [r for r in recs if r.get("config_sha") == sha]
             n = _cleanup(outdir, recs, bad)
             if n:
-                _print(rank, f"removed {n} stale temporary/unrecorded files from an interrupted run")
+                _print(rank, f"removed {n} temporary/unrecorded files of an interrupted run of this folder")
     _barrier(dist)
     old = load_cfg()
     if old != config:
         if old is None:
             raise GenerateError(f"{cfg_path} is missing")
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        detail = "; ".join(f"{k}: {old.get(k)!r} there vs {config.get(k)!r} now" for k in diff[:6])
+        detail = "; ".join(f"{k}: {_short(old.get(k))} there vs {_short(config.get(k))} now" for k in diff[:6])
         raise GenerateError(f"{outdir} was generated with a different config ({detail}); "
                             "use the same options to resume, or another --outdir")
 
@@ -527,43 +504,20 @@ def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, r
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=args.num, initial=n_done_total, desc="generate", unit="sample")
-    fail_rank = args._fail_rank if args._fail_rank is not None else (1 if world > 1 else 0)
     made = 0
     progress = n_done_total
     common = {"config_sha": sha, "config": config, "rank": rank, "world_size": world,
               "batch_size": args.batch_size, "threads": torch.get_num_threads(), "device": str(device),
               "torch": torch.__version__}
-    for bi, idx in enumerate(batches):
+    for idx in batches:
         seeds = [args.seed_offset + i for i in idx]
-        noise, gens = initial_noise(shape, seeds, device, dtype)
-        with torch.inference_mode():
-            try:
-                x = sampler(noise, generator=gens if sampler.plan.num_noise else None)
-            except NonFiniteError as e:
-                raise GenerateError(f"samples {idx[0]}..{idx[-1]}: {e}") from None
-        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        arr = x.detach().cpu().numpy()
-        if args.format == "png":
-            imgs = to_image(arr)
-            files = [f"{i:08d}.png" for i in idx]
-            for f, img in zip(files, imgs):
-                write_png(os.path.join(outdir, f), img)
-        else:
-            files = [f"batch-{idx[0]:08d}-{len(idx)}.npz"] * len(idx)
-
-            def w(fh, arr=arr, idx=idx, seeds=seeds):
-                np.savez(fh, indices=np.asarray(idx, np.int64), seeds=np.asarray(seeds, np.int64), samples=arr)
-            _atomic_write(os.path.join(outdir, files[0]), w)
-        rec = {"indices": idx, "seeds": seeds, "files": files, **common}
-        _atomic_write(os.path.join(outdir, RECORDS_DIR, f"shard-{idx[0]:08d}.json"),
-                      lambda f, rec=rec: f.write(json.dumps(rec)), "w")
+        x = sample_images(sampler, shape, seeds, device, dtype)
+        _write_batch(outdir, args.format, idx, seeds, x, common)
         made += len(idx)
         if bar is not None:
             new = min(args.num, n_done_total + made * world)
             bar.update(new - progress)
             progress = new
-        if args._fail_after is not None and rank == fail_rank and made >= args._fail_after:
-            _simulate_crash(outdir, batches[bi + 1] if bi + 1 < len(batches) else None, args.format)
     if bar is not None:
         bar.update(args.num - progress)
         bar.close()
@@ -585,19 +539,6 @@ def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, r
         dist.broadcast(t, src=0)
         code = int(t.item())
     return code
-
-
-def _simulate_crash(outdir: str, next_batch: list[int] | None, fmt: str) -> None:
-    """Testing hook: die like a killed process in the middle of writing the next batch."""
-    with open(os.path.join(outdir, f"{TMP_PREFIX}partial.{os.getpid()}"), "wb") as f:
-        f.write(b"\x89PNG partial")
-    if next_batch:
-        name = f"{next_batch[0]:08d}.png" if fmt == "png" else f"batch-{next_batch[0]:08d}-{len(next_batch)}.npz"
-        with open(os.path.join(outdir, name), "wb") as f:  # a complete-looking file without its record
-            f.write(b"garbage")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(17)
 
 
 if __name__ == "__main__":

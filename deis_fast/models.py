@@ -157,7 +157,10 @@ class ModelAdapter:
         a, b = convert(self.prediction, op.alpha, op.sigma, self.vp)
         terms = [(a, x)] + [(b * k, p) for k, p in pieces]
         if self.classifier_grad is not None:
-            grad = self.classifier_grad(x, t, **(raw_cond if raw_cond is not None else cond))
+            recording = torch.is_grad_enabled()
+            with torch.enable_grad():  # the classifier needs autograd even while sampling runs under no_grad
+                grad = self.classifier_grad(x if recording else x.detach(), t,
+                                            **(raw_cond if raw_cond is not None else cond))
             _check_output(grad, x, op, what="classifier gradient")
             terms.append((-self.classifier_scale * op.sigma, grad))
             if op.target == "x0":  # x0 = (x - sigma * eps) / alpha

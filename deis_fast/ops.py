@@ -38,6 +38,8 @@ def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.
 
     ``out`` may alias any source. Coefficients are Python floats (passed by value, capture friendly).
     ``backend`` (or env ``DEIS_FAST_BACKEND``): "torch", "cpu", "cuda", "triton"; default automatic.
+    When autograd records (grad mode on and a source requires grad) it computes the differentiable torch
+    composition instead of a kernel.
     """
     ns = len(sources)
     if not 1 <= ns <= MAX_SOURCES:
@@ -59,12 +61,16 @@ def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.
         _check_like(sources[j], s0, f"sources[{j}]")
     if noise is not None:
         _check_like(noise, s0, "noise")
+    if out is not None:
+        _check_like(out, s0, "out")
+    if torch.is_grad_enabled() and not _is_compiling() and (
+            any(s.requires_grad for s in sources) or (noise is not None and noise.requires_grad)):
+        # autograd: the differentiable torch composition (a new tensor, or copied into ``out``)
+        res = combine_torch(sources, coefs, None, noise, noise_coef)
+        return res if out is None else out.copy_(res)
     if out is None:
         out = torch.empty_like(s0)
-    else:
-        _check_like(out, s0, "out")
-    if (_is_compiling() or _dispatch_stack_len() > 0 or type(s0) is not _Tensor
-            or (torch.is_grad_enabled() and s0.requires_grad)):
+    if _is_compiling() or _dispatch_stack_len() > 0 or type(s0) is not _Tensor:
         # Traced / inspected / subclass / autograd: go through the registered op (one op per call).
         torch.ops.deis_fast.combine(list(sources), [float(c) for c in coefs], out, noise, float(noise_coef),
                                     backend)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,10 +53,13 @@ def _check_nfe(nfe: Any, stages: int, method: str) -> int:
 
 
 def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None,
-               t_start: float | None = None, t_end: float | None = None, *, eta: float = 1.0,
+               t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
                lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False) -> Plan:
-    """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side)."""
+    """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side).
+
+    ``eta`` (default 1, ancestral) applies to stochastic methods (``ddim_eta``) only; giving it to another
+    method is an error rather than silently ignored."""
     if isinstance(grid, str) and grid == "optimized":
         raise ValueError("grid='optimized' needs the model and calibration noise: use "
                          "Sampler(model, ..., grid='optimized', calibration_noise=z) or deis_fast.optimize_grid(...)")
@@ -79,7 +83,10 @@ def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec
     grid = default_grid(schedule, spec.name) if grid is None else grid
     if pfdiff is not None:
         from .solvers.pfdiff import pfdiff_plan
-        return pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, pfdiff, eta=eta, karras_rho=karras_rho,
+        if eta is not None and spec.family != "stochastic":
+            raise ValueError(f"eta applies to a stochastic PFDiff base (ddim_eta), not {spec.name!r}")
+        return pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, pfdiff, eta=1.0 if eta is None else eta,
+                           karras_rho=karras_rho,
                            integer_timesteps=integer_timesteps, experimental=pfdiff_experimental)
     if nfe is None:
         if isinstance(grid, str):
@@ -91,7 +98,10 @@ def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec
     rho = grid_rho(schedule, t)
     opts: dict[str, Any] = {}
     if spec.family == "stochastic":
-        opts["eta"] = eta
+        opts["eta"] = 1.0 if eta is None else eta
+    elif eta is not None:
+        raise ValueError(f"eta applies to stochastic methods (ddim_eta), not {spec.name!r}; drop eta or use "
+                         "method='ddim_eta'")
     if spec.multistep_options:
         opts["lower_order_final"] = lower_order_final
     elif lower_order_final:
@@ -140,18 +150,24 @@ class Sampler:
     ``guidance_scale`` may be a 0-d tensor: it is read at run time (see :class:`ModelAdapter`).
     ``sampler.cuda_graph(example_noise, **cond)`` captures the whole loop in one CUDA graph
     (:class:`deis_fast.graph.CUDAGraphSampler`).
+
+    Sampling runs under ``torch.no_grad()`` whatever the caller's grad mode, so a plain ``nn.Module`` with
+    trainable parameters works as is; ``grad=True`` records the whole solve for autograd instead (out-of-place
+    combines, e.g. to backpropagate through sampling). ``classifier_grad`` gets grad mode either way.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
                  nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
-                 t_start: float | None = None, t_end: float | None = None, *, eta: float = 1.0,
+                 t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
                  lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                  pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
                  time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None,
-                 calibration_noise: torch.Tensor | None = None, calibration_cond: Mapping[str, Any] | None = None):
+                 calibration_noise: torch.Tensor | None = None, calibration_cond: Mapping[str, Any] | None = None,
+                 grad: bool = False):
+        self.grad = bool(grad)
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
@@ -180,6 +196,7 @@ class Sampler:
         # None until the first eager call has checked whether the model hands back a reused output buffer
         self._copy_outputs: bool | None = copy_outputs
         self._ws: _Workspace | None = None
+        self._scale_checked = self.schedule.variance_preserving  # VE: check the noise scale on the first call
         self._graphs: dict[tuple, Any] = {}
 
     @property
@@ -215,6 +232,30 @@ class Sampler:
         ``guidance_scale`` overrides the CFG scale for this call.
         """
         _check_noise(noise)
+        if not self._scale_checked and not torch.compiler.is_compiling():
+            self._scale_checked = True
+            _check_noise_scale(self.schedule, self.plan, noise)
+        if self.grad:
+            with torch.enable_grad():
+                return self._call_grad(noise, generator, step_noise, callback, out, guidance_scale, cond)
+        with torch.no_grad():
+            return self._call(noise, generator, step_noise, callback, out, guidance_scale, cond)
+
+    def _call_grad(self, noise, generator, step_noise, callback, out, guidance_scale, cond) -> torch.Tensor:
+        """The autograd-recording run: a fresh workspace, combines out of place (nothing the graph saved is
+        overwritten), the finite check on detached values."""
+        ws = self._workspace(noise, fresh=True)
+        step_noise = self._step_noise(ws, noise, generator, step_noise)
+        x = execute(self.plan, noise, self.adapter, cond, ws, step_noise, self.check_finite, callback=callback,
+                    progress=self.progress, guidance=guidance_scale, grad=True)
+        if self.check_finite:
+            _finish_finite_check(self.plan, ws, x)
+        if out is not None:
+            _check_out(out, noise)
+            return out.copy_(x)
+        return x
+
+    def _call(self, noise, generator, step_noise, callback, out, guidance_scale, cond) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         # under torch.compile the workspace is local to the traced call (graph intermediates: no mutated
         # inputs, so mode="reduce-overhead" can cudagraph it)
@@ -341,11 +382,22 @@ def _check_noise(noise: Any) -> None:
         raise ValueError(f"noise has no elements (shape {tuple(noise.shape)})")
 
 
+def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> None:
+    """VE states at t_start are sigma_start-scaled noise; unit noise silently gives a wrong sample, so say so."""
+    sigma0 = float(schedule.rho(plan.times[0]))
+    if sigma0 > 2.0 and noise.numel() >= 16:
+        std = float(noise.detach().float().std())
+        if std < 0.25 * sigma0:
+            warnings.warn(f"the noise has std {std:.3g} but a VE sample starts at sigma={sigma0:.4g}: scale unit "
+                          f"noise by the start sigma (noise * {sigma0:.4g}), as in k-diffusion's "
+                          "randn(...) * sigmas[0]", stacklevel=3)
+
+
 def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any], ws: _Workspace,
             step_noise: Sequence[torch.Tensor] | None, check_finite: bool = True,
             callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
             copy_outputs: bool = False, keep: list | None = None,
-            guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+            guidance: float | torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
     """The one executor: walks the plan in place on ``x``; Evals call the adapter, Combines call ``ops.combine``.
 
     Static: every Combine writes with ``out=`` into ``x`` or a workspace slot, no host syncs, no
@@ -354,12 +406,16 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     buffer); ``keep`` collects those outputs. ``check_finite`` writes one fp64 sum per NFE into
     ``ws.fin`` and their total into ``ws.fin_total`` (read by :func:`_finish_finite_check`).
     ``step_noise`` is indexed by a Combine's ``noise_index`` (a list of views: no indexing op per step).
+    ``grad``: autograd mode: ``x`` is only read, every Combine and conversion makes a new tensor, and the
+    result is returned (not written into ``x``).
     """
     bufs, times = ws.bufs, ws.times
+    if grad:
+        bufs = [None] * len(bufs)
     slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
     fin = ws.fin_views
     if check_finite:
-        torch.sum(x, dim=None, dtype=fin[0].dtype, out=fin[0])
+        torch.sum(x.detach(), dim=None, dtype=fin[0].dtype, out=fin[0])
     guided = adapter.guided
     pcond = adapter.prepare_cond(cond)
     compiling = torch.compiler.is_compiling()
@@ -387,16 +443,20 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
                                                "Sampler(..., copy_outputs=True)")
                     seen.append(out)
                 if copy_outputs or out is slots[op.src]:
-                    out = buf.copy_(out)
+                    out = out.clone() if buf is None else buf.copy_(out)
             slots[op.dst] = out
             if check_finite:
-                torch.sum(out, dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
+                torch.sum(out.detach(), dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
             k += 1
             if bar is not None:
                 bar.update(1)
         else:
             srcs = [slots[s] for s in op.srcs]
-            if compiling:
+            if grad:
+                noise = step_noise[op.noise_index] if op.noise_index >= 0 else None
+                slots[op.dst] = ops.combine(srcs, op.coefs, noise=noise, noise_coef=op.noise_coef if noise is not None
+                                            else 0.0)
+            elif compiling:
                 # traced: the registered op directly (what ops.combine emits when compiling), without its
                 # host-side argument validation (plan coefficients are finite floats, slots share one shape)
                 _combine_op(srcs, list(op.coefs), slots[op.dst],
@@ -408,11 +468,12 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
             else:
                 ops.combine(srcs, op.coefs, out=slots[op.dst])
             if callback is not None and op.dst == 0:
-                callback({"x": x, "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
+                callback({"x": slots[0], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
     if bar is not None:
         bar.close()
+    x = slots[0]
     if check_finite:
-        torch.sum(x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
+        torch.sum(x.detach(), dim=None, dtype=fin[-1].dtype, out=fin[-1])
         torch.sum(ws.fin, dim=None, out=ws.fin_total)
     return x
 

@@ -119,6 +119,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if config is not None and hasattr(config, "config") and not isinstance(config, dict):
             config = config.config  # a scheduler instance
         cfg = dict(config or {})
+        # as diffusers' own from_config: keys the source scheduler only had at their defaults are not carried
+        # over (a default DDPMScheduler's timestep_spacing="leading" must not replace ours)
+        for k in cfg.pop("_use_default_values", None) or ():
+            cfg.pop(k, None)
         _refuse_schedule_changing_keys(cfg)
         _refuse_ve_config(cfg)
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
@@ -135,6 +139,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
         ignored.update(clashing)
         cfg = {k: v for k, v in cfg.items() if k in known}
+        ignored = _set_by_user(ignored, cfg.get("_class_name"))
         if ignored:
             _warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -220,7 +225,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             lof = diffusers_like
         steps = (len(grid) - 1) if isinstance(grid, list) else (n // spec.stages if n else 0)
         lof = bool(lof) and steps < 15 and spec.multistep_options and not is_pf
-        kw = dict(eta=float(cfg.eta), lower_order_final=lof, pfdiff=pf)
+        stochastic = spec.family == "stochastic"  # eta is the noise level of ddim_eta (also as a PFDiff base)
+        kw = dict(eta=float(cfg.eta) if stochastic else None, lower_order_final=lof, pfdiff=pf)
         want_int = cfg.timestep_type != "float" and isinstance(grid, str) and self.schedule.discrete
         if want_int:
             try:
@@ -353,9 +359,26 @@ def equivalent_method(config: dict) -> str | None:
     return None
 
 
+def _set_by_user(keys: dict, class_name: Any) -> dict:
+    """The keys whose values differ from the source scheduler's defaults (deliberate choices that would change
+    what that scheduler does); all of them when the source class is unknown."""
+    try:
+        import diffusers
+        params = inspect.signature(getattr(diffusers, str(class_name)).__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return dict(keys)
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+    def same(a: Any, b: Any) -> bool:
+        norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+        return norm(a) == norm(b)
+
+    return {k: v for k, v in keys.items() if k not in defaults or not same(defaults[k], v)}
+
+
 def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
-    names = ", ".join(sorted(keys))
+    names = ", ".join(f"{k}={keys[k]!r}" for k in sorted(keys))
     same = equivalent_method(config or {})
-    hint = f" (the same update as that scheduler's is method={same!r})" if same else ""
-    warnings.warn(f"DEISFastScheduler ignores these config keys: {names}{hint}; the solver is chosen with method=",
-                  UserWarning, stacklevel=stacklevel)
+    hint = f"; method={same!r} runs the same update as that scheduler" if same else ""
+    warnings.warn(f"DEISFastScheduler ignores the config keys {names}: deis_fast picks its solver with the method= "
+                  f"argument{hint}.", UserWarning, stacklevel=stacklevel)

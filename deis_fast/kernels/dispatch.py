@@ -48,7 +48,12 @@ def load_ext():
 
             _ext = _C
         except Exception as e:  # ImportError, or a broken .so
-            _ext_error = e
+            import importlib.util
+            try:
+                built = importlib.util.find_spec("deis_fast._C") is not None
+            except (ImportError, ValueError):
+                built = False
+            _ext_error = e if built else ImportError("it was not built when deis_fast was installed")
     return _ext
 
 
@@ -57,12 +62,17 @@ def ext_error() -> Optional[BaseException]:
     return _ext_error
 
 
-def _warn_no_ext() -> None:
+def warn_if_no_ext() -> None:
+    """Once per process (called by ``import deis_fast``): say that the C++ kernel is missing, why, and how to get
+    it. Silent when the torch backend is forced (``DEIS_FAST_BACKEND=torch``)."""
     global _ext_warned
-    if not _ext_warned:
-        _ext_warned = True
-        warnings.warn(f"deis_fast._C is not available ({_ext_error!r}); combine uses the torch path. "
-                      "Build it with `pip install -e .`.", RuntimeWarning, stacklevel=4)
+    if _ext_warned or os.environ.get(ENV_VAR, "").strip().lower() == "torch" or load_ext() is not None:
+        return
+    _ext_warned = True
+    warnings.warn(f"deis_fast._C (the C++ combine kernel) is not available ({_ext_error}); deis_fast works and uses "
+                  "the slower torch path. To build it, install a C++20 compiler with OpenMP (g++ >= 10, or clang with "
+                  "libomp) and reinstall deis_fast; set DEIS_FAST_BACKEND=torch to silence this warning.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def load_triton():
@@ -136,8 +146,6 @@ def select(device_type: str, dtype: torch.dtype, requested: Optional[str]) -> st
         b = next((x for x in ("triton", "cuda") if available(x, "cuda") is None), "torch")
     elif device_type == "cpu":
         b = "cpu" if available("cpu", "cpu") is None else "torch"
-        if b == "torch":
-            _warn_no_ext()
     else:
         b = "torch"
     _cache[key] = b

@@ -13,7 +13,7 @@ from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 
-__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "get_method"]
+__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "ALIASES", "get_method", "suggest_method"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,23 @@ ALIASES = {"deis": "tab3", "euler": "ddim", "pndm": "ipndm4"}
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS) + tuple(ALIASES) + ("pfdiff",)
 
 
+def suggest_method(name: str) -> str | None:
+    """The registered name closest to ``name`` (case, '++' for 'pp', '-' for '_'), or None."""
+    import difflib
+    norm = str(name).strip().lower().replace("++", "pp").replace("-", "_").replace(" ", "_")
+    if norm in METHODS:
+        return norm
+    close = difflib.get_close_matches(norm, METHODS, n=1, cutoff=0.6)
+    if not close and "_" not in norm:  # 'dpmpp2m' -> 'dpmpp_2m'
+        close = difflib.get_close_matches(norm, [m.replace("_", "") for m in METHODS], n=1, cutoff=0.8)
+        close = [m for m in METHODS if m.replace("_", "") == close[0]][:1] if close else []
+    return close[0] if close else None
+
+
 def get_method(name: str) -> MethodSpec:
     key = ALIASES.get(name, name)
     if key not in METHOD_SPECS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+        guess = suggest_method(name)
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise ValueError(f"unknown method {name!r}; {hint}valid methods: {', '.join(METHODS)}")
     return METHOD_SPECS[key]

@@ -1,0 +1,225 @@
+"""What ``deis-fast sample`` and ``deis-fast generate`` share: argument types, the model loader, the
+per-seed noise, the PNG writer. One of each, so that the same seed and method give the same image from
+both commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ArgumentParser", "UsageError", "int_at_least", "positive_int", "nonneg_int", "finite_float", "nonneg_float", "grid_arg",
+           "pfdiff_arg", "method_arg", "resolve_nfe", "DEFAULT_NFE", "LoadedModel", "load_model", "MODEL_SCHEDULES", "PREDICTION_CHOICES",
+           "initial_noise", "png_bytes", "add_model_arguments", "add_solver_arguments"]
+
+
+DEFAULT_NFE = 10
+
+
+class UsageError(ValueError):
+    """Bad input detected by a command: exit code 2 with a one-line message."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (what was wrong, where to look) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------- argparse types
+def int_at_least(lo: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an int >= lo, with a message naming ``what`` it expected."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {v}")
+        return v
+    return parse
+
+
+positive_int = int_at_least(1, "positive")
+nonneg_int = int_at_least(0, "non-negative")
+
+
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def nonneg_float(s: str) -> float:
+    v = finite_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def pfdiff_arg(s: str) -> tuple[int, int]:
+    try:
+        k, h = (int(p) for p in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes 'k,h' (two integers, e.g. 2,1), got {s!r}") from None
+    return k, h
+
+
+def grid_arg(s: str) -> str | list[float]:
+    """A grid name, or comma-separated times."""
+    from .grids import GRIDS
+    if "," not in s:
+        if s not in GRIDS:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or comma-separated times, "
+                                             f"got {s!r}")
+        return s
+    try:
+        return [float(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a grid name or comma-separated times, got {s!r}") from None
+
+
+def method_arg(s: str) -> str:
+    """A registered method name (with a 'did you mean' for near misses)."""
+    from .solvers import get_method
+    if s != "pfdiff":
+        try:
+            get_method(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def add_solver_arguments(p: argparse.ArgumentParser) -> None:
+    """--method, --nfe, --grid, --eta, --pfdiff: the sampler options every command takes."""
+    p.add_argument("--method", type=method_arg, default="tab3", help="solver; 'deis-fast methods' lists them")
+    p.add_argument("--nfe", type=positive_int, default=None,
+                   help=f"network evaluations per sample (default {DEFAULT_NFE}; with a list --grid: from the grid)")
+    p.add_argument("--grid", type=grid_arg, default=None,
+                   help="time_uniform | time_quadratic | logsnr | karras, or comma-separated times "
+                        "(default: the method's recommended grid)")
+    p.add_argument("--eta", type=nonneg_float, default=None, help="noise level of ddim_eta (default 1: ancestral)")
+    p.add_argument("--pfdiff", type=pfdiff_arg, default=None, metavar="K,H",
+                   help="PFDiff-k_h timestep skipping on a first-order method")
+
+
+def resolve_nfe(args: argparse.Namespace) -> int | None:
+    """--nfe, else the number of steps a list --grid implies (None), else the default."""
+    if args.nfe is not None:
+        return args.nfe
+    return None if isinstance(args.grid, list) else DEFAULT_NFE
+
+
+# ----------------------------------------------------------------------------------------- models
+MODEL_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_CHOICES = ("eps", "epsilon", "x0", "sample", "v", "v_prediction")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", metavar="digits|PATH",
+                   help="'digits' (the embedded 8x8 model) or a diffusers UNet2DModel folder (or a pipeline "
+                        "folder with unet/ and scheduler/); a folder without a scheduler config needs --schedule")
+    p.add_argument("--schedule", choices=MODEL_SCHEDULES, default=None,
+                   help="beta schedule of a --model folder (default: read from its scheduler config)")
+    p.add_argument("--prediction", choices=PREDICTION_CHOICES, default=None,
+                   help="what the model predicts (default: eps for digits, the scheduler config's prediction_type "
+                        "for a folder, else eps)")
+
+
+@dataclass
+class LoadedModel:
+    model: Callable[..., Any]
+    schedule: Any
+    prediction: str
+    shape: tuple[int, ...]
+    model_id: str
+
+
+def _scheduler_config(root: str) -> dict | None:
+    for cand in (os.path.join(root, "scheduler", "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
+        if os.path.isfile(cand):
+            try:
+                with open(cand) as f:
+                    return json.load(f)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read {cand}: {e}") from None
+    return None
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               prediction: str | None = None, schedule: str | None = None) -> LoadedModel:
+    """The embedded digits model (``spec='digits'``) or a diffusers ``UNet2DModel`` folder, frozen and in eval
+    mode, with its schedule, prediction type and sample shape."""
+    from .schedules import VPSchedule, schedule_from_diffusers_config
+    if spec == "digits":
+        from .digits import DIGITS_SCHEDULE, DIGITS_SHAPE, load_digits_model
+        return LoadedModel(load_digits_model(device=device, dtype=dtype),
+                           VPSchedule.discrete(schedule or DIGITS_SCHEDULE), prediction or "eps",
+                           tuple(DIGITS_SHAPE), "digits")
+    root = os.path.abspath(spec)
+    if not os.path.isdir(root):
+        raise UsageError(f"--model {spec!r}: not 'digits' and not a directory")
+    unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
+    cfg = _scheduler_config(root)
+    if cfg is None and schedule is None:
+        raise UsageError(f"--model {spec!r} has no scheduler/scheduler_config.json: pass --schedule "
+                         f"({'|'.join(MODEL_SCHEDULES)}) and, unless it predicts eps, --prediction")
+    if schedule is not None:
+        cfg = dict(cfg or {}, beta_schedule=schedule)
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise UsageError(f"--model {spec!r} needs diffusers: pip install 'deis_fast[diffusers]'") from None
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # safetensors only, never pickle
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UsageError(f"--model {spec!r}: cannot load a UNet2DModel with safetensors weights: {e}") from None
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    size = unet.config.sample_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    shape = (int(unet.config.in_channels),) + tuple(int(s) for s in size)
+    pred = prediction or cfg.get("prediction_type", "epsilon")
+    try:
+        sched = schedule_from_diffusers_config(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"--model {spec!r}: unusable scheduler config: {e}") from None
+    return LoadedModel(unet, sched, pred, shape, root)
+
+
+# ----------------------------------------------------------------------------------------- noise
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """(noise [len(seeds), *shape], generators): noise is bitwise ``randn_per_sample((n, *shape), seeds)``;
+    each generator has drawn its sample's noise and goes on to draw that sample's step noise, so sample i
+    depends only on its seed (EDM convention), for deterministic and stochastic methods alike."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in gens])
+    return noise.to(device, dtype), gens
+
+
+# ----------------------------------------------------------------------------------------- images
+def png_bytes(img: np.ndarray) -> bytes:
+    """A PNG file (8-bit gray / RGB / RGBA) for a uint8 array [C, H, W]; no imaging library needed."""
+    c, h, w = img.shape
+    color = {1: 0, 3: 2, 4: 6}.get(c)
+    if color is None:
+        raise UsageError(f"PNG output needs 1, 3 or 4 channels, the samples have {c}; use --format npz")
+    rows = np.ascontiguousarray(np.transpose(img, (1, 2, 0))).reshape(h, w * c)
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
