@@ -415,7 +415,7 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
     fin = ws.fin_views
     if check_finite:
-        torch.sum(x.detach(), dim=None, dtype=fin[0].dtype, out=fin[0])
+        torch.sum(x.detach() if grad else x, dim=None, dtype=fin[0].dtype, out=fin[0])
     guided = adapter.guided
     pcond = adapter.prepare_cond(cond)
     compiling = torch.compiler.is_compiling()
@@ -446,7 +446,7 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
                     out = out.clone() if buf is None else buf.copy_(out)
             slots[op.dst] = out
             if check_finite:
-                torch.sum(out.detach(), dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
+                torch.sum(out.detach() if grad else out, dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
             k += 1
             if bar is not None:
                 bar.update(1)
@@ -473,7 +473,7 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
         bar.close()
     x = slots[0]
     if check_finite:
-        torch.sum(x.detach(), dim=None, dtype=fin[-1].dtype, out=fin[-1])
+        torch.sum(x.detach() if grad else x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
         torch.sum(ws.fin, dim=None, out=ws.fin_total)
     return x
 

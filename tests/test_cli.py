@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from deis_fast import cli
-from deis_fast.cli import demo_grid_size, main
+from deis_fast.cli import main
+
+
+def demo_grid_size(cols: int) -> tuple[int, int]:
+    """(width, height) of the demo's samples.png: a label column, then 8x8 digits upscaled, padded."""
+    cell = 8 * cli.DEMO_SCALE + cli.DEMO_PAD
+    rows = 1 + len(cli.DEMO_METHODS) * len(cli.DEMO_NFES)
+    return cli.DEMO_LABEL_W + cols * cell + cli.DEMO_PAD, rows * cell + cli.DEMO_PAD
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -49,15 +56,63 @@ def test_plan_text_and_json(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["plan", "--method", "nope"], "unknown method"),
+    (["plan", "--method", "dpm++2m"], "did you mean 'dpmpp_2m'"),
     (["plan", "--grid", "wiggly"], "--grid"),
     (["plan", "--method", "rho_heun", "--nfe", "5"], "multiple of 2"),
-    (["sample", "--model", "/nonexistent/dir"], "not a directory"),
+    (["plan", "--nfe", "0"], "--nfe: expected a positive integer"),
+    (["plan", "--method", "tab3", "--eta", "0.5"], "eta applies to stochastic"),
     (["plan", "--schedule", "bogus"], "invalid choice"),
+    (["sample", "--model", "/nonexistent/dir"], "not a directory"),
+    (["sample", "--num", "0"], "--num: expected a positive integer"),
+    (["sample", "--upscale", "0"], "--upscale: expected a positive integer"),
+    (["sample", "--eta", "-1"], "--eta: expected a number >= 0"),
+    (["demo", "--samples", "0"], "--samples: expected a positive integer"),
+    (["demo", "--methods", "nope"], "unknown method"),
+    (["demo", "--nfe", "0"], "--nfe: expected a positive integer"),
+    (["bench", "yardstick", "--nfe", "0"], "--nfe: expected a positive integer"),
+    (["bench", "yardstick", "--samples", "0"], "--samples: expected a positive integer"),
+    (["bench", "yardstick", "--methods", "nope"], "unknown method"),
+    (["generate", "-n", "0", "--outdir", "x"], "-n/--num"),
 ])
-def test_bad_input_exits_2(argv, needle, capsys):
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_outdir_that_is_a_file_exits_2(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert main(["generate", "-n", "2", "--outdir", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err and f.read_text() == "keep me"
+
+
+def test_bench_without_diffusers_suggests_no_diffusers(capsys, monkeypatch):
+    import importlib
+    real = importlib.import_module
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    assert real("deis_fast.cli").main(["bench", "yardstick", "--nfe", "5"]) == 2
+    assert "--no-diffusers" in capsys.readouterr().err
+
+
+def test_demo_without_plot_dependencies_fails_before_computing(capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    monkeypatch.setattr(cli, "load_digits_model", None, raising=False)
+    assert main(["demo", "--quick", "--outdir", "unused"]) == 2
+    assert "pip install 'deis_fast[demo]'" in capsys.readouterr().err
+    assert not os.path.exists("unused")
+
+
+def test_help_shows_defaults_and_methods_command(capsys):
+    assert main(["sample", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: tab3)" in out and "deis-fast methods" in out
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "dpmpp_2m" in out and "pfdiff" in out and "tab3" in out
 
 
 def test_no_command_and_help(capsys):
@@ -96,21 +151,41 @@ def test_sample_diffusers_model_dir(tmp_path, capsys):
 
 def test_bench_dispatch(capsys, monkeypatch):
     from deis_fast import benchmarking
-    monkeypatch.delattr(benchmarking, "quality_main", raising=False)
-    assert main(["bench", "quality"]) == 2
-    assert "not available" in capsys.readouterr().err
     seen = {}
-    monkeypatch.setattr(benchmarking, "quality_main", lambda argv: seen.setdefault("argv", argv) and 0, raising=False)
+    monkeypatch.setattr(benchmarking, "quality_main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "quality", "--x", "1"]) == 0 and seen["argv"] == ["--x", "1"]
     assert main(["bench", "yardstick", "--samples", "4", "--nfe", "5", "--methods", "ddim", "--grids",
                  "time_quadratic", "--no-diffusers"]) == 0
     assert "deis_fast ddim / time_quadratic" in capsys.readouterr().out
 
 
-def test_generate_registered_when_available():
-    gen = cli._generate_module()
-    names = cli.build_parser()._subparsers._group_actions[0].choices
-    assert ("generate" in names) == (gen is not None)
+@pytest.mark.parametrize("method", ["tab3", "ddim_eta"])
+def test_sample_and_generate_give_the_same_image_for_a_seed(method, tmp_path, capsys):
+    """One seeding scheme, one model batch, one PNG writer: image i of both commands is the same file."""
+    assert main(["sample", "--method", method, "--nfe", "4", "--num", "3", "--seed", "5", "--upscale", "1",
+                 "--threads", "1", "--outdir", str(tmp_path / "s"), "--quiet"]) == 0
+    assert main(["generate", "-n", "3", "--seed-offset", "5", "--method", method, "--nfe", "4", "--no-progress",
+                 "--outdir", str(tmp_path / "g")]) == 0
+    for i in range(3):
+        assert (tmp_path / "s" / f"{5 + i:06d}.png").read_bytes() == (tmp_path / "g" / f"{i:08d}.png").read_bytes()
+
+
+def test_sample_list_grid_without_nfe(tmp_path, capsys):
+    assert main(["sample", "--grid", "999,500,0", "--num", "2", "--outdir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 2
+
+
+def test_sample_bare_unet_folder_needs_and_takes_schedule(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    unet.save_pretrained(tmp_path / "m")
+    argv = ["sample", "--model", str(tmp_path / "m"), "--nfe", "2", "--num", "1", "--outdir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "--schedule" in capsys.readouterr().err
+    assert main(argv + ["--schedule", "scaled_linear", "--prediction", "v", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num"] == 1
 
 
 def test_python_dash_m():

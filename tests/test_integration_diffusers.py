@@ -7,7 +7,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMPipeline, DDPMPipeline, DEISMultistepScheduler, UNet2DModel  # noqa: E402
+from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DEISMultistepScheduler,  # noqa: E402
+                       UNet2DModel)
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
 
 import deis_fast  # noqa: E402
@@ -136,18 +137,35 @@ def test_step_walk_equals_deis_fast_sampler():
         assert float((x - ref).norm() / ref.norm()) < 1e-12, method
 
 
-def test_unknown_config_keys_one_warning():
-    cfg = DEISMultistepScheduler(solver_order=2).config
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        sch = DEISFastScheduler.from_config(cfg, method="tab3")
-    msgs = [str(w.message) for w in rec if "ignores these config keys" in str(w.message)]
-    assert len(msgs) == 1 and "solver_order" in msgs[0] and "logrho2" in msgs[0]
+def test_config_keys_warning_only_for_user_set_behaviour_changing_keys():
+    def ignored_warnings(cfg, **kw):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            sch = DEISFastScheduler.from_config(cfg, **kw)
+        return sch, [str(w.message) for w in rec if "ignores the config keys" in str(w.message)]
+
+    # defaults of the source scheduler (listed in _use_default_values, or equal to its defaults): no warning
+    for cfg in (DEISMultistepScheduler().config, DDPMScheduler().config, DDIMScheduler(clip_sample=True).config):
+        assert ignored_warnings(cfg)[1] == []
+    sch, msgs = ignored_warnings(DEISMultistepScheduler(solver_order=3).config, method="tab3")
+    assert len(msgs) == 1 and "solver_order=3" in msgs[0] and "method='logrho3'" in msgs[0]
+    assert msgs[0].endswith(".")  # a complete sentence
     assert sch.config.method == "tab3"
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        DEISFastScheduler.from_config(sch.config)
-    assert not [w for w in rec if "ignores" in str(w.message)]
+    assert ignored_warnings(sch.config)[1] == []
+
+
+def test_from_config_honours_use_default_values():
+    """A default DDPMScheduler's timestep_spacing='leading' is a default, not a choice: as diffusers' own
+    from_config, the new scheduler keeps its own default, so logrho3 matches DEISMultistepScheduler."""
+    ddpm = DDPMScheduler()
+    ours = DEISFastScheduler.from_config(ddpm.config, method="logrho3")
+    theirs = DEISMultistepScheduler.from_config(ddpm.config, solver_order=3)
+    assert ours.config.timestep_spacing == theirs.config.timestep_spacing == "linspace"
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    explicit = DEISFastScheduler.from_config(DDPMScheduler(timestep_spacing="leading").config)
+    assert explicit.config.timestep_spacing == "leading"
 
 
 def test_interface_bits():
@@ -189,18 +207,24 @@ def test_ve_scheduler_configs_are_refused(name):
     with pytest.raises(ValueError, match="VE / EDM noise schedule.*VESchedule"):
         DEISFastScheduler.from_config(getattr(diffusers, name)().config)
     cfg = dict(diffusers.EulerDiscreteScheduler(sigma_max=14.6, sigma_min=0.03).config)  # VP, clamped range
-    with pytest.warns(UserWarning, match="sigma_max.*timestep_type"):  # Euler's timestep_type means else
+    with pytest.warns(UserWarning, match="sigma_max"):  # Euler's default timestep_type is not carried over
+        s = DEISFastScheduler.from_config(cfg)
+    assert s.config.timestep_type == "auto"
+    cfg = dict(diffusers.EulerDiscreteScheduler(timestep_type="continuous").config)  # set: another meaning here
+    with pytest.warns(UserWarning, match="timestep_type='continuous'"):
         s = DEISFastScheduler.from_config(cfg)
     assert s.config.timestep_type == "auto"
 
 
+@pytest.mark.filterwarnings("error:DEISFastScheduler ignores")
 def test_lower_order_final_is_not_carried_over_from_other_schedulers():
     import diffusers
     from deis_fast.integrations.diffusers import DEISFastScheduler
     cfg = dict(diffusers.DEISMultistepScheduler().config)
     assert cfg["lower_order_final"] is True
-    with pytest.warns(UserWarning):
-        s = DEISFastScheduler.from_config(cfg, method="tab3")
+    s = DEISFastScheduler.from_config(cfg, method="tab3")  # defaults only: no warning (filterwarnings=error)
+    assert s.config.lower_order_final is None
+    s = DEISFastScheduler.from_config(dict(diffusers.DEISMultistepScheduler(lower_order_final=True).config))
     assert s.config.lower_order_final is None
     s2 = DEISFastScheduler.from_config(cfg, method="tab3", lower_order_final=True)
     assert s2.config.lower_order_final is True
@@ -218,6 +242,7 @@ def test_ignored_keys_warning_names_the_equivalent_method(name, kw, method):
     from deis_fast.integrations.diffusers import DEISFastScheduler, equivalent_method
     cfg = getattr(diffusers, name)(**kw).config
     assert equivalent_method(dict(cfg)) == method
-    with pytest.warns(UserWarning, match=f"method='{method}'"):
-        DEISFastScheduler.from_config(cfg)
+    if kw.get("solver_order") != 2 or "solver_type" in kw:  # set away from the defaults: named in the warning
+        with pytest.warns(UserWarning, match=f"method='{method}'"):
+            DEISFastScheduler.from_config(cfg)
     assert equivalent_method(dict(diffusers.UniPCMultistepScheduler().config)) is None

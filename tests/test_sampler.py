@@ -256,3 +256,88 @@ def test_bad_noise_raises():
 def test_cfg_without_uncond_raises():
     with pytest.raises(ValueError, match="uncond"):
         deis_fast.Sampler(_eps_model, VP, guidance_scale=5.0)
+
+
+# ------------------------------------------------------------------------------------- grad mode
+class _Net(torch.nn.Module):
+    """A plain nn.Module with trainable parameters (requires_grad=True, the default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, t):
+        return self.lin(x) * 0.1 + 0.01 * t.reshape(-1, 1) / 1000
+
+
+@pytest.mark.parametrize("method", ["tab3", "ddim_eta", "rho_heun", "pfdiff"])
+def test_grad_requiring_module_samples_outside_no_grad(method):
+    torch.manual_seed(0)
+    net, noise = _Net(), torch.randn(4, 8)
+    nfe = 4
+    x = deis_fast.sample(net, noise, method=method, nfe=nfe, generator=torch.Generator().manual_seed(1))
+    assert not x.requires_grad and torch.isfinite(x).all()
+    with torch.no_grad():
+        y = deis_fast.sample(net, noise, method=method, nfe=nfe, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["tab3", "ddim_eta", "rho_heun"])
+def test_grad_true_backpropagates_through_sampling(method):
+    torch.manual_seed(0)
+    net, noise = _Net(), torch.randn(4, 8)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    s = deis_fast.Sampler(net, method=method, nfe=4, grad=True)
+    x = s(noise, generator=gen())
+    assert x.requires_grad
+    with torch.no_grad():
+        ref = deis_fast.Sampler(net, method=method, nfe=4)(noise, generator=gen())
+    torch.testing.assert_close(x.detach(), ref, rtol=1e-5, atol=1e-5)
+    x.square().sum().backward()
+    g = net.lin.weight.grad.clone()
+    # the same gradient from an independent torch computation: finite differences on one weight
+    eps = 1e-3
+    with torch.no_grad():
+        w = net.lin.weight
+        w[0, 0] += eps
+        fp = deis_fast.Sampler(net, method=method, nfe=4)(noise, generator=gen()).square().sum()
+        w[0, 0] -= 2 * eps
+        fm = deis_fast.Sampler(net, method=method, nfe=4)(noise, generator=gen()).square().sum()
+        w[0, 0] += eps
+    assert abs(float((fp - fm) / (2 * eps)) - float(g[0, 0])) <= 2e-2 * max(1.0, abs(float(g[0, 0])))
+
+
+def test_classifier_grad_gets_autograd_while_sampling_runs_under_no_grad():
+    def classifier_grad(x, t):
+        x = x.detach().requires_grad_(True)
+        logp = -(x - 1.0).square().sum()
+        return torch.autograd.grad(logp, x)[0]
+
+    net, noise = _Net(), torch.randn(3, 8)
+    out = deis_fast.sample(net, noise, method="tab2", nfe=3, classifier_grad=classifier_grad, classifier_scale=2.0)
+    plain = deis_fast.sample(net, noise, method="tab2", nfe=3)
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)
+
+
+def test_eta_on_a_deterministic_method_is_an_error():
+    with pytest.raises(ValueError, match="eta applies to stochastic"):
+        deis_fast.build_plan(VP, "tab3", 5, eta=0.5)
+    with pytest.raises(ValueError, match="eta applies to a stochastic PFDiff base"):
+        deis_fast.build_plan(VP, "ddim", 5, pfdiff=(2, 1), eta=0.5)
+    assert deis_fast.build_plan(VP, "ddim_eta", 5, eta=0.5).num_noise == 5
+
+
+def test_unknown_method_suggests_the_close_name():
+    with pytest.raises(ValueError, match="did you mean 'dpmpp_2m'"):
+        deis_fast.build_plan(VP, "dpm++2m", 5)
+
+
+def test_unit_noise_on_a_ve_schedule_warns():
+    ve = VESchedule(0.002, 80.0)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    with pytest.warns(UserWarning, match="scale unit noise"):
+        deis_fast.sample(model, torch.randn(4, 16), schedule=ve, method="ddim", nfe=3, prediction="x0")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deis_fast.sample(model, torch.randn(4, 16) * 80.0, schedule=ve, method="ddim", nfe=3, prediction="x0")

@@ -119,12 +119,13 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if config is not None and hasattr(config, "config") and not isinstance(config, dict):
             config = config.config  # a scheduler instance
         cfg = dict(config or {})
+        source_class = cfg.get("_class_name")
+        _refuse_ve_config(cfg)  # judged on the whole config: its sigma range may be all defaults
         # as diffusers' own from_config: keys the source scheduler only had at their defaults are not carried
         # over (a default DDPMScheduler's timestep_spacing="leading" must not replace ours)
         for k in cfg.pop("_use_default_values", None) or ():
             cfg.pop(k, None)
         _refuse_schedule_changing_keys(cfg)
-        _refuse_ve_config(cfg)
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
         if not ours and "lower_order_final" not in kwargs:
             # other schedulers default it to True; for deis_fast grids it costs accuracy (tab3 at NFE 10 on the
@@ -139,7 +140,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
         ignored.update(clashing)
         cfg = {k: v for k, v in cfg.items() if k in known}
-        ignored = _set_by_user(ignored, cfg.get("_class_name"))
+        ignored = _set_by_user(ignored, source_class, dict(config or {}))
         if ignored:
             _warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -359,21 +360,41 @@ def equivalent_method(config: dict) -> str | None:
     return None
 
 
-def _set_by_user(keys: dict, class_name: Any) -> dict:
-    """The keys whose values differ from the source scheduler's defaults (deliberate choices that would change
-    what that scheduler does); all of them when the source class is unknown."""
+def _source_defaults(class_name: Any, config: dict) -> list[dict]:
+    """Default values of the scheduler class that wrote ``config``: the named class, or (in-memory configs carry
+    no ``_class_name``) every diffusers scheduler whose ``__init__`` takes all of the config's keys."""
     try:
         import diffusers
-        params = inspect.signature(getattr(diffusers, str(class_name)).__init__).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return dict(keys)
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    except ImportError:
+        return []
 
-    def same(a: Any, b: Any) -> bool:
-        norm = (lambda v: list(v) if isinstance(v, tuple) else v)
-        return norm(a) == norm(b)
+    def defaults(cls: Any) -> dict | None:
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            return None
+        return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
-    return {k: v for k, v in keys.items() if k not in defaults or not same(defaults[k], v)}
+    if class_name and hasattr(diffusers, str(class_name)):
+        d = defaults(getattr(diffusers, str(class_name)))
+        return [d] if d is not None else []
+    keys = {k for k in config if not k.startswith("_")}
+    found = []
+    for name in dir(diffusers):
+        if name.endswith("Scheduler") and name != "DEISFastScheduler":
+            d = defaults(getattr(diffusers, name, None))
+            if d is not None and keys <= set(d):
+                found.append(d)
+    return found
+
+
+def _set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
+    """The keys whose values differ from the source scheduler's defaults (deliberate choices that would change
+    what that scheduler does); all of them when the source class cannot be told."""
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    sources = _source_defaults(class_name, config)
+    return {k: v for k, v in keys.items()
+            if not any(k in d and norm(d[k]) == norm(v) for d in sources)}
 
 
 def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
