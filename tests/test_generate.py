@@ -305,3 +305,12 @@ def test_killed_rank_then_single_process_resume_npz(reference, tmp_path):
     assert _gen(tmp_path, *STOCH, batch=4) == 0
     _assert_same(_load_npz(tmp_path), reference["npz"])
     assert [row["index"] for row in _manifest(tmp_path)] == list(range(12))
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gen, "sample_images", interrupted)
+    assert _gen(tmp_path) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and str(tmp_path) in err

@@ -177,11 +177,19 @@ def test_combine_on_meta_tensors_propagates_shapes():
 
 
 # ------------------------------------------------------------------------------------------ layouts
+class _ConvEps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
+        torch.nn.init.normal_(self.conv.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
 @pytest.fixture(scope="module")
 def conv_model():
-    conv = torch.nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
-    torch.nn.init.normal_(conv.weight, std=0.1, generator=torch.Generator().manual_seed(0))
-    return lambda x, t: conv(x)
+    return _ConvEps()
 
 
 @pytest.mark.parametrize("method", ["tab3", "dpmpp3", "rho_heun", "ddim_eta"])
@@ -209,20 +217,32 @@ def test_digits_model_channels_last_is_bitwise_equal():
     assert torch.equal(a, b)
 
 
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
 def test_non_contiguous_noise_and_outputs_are_correct(conv_model):
+    """Other layouts make the conv pick other float32 algorithms, whose rounding the solver then carries
+    through every step (a plan amplifies an early output error by up to alpha_end/alpha_start ~ 160). So
+    no fixed absolute tolerance is right. The rule instead: a layout's result is as close to the float64
+    solve as the contiguous float32 result, within 2x (the project's reduced-precision rule), measured as
+    a relative L2 error over all elements so that it is not one element's rounding luck."""
+    import copy
+    m64 = copy.deepcopy(conv_model).double()
+
+    def check(model, noise, method="tab3"):
+        ref64 = deis_fast.sample(m64, noise.double().contiguous(), method=method, nfe=5)
+        base = _rel_err(deis_fast.sample(conv_model, noise.contiguous(), method=method, nfe=5), ref64)
+        got = _rel_err(deis_fast.sample(model, noise, method=method, nfe=5), ref64)
+        assert base < 1e-5  # float32 is float32 (rounding, not a bug)
+        assert got <= 2 * base + 4 * torch.finfo(torch.float32).eps, (got, base)
+
     x = _noise((8, 8, 3, 2)).permute(3, 2, 1, 0)  # [2, 3, 8, 8], no dense standard layout
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    ref = deis_fast.sample(conv_model, x.contiguous(), nfe=5)
-    out = deis_fast.sample(conv_model, x, nfe=5)
-    # the conv picks another algorithm for this layout: equal up to float32 rounding
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    odd = deis_fast.sample(lambda x, t: conv_model(x, t).transpose(2, 3).contiguous().transpose(2, 3),
-                           x.contiguous(), method="dpmpp3", nfe=5)
-    torch.testing.assert_close(odd, deis_fast.sample(conv_model, x.contiguous(), method="dpmpp3", nfe=5),
-                               rtol=1e-4, atol=1e-4)
-    sliced = _noise((4, 3, 8, 8))[::2]  # a strided batch
-    torch.testing.assert_close(deis_fast.sample(conv_model, sliced, nfe=5),
-                               deis_fast.sample(conv_model, sliced.contiguous(), nfe=5), rtol=1e-4, atol=1e-4)
+    check(conv_model, x)
+    # a model that returns a non-contiguous output
+    check(lambda x, t: conv_model(x, t).transpose(2, 3).contiguous().transpose(2, 3), x.contiguous(), "dpmpp3")
+    check(conv_model, _noise((4, 3, 8, 8))[::2])  # a strided batch
     assert x.shape == (2, 3, 8, 8)  # the input is not modified
     torch.testing.assert_close(x, _noise((8, 8, 3, 2)).permute(3, 2, 1, 0), rtol=0, atol=0)
 
