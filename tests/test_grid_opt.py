@@ -129,3 +129,25 @@ def test_build_plan_refuses_non_finite_coefficients(monkeypatch):
     monkeypatch.setattr(smp, "_build_plan", poisoned)
     with pytest.raises(ValueError, match="non-finite coefficients"):
         deis_fast.build_plan(VP, "tab2", 4)
+
+
+def test_held_out_noises_veto_a_grid_that_only_wins_on_the_fit(problem):
+    """The last quarter of the calibration noises is held out. Make the fixed grid perfect there (its own
+    output is the reference of those rows): the optimized grid wins on the fit rows but must be rejected."""
+    model, cal, cref, _, _ = problem
+    kw = dict(max_evals=40, max_restarts=0, time_budget=None, min_gain=0.0)
+    free = optimize_grid(model, VP, "logrho3", 4, cal, reference=cref, validation_fraction=0.0, **kw)
+    fixed = deis_fast.make_grid(VP, free.start_grid, 4)
+    assert free.calibration_error < free.start_error and list(free.times) != list(fixed)
+    assert np.isnan(free.validation_error)
+    rigged = cref.clone()
+    rigged[12:] = deis_fast.sample(model, cal[12:], schedule=VP, method="logrho3", nfe=4, grid=list(fixed))
+    vetoed = optimize_grid(model, VP, "logrho3", 4, cal, reference=rigged, validation_fraction=0.25, **kw)
+    assert vetoed.extra["held_out_noises"] == 4 and vetoed.extra["fit_noises"] == 12
+    assert vetoed.start_grid == free.start_grid
+    assert vetoed.times == [float(t) for t in fixed]
+    assert vetoed.start_validation_error < 1e-9 and vetoed.validation_error == vetoed.start_validation_error
+    honest = optimize_grid(model, VP, "logrho3", 4, cal, reference=cref, validation_fraction=0.25, **kw)
+    assert honest.validation_error < honest.start_validation_error  # on true references it generalizes
+    with pytest.raises(ValueError, match="validation_fraction"):
+        optimize_grid(model, VP, "ddim", 3, cal, reference=cref, validation_fraction=1.0)

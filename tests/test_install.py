@@ -49,8 +49,9 @@ def test_install_without_a_compiler_succeeds_and_falls_back(editable, tmp_path):
     _copy_sources(str(src))
     env = dict(os.environ, CC="false", CXX="false", DEIS_FAST_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("DEIS_FAST_REQUIRE_EXT", None)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index",
-           "--prefix", str(prefix)] + (["-e", str(src)] if editable else [str(src)])
+    # --ignore-installed: never uninstall the deis_fast this suite runs from (pip would, to "upgrade" it)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--ignore-installed", "--no-build-isolation", "--no-deps",
+           "--no-index", "--prefix", str(prefix)] + (["-e", str(src)] if editable else [str(src)])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     purelib = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
@@ -62,3 +63,7 @@ def test_install_without_a_compiler_succeeds_and_falls_back(editable, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     where = r.stdout.split("FILE", 1)[1].strip()
     assert where.startswith(str(src) if editable else str(prefix)), where
+    # the installation the suite runs from is untouched
+    r = subprocess.run([sys.executable, "-c", "import deis_fast; print(deis_fast.__file__)"], capture_output=True,
+                       text=True, cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 0 and not r.stdout.startswith(str(tmp_path)), r.stdout + r.stderr
