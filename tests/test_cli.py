@@ -18,6 +18,7 @@ def demo_grid_size(cols: int) -> tuple[int, int]:
     return cli.DEMO_LABEL_W + cols * cell + cli.DEMO_PAD, rows * cell + cli.DEMO_PAD
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--outdir", str(out), "--json"]) == 0

@@ -70,6 +70,7 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 def test_interpreter_on_cpu_tensors():
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     env.pop("DEIS_FAST_BACKEND", None)

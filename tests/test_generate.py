@@ -262,6 +262,7 @@ needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
                                 reason="torch.distributed with gloo is not available")
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_process_gloo_run_is_bitwise_equal_to_one_process(reference, tmp_path):
     r = _torchrun(tmp_path, *STOCH)
@@ -274,6 +275,7 @@ def test_two_process_gloo_run_is_bitwise_equal_to_one_process(reference, tmp_pat
         assert all(i % 2 == rec["rank"] for i in rec["indices"])
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_killed_rank_then_resume_gives_every_index_once_and_clean_bits(reference, tmp_path):
     # rank 1 dies abruptly (os._exit) after 2 samples, leaving a partial temp file and unrecorded pngs
@@ -298,6 +300,7 @@ def test_killed_rank_then_resume_gives_every_index_once_and_clean_bits(reference
     _assert_same(_load_png_bytes(tmp_path), reference["png"])
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_killed_rank_then_single_process_resume_npz(reference, tmp_path):
     r = _torchrun(tmp_path, *STOCH, batch=1, crash=(1, 0))

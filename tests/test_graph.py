@@ -54,6 +54,7 @@ def test_compile_fullgraph_matches_eager(net, guided):
     assert backend.graphs == 1, "one graph, no graph breaks, no recompilation"
 
 
+@pytest.mark.slow
 def test_compile_stochastic_and_rk_with_given_noise(net):
     torch._dynamo.reset()
     x = _noise()
@@ -66,6 +67,7 @@ def test_compile_stochastic_and_rk_with_given_noise(net):
             torch.testing.assert_close(c(x, step_noise=z), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_inductor_reduce_overhead(net):
     """The real compiler (C++ codegen on CPU, ~20-30 s here); reduce-overhead adds cudagraphs on CUDA."""
     torch._dynamo.reset()

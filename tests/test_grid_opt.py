@@ -56,6 +56,7 @@ def test_json_round_trip_keyed_by_model_method_nfe(tmp_path, problem):
         load_grid(path, "mix16", "tab3", 3)
 
 
+@pytest.mark.slow
 def test_beats_the_best_fixed_grid_on_held_out_noise(problem):
     model, cal, cref, held, href = problem
     for method in ("logrho3", "pfdiff"):
@@ -102,6 +103,7 @@ def test_needs_noise_or_shape():
         optimize_grid(lambda x, t: x, VP, "ddim", 3, shape=(2, 4), min_gain=-0.1)
 
 
+@pytest.mark.slow
 def test_sampler_grid_optimized_string(problem):
     model, cal, cref, held, href = problem
     s = deis_fast.Sampler(model, VP, "logrho3", 4, grid="optimized", calibration_noise=cal)

@@ -133,6 +133,7 @@ def yardstick():
     return yardstick_problem()
 
 
+@pytest.mark.slow
 def test_pfdiff21_beats_ddim_on_yardstick_at_low_nfe(yardstick):
     from deis_fast.testing import relative_errors
     mix, sched, noise, ref = yardstick
