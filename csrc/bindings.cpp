@@ -15,7 +15,8 @@ namespace {
 df::Params make_params(uintptr_t out, const std::vector<uintptr_t>& srcs, const std::vector<double>& coefs,
                        uintptr_t noise, double noise_coef, int64_t numel) {
   if (srcs.empty() || srcs.size() > (size_t)df::kMaxSources)
-    throw std::invalid_argument("combine: 1 to 6 sources required, got " + std::to_string(srcs.size()));
+    throw std::invalid_argument("combine: 1 to " + std::to_string(df::kMaxSources) + " sources required, got " +
+                                std::to_string(srcs.size()));
   if (coefs.size() != srcs.size())
     throw std::invalid_argument("combine: number of coefficients does not match number of sources");
   if (numel < 0) throw std::invalid_argument("combine: negative numel");
@@ -118,4 +119,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_F16") = (int)df::kF16;
   m.attr("DTYPE_BF16") = (int)df::kBF16;
   m.attr("MAX_SOURCES") = df::kMaxSources;
+  py::dict codes;
+  codes["float32"] = (int)df::kF32;
+  codes["float16"] = (int)df::kF16;
+  codes["bfloat16"] = (int)df::kBF16;
+  m.attr("DTYPE_CODES") = codes;
 }

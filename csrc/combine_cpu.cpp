@@ -75,7 +75,7 @@ void run(const Params& p, int nthreads) {
 }  // namespace
 
 bool combine_cpu(const Params& p, int ns, bool has_noise, int dtype, int nthreads) {
-  if (p.n <= 0) return dtype >= 0 && dtype <= 2 && ns >= 1 && ns <= kMaxSources;
+  if (p.n <= 0) return dtype >= kF32 && dtype <= kBF16 && ns >= 1 && ns <= kMaxSources;
   return dispatch(dtype, ns, has_noise,
                   [&]<class T, int NS, bool HN>() { run<T, NS, HN>(p, nthreads); });
 }

@@ -308,3 +308,13 @@ def test_direct_ops_combine_compiles_fullgraph_with_noise():
     a, b, z = (torch.randn(3, 17, generator=torch.Generator().manual_seed(i)) for i in range(3))
     got = torch.compile(f, fullgraph=True, backend="eager")(a, b, z)
     torch.testing.assert_close(got, 0.5 * a - 1.25 * b + 0.3 * z, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_constants_agree_between_python_and_cpp():
+    """MAX_SOURCES and the dtype codes are declared once per language; the built extension reports its own."""
+    from deis_fast.kernels import DTYPE_CODES, MAX_SOURCES
+    ext = dispatch.load_ext()
+    if ext is None:
+        pytest.skip(f"deis_fast._C is not built: {dispatch.ext_error()}")
+    assert ext.MAX_SOURCES == MAX_SOURCES == ops.MAX_SOURCES
+    assert {str(k).replace("torch.", ""): v for k, v in DTYPE_CODES.items()} == dict(ext.DTYPE_CODES)

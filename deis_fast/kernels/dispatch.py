@@ -19,7 +19,7 @@ from .reference import combine_torch
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "DEIS_FAST_BACKEND"
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from . import DTYPE_CODES  # noqa: E402  (re-export)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SOURCES = 6
+from . import MAX_SOURCES
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 1024
 NUM_WARPS = 4
