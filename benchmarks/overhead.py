@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import deis_fast  # noqa: E402
 from deis_fast import ops  # noqa: E402
-from deis_fast.graph import DispatchRecorder  # noqa: E402
+from deis_fast.testing import DispatchRecorder  # noqa: E402
 
 
 class SmallNet(torch.nn.Module):

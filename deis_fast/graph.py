@@ -1,4 +1,4 @@
-"""Whole-loop CUDA-graph capture of a :class:`~deis_fast.sampler.Sampler`, and executor introspection.
+"""Whole-loop CUDA-graph capture of a :class:`~deis_fast.sampler.Sampler`.
 
     sampler = deis_fast.Sampler(unet, schedule, "tab3", nfe=10, guidance_scale=7.5, uncond={...})
     g = sampler.cuda_graph(example_noise, encoder_hidden_states=emb)   # warm-up + capture, cached
@@ -28,12 +28,11 @@ the eager sampler.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CUDAGraphSampler", "GraphShapeError", "ENV_VAR", "cond_signature", "DispatchRecorder"]
+__all__ = ["CUDAGraphSampler", "GraphShapeError", "ENV_VAR", "cond_signature"]
 
 ENV_VAR = "DEIS_FAST_CUDA_GRAPH"
 
@@ -178,65 +177,3 @@ class CUDAGraphSampler:
         if out is None:
             return self.x.clone()
         return out.copy_(self.x)
-
-
-class DispatchRecorder(TorchDispatchMode):
-    """Records the ATen / custom ops dispatched outside the network.
-
-    Wrap the network with :meth:`mark` so that the ops it dispatches (and those of anything it calls)
-    are counted separately in ``model_ops``. ``allocations`` lists the non-mutating, non-view ops that
-    returned a tensor whose storage is none of the inputs' (a fresh allocation); ``syncs`` lists
-    ``aten._local_scalar_dense`` calls and copies to the CPU from another device.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-        self.model_ops: list[str] = []
-        self.allocations: list[str] = []
-        self.syncs: list[str] = []
-        self._depth = 0
-
-    def mark(self, model: Callable[..., Any]) -> Callable[..., Any]:
-        rec = self
-
-        def marked(*args: Any, **kwargs: Any) -> Any:
-            rec._depth += 1
-            try:
-                return model(*args, **kwargs)
-            finally:
-                rec._depth -= 1
-        return marked
-
-    def clear(self) -> None:
-        self.ops.clear(), self.model_ops.clear(), self.allocations.clear(), self.syncs.clear()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = str(func)
-        if self._depth:
-            self.model_ops.append(name)
-            return out
-        self.ops.append(name)
-        flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        flat_out = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        in_storages = {_storage_ptr(a) for a in flat_in}
-        if any(_storage_ptr(o) not in in_storages for o in flat_out):
-            self.allocations.append(name)
-        if "_local_scalar_dense" in name:
-            self.syncs.append(name)
-        elif flat_out and flat_in and any(o.device.type == "cpu" for o in flat_out) \
-                and any(a.device.type != "cpu" for a in flat_in):
-            self.syncs.append(name)
-        return out
-
-    def count(self, name: str) -> int:
-        return sum(1 for o in self.ops if o == name)
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except Exception:  # noqa: BLE001  (meta / sparse tensors)
-        return id(t)

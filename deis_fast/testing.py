@@ -7,15 +7,16 @@ schedule-free, and the ODE d xhat / d rho = eps can be solved to ~1e-10.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode as _TorchDispatchMode
 from scipy.integrate import solve_ivp
 
 from .schedules import Schedule
 
-__all__ = ["GaussianMixture", "reference_solution", "relative_errors", "yardstick_problem"]
+__all__ = ["GaussianMixture", "reference_solution", "relative_errors", "yardstick_problem", "DispatchRecorder"]
 
 
 class GaussianMixture:
@@ -122,3 +123,66 @@ def yardstick_problem(n_samples: int = 400, seed: int = 0, mixture_seed: int = 1
     noise = torch.randn(n_samples, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = reference_solution(mix, sched, noise, sched.t_max, sched.t_min)
     return mix, sched, noise, ref
+
+
+# ----------------------------------------------------------------------------- executor introspection
+class DispatchRecorder(_TorchDispatchMode):
+    """Records the ATen / custom ops dispatched outside the network.
+
+    Wrap the network with :meth:`mark` so that the ops it dispatches (and those of anything it calls)
+    are counted separately in ``model_ops``. ``allocations`` lists the non-mutating, non-view ops that
+    returned a tensor whose storage is none of the inputs' (a fresh allocation); ``syncs`` lists
+    ``aten._local_scalar_dense`` calls and copies to the CPU from another device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.model_ops: list[str] = []
+        self.allocations: list[str] = []
+        self.syncs: list[str] = []
+        self._depth = 0
+
+    def mark(self, model: Callable[..., Any]) -> Callable[..., Any]:
+        rec = self
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            rec._depth += 1
+            try:
+                return model(*args, **kwargs)
+            finally:
+                rec._depth -= 1
+        return marked
+
+    def clear(self) -> None:
+        self.ops.clear(), self.model_ops.clear(), self.allocations.clear(), self.syncs.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func)
+        if self._depth:
+            self.model_ops.append(name)
+            return out
+        self.ops.append(name)
+        flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        flat_out = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        in_storages = {_storage_ptr(a) for a in flat_in}
+        if any(_storage_ptr(o) not in in_storages for o in flat_out):
+            self.allocations.append(name)
+        if "_local_scalar_dense" in name:
+            self.syncs.append(name)
+        elif flat_out and flat_in and any(o.device.type == "cpu" for o in flat_out) \
+                and any(a.device.type != "cpu" for a in flat_in):
+            self.syncs.append(name)
+        return out
+
+    def count(self, name: str) -> int:
+        return sum(1 for o in self.ops if o == name)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001  (meta / sparse tensors)
+        return id(t)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deis_fast
-from deis_fast.graph import DispatchRecorder
+from deis_fast.testing import DispatchRecorder
 
 COMBINE = "deis_fast.combine.default"
 
