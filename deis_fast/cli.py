@@ -396,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except Exception as e:  # noqa: BLE001 - the CLI reports, not crashes
+    except Exception as e:  # noqa: BLE001 - an internal failure: the traceback (for a bug report), then exit 1
+        import traceback
+        traceback.print_exc()
         print(f"deis-fast {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
