@@ -12,7 +12,7 @@ from . import ops
 from .grids import GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
 from .plan import Combine, Eval, Plan
-from .schedules import Schedule, VPSchedule
+from .schedules import FlowSchedule, Schedule, VPSchedule
 from .solvers import get_method
 
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
@@ -27,7 +27,9 @@ class NonFiniteError(FloatingPointError):
 
 def default_grid(schedule: Schedule, method: str) -> str:
     """A good fixed grid per family: time_quadratic for tAB/rhoAB/iPNDM on VP, logsnr for log-rho and
-    data-form methods (DPM-Solver's choice), karras for VE."""
+    data-form methods (DPM-Solver's choice), karras for VE, diffusers' shifted uniform grid for flow."""
+    if isinstance(schedule, FlowSchedule):
+        return "time_uniform"  # diffusers' FlowMatch grid (shifted by the schedule)
     if not schedule.variance_preserving:
         return "karras"
     if method.startswith(("logrho", "dpmpp")):
@@ -190,6 +192,7 @@ class Sampler:
                                     guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
                                     classifier_grad=classifier_grad, classifier_scale=classifier_scale,
                                     time_dtype=time_dtype)
+        self.adapter.check_plan(self.plan)
         self.model = model
         self.check_finite = check_finite
         self.progress = progress
