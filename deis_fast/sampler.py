@@ -12,7 +12,7 @@ from . import ops
 from .grids import GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
 from .plan import Combine, Eval, Plan
-from .schedules import FlowSchedule, Schedule, VPSchedule
+from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from .solvers import get_method
 
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
@@ -199,7 +199,8 @@ class Sampler:
         # None until the first eager call has checked whether the model hands back a reused output buffer
         self._copy_outputs: bool | None = copy_outputs
         self._ws: _Workspace | None = None
-        self._scale_checked = self.schedule.variance_preserving  # VE: check the noise scale on the first call
+        # VE (alpha = 1): check the noise scale on the first call
+        self._scale_checked = not isinstance(self.schedule, VESchedule)
         self._graphs: dict[tuple, Any] = {}
 
     @property

@@ -14,7 +14,7 @@ import numpy as np
 ArrayLike = Any
 
 __all__ = ["Schedule", "VPSchedule", "VESchedule", "FlowSchedule", "schedule_from_diffusers_config", "shift_times",
-           "flux_mu"]
+           "flux_mu", "flow_schedule_from_diffusers_config", "rescale_zero_terminal_snr"]
 
 
 def _f64(x: ArrayLike) -> np.ndarray:
@@ -411,6 +411,33 @@ class FlowSchedule(Schedule):
         if self.shift == 1.0:
             return _f64(t)
         return shift_times(t, 1.0 / self.shift if inverse else self.shift)
+
+
+def flow_schedule_from_diffusers_config(config: Mapping[str, Any], mu: float | None = None) -> FlowSchedule:
+    """The :class:`FlowSchedule` of a diffusers flow config: FlowMatchEuler/Heun (``shift``,
+    ``use_dynamic_shifting`` with ``mu`` as the pipeline passes it, ``time_shift_type``) or DEIS / DPM-Solver++ /
+    UniPC with ``use_flow_sigmas=True`` and ``flow_shift``. Raises on keys it would get wrong."""
+    cfg = dict(config)
+    pred = cfg.get("prediction_type", "flow_prediction")
+    if pred != "flow_prediction":
+        raise ValueError(f"a flow-matching config needs prediction_type='flow_prediction', got {pred!r}; the model "
+                         "predicts the velocity eps - x0")
+    if cfg.get("shift_terminal") or cfg.get("invert_sigmas") or cfg.get("stochastic_sampling"):
+        raise ValueError("shift_terminal / invert_sigmas / stochastic_sampling are not supported; build a "
+                         "FlowSchedule and pass the sigmas as an explicit grid")
+    scale = float(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("use_dynamic_shifting", False):
+        if mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu (FLUX pipelines pass mu = calculate_shift(image "
+                             "token count); deis_fast.schedules.flux_mu computes it)")
+        kind = cfg.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {kind!r}; use 'exponential' or 'linear'")
+        return FlowSchedule(time_scale=scale, mu=mu) if kind == "exponential" else FlowSchedule(float(mu), scale)
+    if mu is not None:
+        raise ValueError("mu was given but use_dynamic_shifting=False: the config's static shift applies; pass "
+                         "use_dynamic_shifting=True or drop mu")
+    return FlowSchedule(float(cfg.get("shift", cfg.get("flow_shift", 1.0))), scale)
 
 
 def _betas_preset(preset: str, n: int, beta_start: float | None, beta_end: float | None) -> np.ndarray:

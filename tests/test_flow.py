@@ -6,7 +6,8 @@ import torch
 
 import deis_fast
 from deis_fast.grids import GRIDS, make_grid
-from deis_fast.schedules import FlowSchedule, VPSchedule, flux_mu, schedule_from_diffusers_config, shift_times
+from deis_fast.schedules import (FlowSchedule, VPSchedule, flow_schedule_from_diffusers_config, flux_mu,
+                                 schedule_from_diffusers_config, shift_times)
 from deis_fast.testing import GaussianMixture, reference_solution, relative_errors
 
 ALL = [m for m in deis_fast.METHOD_SPECS]
@@ -68,6 +69,37 @@ def test_every_named_grid_and_explicit_lists(grid, shift):
     user = [1.0, 0.8, 0.3, 0.05, 0.0]
     np.testing.assert_array_equal(make_grid(s, user, None), user)      # explicit lists are used as given
     assert make_grid(s, grid, 7, t_start=0.9, t_end=0.05)[[0, -1]].tolist() == [0.9, 0.05]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_flow_config_maps_to_diffusers_sigmas(dynamic):
+    """FlowMatchEuler configs (SD3 static shift; FLUX dynamic shift with mu and the pipeline's sigma list) give the
+    same sigmas as diffusers' set_timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    n, mu = 7, None
+    if dynamic:
+        cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                   max_image_seq_len=4096)
+        mu = flux_mu(1024)
+    else:
+        cfg = dict(shift=3.0)
+    sch = FlowMatchEulerDiscreteScheduler(**cfg)
+    sch.set_timesteps(n, sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)   # as the FLUX / SD3.5 pipelines call it
+    s = flow_schedule_from_diffusers_config(sch.config, mu=mu)
+    t = deis_fast.build_plan(s, "ddim", n).times
+    np.testing.assert_allclose(t, sch.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.model_time(np.asarray(t[:-1])), sch.timesteps.double().numpy(), rtol=1e-6)
+
+
+def test_flow_config_errors():
+    with pytest.raises(ValueError, match="flow_prediction"):
+        flow_schedule_from_diffusers_config(dict(use_flow_sigmas=True, prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="use_dynamic_shifting=False"):
+        flow_schedule_from_diffusers_config(dict(shift=3.0), mu=0.8)
+    with pytest.raises(ValueError, match="needs mu"):
+        flow_schedule_from_diffusers_config(dict(use_dynamic_shifting=True))
+    s = flow_schedule_from_diffusers_config(dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"))
+    assert s.shift == 5.0 and s.time_scale == 1000.0
 
 
 def test_bad_flow_input_gets_clear_errors(small_mixture):
