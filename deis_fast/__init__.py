@@ -12,13 +12,14 @@ from .grids import GRIDS, make_grid
 from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
 from .plan import Combine, Eval, Plan
 from .sampler import NonFiniteError, Sampler, build_plan, randn_per_sample, sample
-from .schedules import Schedule, VESchedule, VPSchedule, schedule_from_diffusers_config
+from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule, schedule_from_diffusers_config
 from .solvers import METHOD_SPECS, METHODS
 
 __version__ = "0.1.0"
 
 ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
 
-__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "ModelAdapter", "NonFiniteError",
+__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "ModelAdapter",
+           "NonFiniteError",
            "OptimizedGrid", "Plan", "Sampler", "load_grid", "optimize_grid", "save_grid", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

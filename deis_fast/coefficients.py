@@ -18,7 +18,7 @@ import numpy as np
 
 from .schedules import Schedule
 
-__all__ = ["StepRow", "lagrange_integrals", "points_per_step", "eps_ab_rows", "data_ab_rows",
+__all__ = ["StepRow", "lagrange_integrals", "lagrange_integrals_inf", "pure_noise_row", "points_per_step", "eps_ab_rows", "data_ab_rows",
            "dpmsolver_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
@@ -89,6 +89,28 @@ def lagrange_integrals(a: float, b: float, nodes: Sequence[float], s_of_u: Calla
     return out
 
 
+def pure_noise_row(alpha_next: float, rho_target: float, sigma0: float) -> StepRow:
+    """The first-order step out of alpha = 0 (rho = inf: flow matching at t = 1, zero terminal SNR), in data
+    form: ``x' = alpha' (D + rho' eps)`` with ``eps = x / sigma0`` there (exact, since x = sigma0 eps). The
+    limit of DDIM (and of every method's first step); its one output is the data prediction D."""
+    return StepRow(float(alpha_next * rho_target / sigma0), (float(alpha_next),))
+
+
+def _starts_at_inf(rho: np.ndarray, i: int) -> bool:
+    return i == 0 and bool(np.isinf(rho[0]))
+
+
+def lagrange_integrals_inf(a: float, b: float, nodes: np.ndarray, s_of_u: Callable[[np.ndarray], np.ndarray],
+                           **kw) -> np.ndarray:
+    """:func:`lagrange_integrals` where infinite nodes (rho = inf or lambda = -inf at alpha = 0) are the limit of
+    a node going to infinity: their basis polynomial vanishes and the others lose that factor (weight 0)."""
+    nodes = np.asarray(nodes, dtype=np.float64)
+    ok = np.isfinite(nodes)
+    out = np.zeros(nodes.size)
+    out[ok] = lagrange_integrals(a, b, nodes[ok], s_of_u, **kw)
+    return out
+
+
 def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequence[int], variable: str) -> list[StepRow]:
     """Eps-form exponential AB: ``x_{i+1} = a_{i+1}/a_i x_i + a_{i+1} sum_j C_ij eps_{i-j}``.
 
@@ -98,14 +120,17 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
     alpha = schedule.alpha_from_rho(rho)
     rows = []
     for i, p in enumerate(points):
+        if _starts_at_inf(rho, i):
+            rows.append(pure_noise_row(alpha[1], rho[1], float(schedule.sigma_from_rho(rho[0]))))
+            continue
         a, b = rho[i], rho[i + 1]
         hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
         if variable == "rho":
-            c = lagrange_integrals(a, b, rho[hist], lambda u: u, pieces=1)
+            c = lagrange_integrals_inf(a, b, rho[hist], lambda u: u, pieces=1)
         elif variable == "logrho":
             if b == 0.0 and p > 1:
                 raise ValueError("log-rho multistep cannot integrate to rho = 0 with more than one point")
-            c = lagrange_integrals(a, b, np.log(rho[hist]), np.log, pieces=4)
+            c = lagrange_integrals_inf(a, b, np.log(rho[hist]), np.log, pieces=4)
         elif variable == "t":
             br = schedule.rho(schedule.knots(t[i + 1], t[i])) if schedule.discrete else None
             c = lagrange_integrals(a, b, t[hist], schedule.t_from_rho, breaks=br,
@@ -123,13 +148,13 @@ def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
     A step that ends at rho = 0 is the exact first-order jump x = alpha * D.
     """
     alpha = schedule.alpha_from_rho(rho)
-    sigma = alpha * rho
+    sigma = schedule.sigma_from_rho(rho)
     with np.errstate(divide="ignore"):
         lam = -np.log(rho)
     rows = []
     for i, p in enumerate(points):
-        if rho[i + 1] == 0.0:
-            rows.append(StepRow(0.0, (float(alpha[i + 1]),)))
+        if rho[i + 1] == 0.0 or _starts_at_inf(rho, i):
+            rows.append(pure_noise_row(alpha[i + 1], rho[i + 1], float(schedule.sigma_from_rho(rho[i]))))
             continue
         e = np.array([-np.expm1(-(lam[i + 1] - lam[i]))]) if p == 1 else weights(lam, i, p)  # 1 - e^{-h}
         rows.append(StepRow(float(sigma[i + 1] / sigma[i]), tuple(float(alpha[i + 1] * x) for x in e)))
@@ -142,7 +167,7 @@ def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> 
     def exact(lam: np.ndarray, i: int, p: int) -> np.ndarray:
         lb = lam[i + 1]
         hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
-        return lagrange_integrals(lam[i], lb, lam[hist], lambda u: u, weight=lambda u: np.exp(u - lb), pieces=2)
+        return lagrange_integrals_inf(lam[i], lb, lam[hist], lambda u: u, weight=lambda u: np.exp(u - lb), pieces=2)
     return _data_form_rows(schedule, rho, points, exact)
 
 
@@ -163,7 +188,11 @@ def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
         h = lam[i + 1] - lam[i]
         phi1 = -np.expm1(-h)                  # 1 - e^{-h}
         phi2 = 1.0 - phi1 / h                 # (e^{-h} - 1) / h + 1
+        if np.isinf(lam[i - 1]):                 # the previous output was at alpha = 0: D1 -> 0 in the limit
+            return np.array([phi1] + [0.0] * (p - 1))
         r0 = (lam[i] - lam[i - 1]) / h
+        if p == 3 and np.isinf(lam[i - 2]):      # r1 -> inf: D1 -> D1_0 and D2 -> 0
+            return np.array([phi1, 0.0, 0.0]) + phi2 * np.array([1.0, -1.0, 0.0]) / r0
         if p == 2:
             d1 = np.array([1.0, -1.0]) / r0   # D1 over (D_i, D_{i-1})
             return np.array([phi1, 0.0]) + (0.5 * phi1 if solver_type == "midpoint" else phi2) * d1
@@ -181,6 +210,9 @@ def ipndm_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> li
     alpha = schedule.alpha_from_rho(rho)
     rows = []
     for i, p in enumerate(points):
+        if _starts_at_inf(rho, i):
+            rows.append(pure_noise_row(alpha[1], rho[1], float(schedule.sigma_from_rho(rho[0]))))
+            continue
         h = rho[i + 1] - rho[i]
         rows.append(StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * h * w) for w in IPNDM_WEIGHTS[p - 1])))
     return rows

@@ -37,25 +37,10 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
             raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}, or a list of times")
         if steps is None or int(steps) < 1:
             raise ValueError(f"a named grid needs steps >= 1, got {steps}")
-        n = int(steps)
         ts, te = default_t_range(schedule, t_start, t_end)
-        u = np.arange(n + 1, dtype=np.float64) / n
-        if grid == "time_uniform":
-            t = ts + u * (te - ts)
-        elif grid == "time_quadratic":
-            t = (np.sqrt(ts) + u * (np.sqrt(te) - np.sqrt(ts))) ** 2
-        elif grid == "logsnr":
-            la, lb = float(schedule.lam(ts)), float(schedule.lam(te))
-            if not np.isfinite(lb):
-                raise ValueError("the logsnr grid cannot end at rho = 0; use karras or give t_end > 0")
-            t = schedule.t_from_lambda(la + u * (lb - la))
-        else:  # karras
-            if karras_rho <= 0:
-                raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
-            p = 1.0 / karras_rho
-            ra, rb = float(schedule.rho(ts)), float(schedule.rho(te))
-            t = schedule.t_from_rho((ra ** p + u * (rb ** p - ra ** p)) ** karras_rho)
-        t[0], t[-1] = ts, te  # exact endpoints despite round-off of the inverse maps
+        if grid == "karras" and karras_rho <= 0:
+            raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
+        t = _named_grid(schedule, grid, int(steps), ts, te, karras_rho)
     else:
         t = _times_from_user(schedule, grid)
         if steps is not None and len(t) - 1 != int(steps):
@@ -66,6 +51,38 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
             raise ValueError("integer_timesteps applies only to discrete schedules")
         t = _round_unique(t)
     validate_times(schedule, t)
+    return t
+
+
+def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, karras_rho: float) -> np.ndarray:
+    """``n``-step named grid from ts to te. Spacings in log rho (logsnr) or rho^(1/p) (karras) cannot reach an
+    end at rho = inf (alpha = 0: flow matching, zero terminal SNR) or, for logsnr, rho = 0: there the first
+    (last) step is one uniform-time step of (ts - te) / n and the named spacing covers the rest. Time
+    spacings run in the schedule's unshifted time (FlowSchedule's shift is applied afterwards)."""
+    with np.errstate(divide="ignore"):
+        ra, rb = float(schedule.rho(ts)), float(schedule.rho(te))
+    head = int(grid in ("logsnr", "karras") and np.isinf(ra))
+    tail = int(grid == "logsnr" and rb == 0.0)
+    if head or tail:
+        need = 1 + head + tail
+        if n < need:
+            raise ValueError(f"the {grid} grid from rho = {ra:g} to rho = {rb:g} needs steps >= {need} (its "
+                             "singular ends take one uniform-time step each); use time_uniform")
+        d = (ts - te) / n
+        inner = _named_grid(schedule, grid, n - head - tail, ts - d if head else ts, te + d if tail else te, karras_rho)
+        return np.concatenate([[ts]] * head + [inner] + [[te]] * tail)
+    u = np.arange(n + 1, dtype=np.float64) / n
+    if grid in ("time_uniform", "time_quadratic"):
+        a, b = schedule.grid_transform(np.array([ts, te]), inverse=True)
+        v = a + u * (b - a) if grid == "time_uniform" else (np.sqrt(a) + u * (np.sqrt(b) - np.sqrt(a))) ** 2
+        t = schedule.grid_transform(v)
+    elif grid == "logsnr":
+        la, lb = float(schedule.lam(ts)), float(schedule.lam(te))
+        t = schedule.t_from_lambda(la + u * (lb - la))
+    else:  # karras
+        p = 1.0 / karras_rho
+        t = schedule.t_from_rho((ra ** p + u * (rb ** p - ra ** p)) ** karras_rho)
+    t[0], t[-1] = ts, te  # exact endpoints despite round-off of the inverse maps
     return t
 
 

@@ -13,9 +13,10 @@ import torch
 from . import ops
 from .plan import Eval
 
-PREDICTIONS = ("eps", "x0", "v", "score")
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 _PRED_ALIASES = {"epsilon": "eps", "noise": "eps", "sample": "x0", "data": "x0", "x_start": "x0",
-                 "v_prediction": "v", "v-prediction": "v"}
+                 "v_prediction": "v", "v-prediction": "v", "flow_prediction": "flow", "velocity": "flow",
+                 "const": "flow"}
 
 __all__ = ["PREDICTIONS", "normalize_prediction", "ModelAdapter", "denoiser_to_model"]
 
@@ -24,7 +25,7 @@ def normalize_prediction(p: str) -> str:
     key = _PRED_ALIASES.get(p, p)
     if key not in PREDICTIONS:
         raise ValueError(f"unknown prediction type {p!r}; use one of {PREDICTIONS} "
-                         f"(diffusers names 'epsilon', 'sample', 'v_prediction' are accepted)")
+                         f"(diffusers names 'epsilon', 'sample', 'v_prediction', 'flow_prediction' are accepted)")
     return key
 
 
@@ -36,10 +37,29 @@ def _to_eps(pred: str, alpha: float, sigma: float, variance_preserving: bool) ->
         return 1.0 / sigma, -alpha / sigma
     if pred == "score":
         return 0.0, -sigma
-    if not variance_preserving:
-        raise ValueError("v-prediction is defined for variance-preserving schedules only")
+    if pred == "flow":
+        # flow velocity v = eps - x0 and x = alpha x0 + sigma eps  =>  eps = (x + alpha v) / (alpha + sigma)
+        return 1.0 / (alpha + sigma), alpha / (alpha + sigma)
+    _check_v(variance_preserving)
     # v = alpha * eps - sigma * x0 and x = alpha * x0 + sigma * eps  =>  eps = sigma * x + alpha * v
     return sigma, alpha
+
+
+def _check_v(variance_preserving: bool) -> None:
+    if not variance_preserving:
+        raise ValueError("v-prediction ('v_prediction') is defined for variance-preserving schedules only; a "
+                         "flow-matching velocity (eps - x0) is prediction='flow' ('flow_prediction')")
+
+
+def _to_flow(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> tuple[float, float]:
+    """(a, b) with the flow velocity eps - x0 = a * x + b * raw."""
+    if pred == "flow":
+        return 0.0, 1.0
+    (ae, be), (ax, bx) = _to_eps(pred, alpha, sigma, variance_preserving), _to_x0(pred, alpha, sigma, variance_preserving)
+    return ae - ax, be - bx
+
+
+CONVERSIONS = {"eps": None, "x0": None, "flow": _to_flow}  # filled below: the Eval target -> (a, b) conversion
 
 
 def _to_x0(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> tuple[float, float]:
@@ -47,12 +67,20 @@ def _to_x0(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> 
     if pred == "x0":
         return 0.0, 1.0
     if pred == "v":
-        if not variance_preserving:
-            raise ValueError("v-prediction is defined for variance-preserving schedules only")
+        _check_v(variance_preserving)
         return alpha, -sigma
+    if pred == "flow":  # x0 = (x - sigma v) / (alpha + sigma)
+        return 1.0 / (alpha + sigma), -sigma / (alpha + sigma)
+    if alpha == 0.0:
+        raise ValueError(f"a {pred!r} prediction at alpha = 0 (pure noise: flow matching at t = 1, zero terminal "
+                         "SNR) says nothing about x0; such schedules need a 'v', 'flow' or 'x0' model, or start "
+                         "at t_start < t_max")
     a, b = _to_eps(pred, alpha, sigma, variance_preserving)
     # x0 = (x - sigma * eps) / alpha
     return (1.0 - sigma * a) / alpha, -sigma * b / alpha
+
+
+CONVERSIONS.update(eps=_to_eps, x0=_to_x0)
 
 
 class ModelAdapter:
@@ -93,8 +121,17 @@ class ModelAdapter:
         self.classifier_grad = classifier_grad
         self.classifier_scale = float(classifier_scale)
         self.time_dtype = time_dtype
-        if self.prediction == "v" and not variance_preserving:
-            raise ValueError("v-prediction is defined for variance-preserving schedules only")
+        if self.prediction == "v":
+            _check_v(variance_preserving)
+
+    def check_plan(self, plan: Any) -> None:
+        """Raise a clear error when an Eval's target cannot be computed from this model's prediction."""
+        for op in plan.evals:
+            CONVERSIONS[op.target](self.prediction, op.alpha, op.sigma, self.vp)
+        if self.classifier_grad is not None and any(op.target == "flow" or op.alpha == 0.0 for op in plan.evals):
+            raise ValueError("classifier guidance corrects eps (eps - scale * sigma * grad), which cannot be turned "
+                             "into x0 at alpha = 0 nor into a buffered velocity (PFDiff on flow); start at "
+                             "t_start < t_max or use another method")
 
     def call_model(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
         out = self.model(x, t, **cond)
@@ -153,7 +190,7 @@ class ModelAdapter:
                                            out=buf))]
             else:
                 pieces = [(w, c), (1.0 - w, u)]
-        convert = _to_eps if (op.target == "eps" or self.classifier_grad is not None) else _to_x0
+        convert = _to_eps if self.classifier_grad is not None else CONVERSIONS[op.target]
         a, b = convert(self.prediction, op.alpha, op.sigma, self.vp)
         terms = [(a, x)] + [(b * k, p) for k, p in pieces]
         if self.classifier_grad is not None:

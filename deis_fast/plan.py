@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
+import numpy as np
+
 from .coefficients import StepRow
 
 __all__ = ["Eval", "Combine", "Plan", "multistep_plan"]
@@ -98,11 +100,14 @@ class PlanBuilder:
         self.n_eval = 0
         self.n_noise = 0
 
-    def eval(self, src: int, dst: int, t: float) -> None:
+    def eval(self, src: int, dst: int, t: float, target: str | None = None) -> None:
+        """One network call at time t; ``target`` overrides the plan's (e.g. 'x0' at alpha = 0)."""
         s = self.schedule
-        rho = float(s.rho(t))
-        alpha = float(s.alpha_from_rho(rho))
-        self.ops.append(Eval(src, dst, float(t), float(s.model_time(t)), alpha, alpha * rho, self.target, self.n_eval))
+        with np.errstate(divide="ignore"):
+            rho = float(s.rho(t))
+        alpha, sigma = float(s.alpha_from_rho(rho)), float(s.sigma_from_rho(rho))
+        self.ops.append(Eval(src, dst, float(t), float(s.model_time(t)), alpha, sigma, target or self.target,
+                             self.n_eval))
         self.n_eval += 1
 
     def combine(self, dst: int, terms: Sequence[tuple[float, int]], noise_coef: float = 0.0) -> None:
@@ -124,9 +129,21 @@ def multistep_plan(method: str, schedule, times: Sequence[float], rows: Sequence
     then one Combine ``x <- state_coef * x + sum_j c_j * out_{i-j} (+ noise)``."""
     depth = max(len(r.coefs) for r in rows)
     b = PlanBuilder(schedule, target)
+    pure_noise = float(schedule.alpha(times[0])) == 0.0
     for i, row in enumerate(rows):
-        b.eval(0, 1 + i % depth, times[i])
+        # out of alpha = 0 the step is in data form (rows[0] is coefficients.pure_noise_row)
+        b.eval(0, 1 + i % depth, times[i], "x0" if i == 0 and pure_noise else None)
         terms = [(row.state_coef, 0)] + [(c, 1 + (i - j) % depth) for j, c in enumerate(row.coefs)]
         b.combine(0, terms, 0.0 if noise_coefs is None else noise_coefs[i])
+        if i == 0 and pure_noise and target == "eps" and depth > 1 and len(rows) > 1:
+            b.combine(1, start_eps_terms(schedule, times, row, state_slot=0, d_slot=1))
     names = ["x"] + [f"{target}[{k}]" for k in range(depth)]
     return b.build(method, 1 + depth, times, names)
+
+
+def start_eps_terms(schedule, times: Sequence[float], row: StepRow, state_slot: int, d_slot: int
+                    ) -> list[tuple[float, int]]:
+    """After the pure-noise step x1 = c x0 + d D0, the history's eps0 = x0 / sigma0 = (x1 - d D0) / (c sigma0)."""
+    k = 1.0 / (row.state_coef * float(schedule.sigma(times[0])))
+    return [(k, state_slot), (-k * row.coefs[0], d_slot)]
+

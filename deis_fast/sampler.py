@@ -12,7 +12,7 @@ from . import ops
 from .grids import GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
 from .plan import Combine, Eval, Plan
-from .schedules import Schedule, VPSchedule
+from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from .solvers import get_method
 
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
@@ -27,7 +27,9 @@ class NonFiniteError(FloatingPointError):
 
 def default_grid(schedule: Schedule, method: str) -> str:
     """A good fixed grid per family: time_quadratic for tAB/rhoAB/iPNDM on VP, logsnr for log-rho and
-    data-form methods (DPM-Solver's choice), karras for VE."""
+    data-form methods (DPM-Solver's choice), karras for VE, diffusers' shifted uniform grid for flow."""
+    if isinstance(schedule, FlowSchedule):
+        return "time_uniform"  # diffusers' FlowMatch grid (shifted by the schedule)
     if not schedule.variance_preserving:
         return "karras"
     if method.startswith(("logrho", "dpmpp")):
@@ -190,13 +192,15 @@ class Sampler:
                                     guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
                                     classifier_grad=classifier_grad, classifier_scale=classifier_scale,
                                     time_dtype=time_dtype)
+        self.adapter.check_plan(self.plan)
         self.model = model
         self.check_finite = check_finite
         self.progress = progress
         # None until the first eager call has checked whether the model hands back a reused output buffer
         self._copy_outputs: bool | None = copy_outputs
         self._ws: _Workspace | None = None
-        self._scale_checked = self.schedule.variance_preserving  # VE: check the noise scale on the first call
+        # VE (alpha = 1): check the noise scale on the first call
+        self._scale_checked = not isinstance(self.schedule, VESchedule)
         self._graphs: dict[tuple, Any] = {}
 
     @property

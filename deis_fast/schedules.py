@@ -13,7 +13,8 @@ import numpy as np
 
 ArrayLike = Any
 
-__all__ = ["Schedule", "VPSchedule", "VESchedule", "schedule_from_diffusers_config"]
+__all__ = ["Schedule", "VPSchedule", "VESchedule", "FlowSchedule", "schedule_from_diffusers_config", "shift_times",
+           "flux_mu", "flow_schedule_from_diffusers_config", "rescale_zero_terminal_snr"]
 
 
 def _f64(x: ArrayLike) -> np.ndarray:
@@ -70,9 +71,24 @@ class Schedule:
         return self.t_from_rho(np.exp(-_f64(lam)))
 
     def alpha_from_rho(self, rho: ArrayLike) -> np.ndarray:
-        """alpha as a function of rho (1 for VE, 1/sqrt(1+rho^2) for VP)."""
+        """alpha as a function of rho (1 for VE, 1/sqrt(1+rho^2) for VP; 0 at rho = inf)."""
         rho = _f64(rho)
         return _alpha_from_rho(rho) if self.variance_preserving else np.ones_like(rho)
+
+    def sigma_from_rho(self, rho: ArrayLike) -> np.ndarray:
+        """sigma as a function of rho, finite at rho = inf (where alpha = 0)."""
+        rho = _f64(rho)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isinf(rho), 1.0, self.alpha_from_rho(rho) * rho)
+
+    def grid_transform(self, t: ArrayLike, inverse: bool = False) -> np.ndarray:
+        """Applied to every named grid (identity here; the SD3/FLUX shift for :class:`FlowSchedule`)."""
+        return _f64(t)
+
+    @property
+    def starts_at_pure_noise(self) -> bool:
+        """True when alpha(t_max) = 0 (flow matching, zero terminal SNR): rho = inf at the start."""
+        return bool(self.alpha(self.t_max) == 0.0)
 
     @property
     def rho_min(self) -> float:
@@ -104,11 +120,16 @@ class VPSchedule(Schedule):
         self.name = name or kind
         if kind == "discrete":
             ac = _f64(alphas_cumprod)
-            if ac.ndim != 1 or ac.size < 2 or not np.all(np.isfinite(ac)) or np.any(ac <= 0) or np.any(ac > 1) or np.any(np.diff(ac) > 0):
-                raise ValueError("alphas_cumprod must be a 1-D, non-increasing sequence in (0, 1] of length >= 2")
+            if ac.ndim != 1 or ac.size < 3 or not np.all(np.isfinite(ac)) or np.any(ac[:-1] <= 0) or ac[-1] < 0 \
+                    or np.any(ac > 1) or np.any(np.diff(ac) > 0):
+                raise ValueError("alphas_cumprod must be a 1-D, non-increasing sequence in (0, 1] of length >= 3 "
+                                 "(only the last value may be 0: zero terminal SNR)")
             self.alphas_cumprod = ac
             self.num_train_timesteps = ac.size
-            self._log_alpha_grid = 0.5 * np.log(ac)  # log alpha at integer t
+            # zero terminal SNR (alphas_cumprod[-1] = 0): alpha, not log alpha, is linear on the last interval
+            self.zero_terminal_snr = bool(ac[-1] == 0.0)
+            with np.errstate(divide="ignore"):
+                self._log_alpha_grid = 0.5 * np.log(ac)  # log alpha at integer t
             self.discrete = True
             self.t_min = 0.0 if t_min is None else float(t_min)
             self.t_max = float(ac.size - 1) if t_max is None else float(t_max)
@@ -134,7 +155,7 @@ class VPSchedule(Schedule):
             raise ValueError(f"need finite t_min < t_max, got {self.t_min}, {self.t_max}")
         with np.errstate(over="ignore", invalid="ignore"):
             rho_max = float(self.rho(self.t_max))
-        if not np.isfinite(rho_max):
+        if not np.isfinite(rho_max) and not (self.discrete and self.zero_terminal_snr):
             raise ValueError(f"{self!r}: sigma/alpha at t_max={self.t_max} overflows float64 (alpha underflows); "
                              "lower beta_max / t_max")
 
@@ -182,7 +203,12 @@ class VPSchedule(Schedule):
             g = self._log_alpha_grid
             idx = np.clip(np.floor(t), 0, n - 2).astype(np.int64)
             w = t - idx
-            return g[idx] * (1.0 - w) + g[idx + 1] * w
+            if not self.zero_terminal_snr:
+                return g[idx] * (1.0 - w) + g[idx + 1] * w
+            last = idx == n - 2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(last, g[n - 2] + np.log(np.maximum(1.0 - w, 0.0)),
+                                g[idx] * (1.0 - w) + g[np.minimum(idx + 1, n - 2)] * w)
         if self.kind == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         s = self.cosine_s
@@ -207,6 +233,8 @@ class VPSchedule(Schedule):
             d = g[idx + 1] - g[idx]
             with np.errstate(divide="ignore", invalid="ignore"):
                 w = np.where(d != 0, (la - g[idx]) / d, 0.0)
+                if self.zero_terminal_snr:  # alpha linear on the last interval
+                    w = np.where(idx == n - 2, 1.0 - np.exp(la - g[n - 2]), w)
             return idx + w
         if self.kind == "linear":
             a = 0.25 * (self.beta_max - self.beta_min)
@@ -296,6 +324,122 @@ class VESchedule(Schedule):
         return self.t_from_rho(mt) if self._model_time == "sigma" else _f64(mt)
 
 
+def shift_times(t: ArrayLike, shift: float) -> np.ndarray:
+    """SD3 time shift ``t' = s t / (1 + (s - 1) t)`` (= rho' = s rho). FLUX's dynamic shift with ``mu`` is
+    ``shift = exp(mu)``: ``e^mu / (e^mu + 1/t - 1)`` is the same map."""
+    t = _f64(t)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX's dynamic-shift mu from the image token count: linear from base_shift at base_seq_len to
+    max_shift at max_seq_len (diffusers' ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(image_seq_len * m + base_shift - m * base_seq_len)
+
+
+class FlowSchedule(Schedule):
+    """Flow matching / rectified flow: x_t = (1 - t) x_0 + t eps on t in [0, 1] (SD3, FLUX, Wan, ...).
+
+    alpha = 1 - t, sigma = t, rho = t / (1 - t) (inf at t = 1, where sampling starts). The network is
+    called with ``time_scale * t`` (1000: diffusers' FlowMatch timesteps; 1: t itself). ``shift`` (SD3)
+    or ``mu`` (FLUX dynamic shift, shift = e^mu) is a transform of the named grids, not of the process.
+    """
+
+    variance_preserving = False
+    t_min, t_max = 0.0, 1.0
+
+    def __init__(self, shift: float = 1.0, time_scale: float = 1000.0, *, mu: float | None = None):
+        if mu is not None:
+            if shift != 1.0:
+                raise ValueError("give either shift or mu (FLUX dynamic shift, shift = exp(mu)), not both")
+            if not math.isfinite(mu):
+                raise ValueError(f"mu must be finite, got {mu}")
+            shift = math.exp(mu)
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift}")
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale}")
+        self.shift, self.time_scale, self.mu = float(shift), float(time_scale), mu
+
+    @classmethod
+    def flux(cls, image_seq_len: int | None = None, mu: float | None = None, time_scale: float = 1000.0,
+             **shift_config: float) -> "FlowSchedule":
+        """FLUX's dynamic shift: ``mu`` given, or computed from ``image_seq_len`` (see :func:`flux_mu`)."""
+        if (mu is None) == (image_seq_len is None):
+            raise ValueError("FlowSchedule.flux needs exactly one of mu or image_seq_len")
+        return cls(time_scale=time_scale, mu=flux_mu(int(image_seq_len), **shift_config) if mu is None else mu)
+
+    def __repr__(self) -> str:
+        sh = f"mu={self.mu}" if self.mu is not None else f"shift={self.shift}"
+        return f"FlowSchedule({sh}, time_scale={self.time_scale})"
+
+    def alpha(self, t: ArrayLike) -> np.ndarray:
+        return 1.0 - _f64(t)
+
+    def log_alpha(self, t: ArrayLike) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log1p(-_f64(t))
+
+    def sigma(self, t: ArrayLike) -> np.ndarray:
+        return _f64(t).copy()
+
+    def rho(self, t: ArrayLike) -> np.ndarray:
+        t = _f64(t)
+        with np.errstate(divide="ignore"):
+            return t / (1.0 - t)
+
+    def t_from_rho(self, rho: ArrayLike) -> np.ndarray:
+        rho = _f64(rho)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isinf(rho), 1.0, rho / (1.0 + rho))
+
+    def alpha_from_rho(self, rho: ArrayLike) -> np.ndarray:
+        return 1.0 / (1.0 + _f64(rho))
+
+    def sigma_from_rho(self, rho: ArrayLike) -> np.ndarray:
+        return self.t_from_rho(rho)
+
+    def model_time(self, t: ArrayLike) -> np.ndarray:
+        return self.time_scale * _f64(t)
+
+    def t_from_model_time(self, mt: ArrayLike) -> np.ndarray:
+        return _f64(mt) / self.time_scale
+
+    def grid_transform(self, t: ArrayLike, inverse: bool = False) -> np.ndarray:
+        if self.shift == 1.0:
+            return _f64(t)
+        return shift_times(t, 1.0 / self.shift if inverse else self.shift)
+
+
+def flow_schedule_from_diffusers_config(config: Mapping[str, Any], mu: float | None = None) -> FlowSchedule:
+    """The :class:`FlowSchedule` of a diffusers flow config: FlowMatchEuler/Heun (``shift``,
+    ``use_dynamic_shifting`` with ``mu`` as the pipeline passes it, ``time_shift_type``) or DEIS / DPM-Solver++ /
+    UniPC with ``use_flow_sigmas=True`` and ``flow_shift``. Raises on keys it would get wrong."""
+    cfg = dict(config)
+    pred = cfg.get("prediction_type", "flow_prediction")
+    if pred != "flow_prediction":
+        raise ValueError(f"a flow-matching config needs prediction_type='flow_prediction', got {pred!r}; the model "
+                         "predicts the velocity eps - x0")
+    if cfg.get("shift_terminal") or cfg.get("invert_sigmas") or cfg.get("stochastic_sampling"):
+        raise ValueError("shift_terminal / invert_sigmas / stochastic_sampling are not supported; build a "
+                         "FlowSchedule and pass the sigmas as an explicit grid")
+    scale = float(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("use_dynamic_shifting", False):
+        if mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu (FLUX pipelines pass mu = calculate_shift(image "
+                             "token count); deis_fast.schedules.flux_mu computes it)")
+        kind = cfg.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {kind!r}; use 'exponential' or 'linear'")
+        return FlowSchedule(time_scale=scale, mu=mu) if kind == "exponential" else FlowSchedule(float(mu), scale)
+    if mu is not None:
+        raise ValueError("mu was given but use_dynamic_shifting=False: the config's static shift applies; pass "
+                         "use_dynamic_shifting=True or drop mu")
+    return FlowSchedule(float(cfg.get("shift", cfg.get("flow_shift", 1.0))), scale)
+
+
 def _betas_preset(preset: str, n: int, beta_start: float | None, beta_end: float | None) -> np.ndarray:
     if preset == "linear":
         return np.linspace(beta_start or 1e-4, beta_end or 0.02, n, dtype=np.float64)
@@ -316,10 +460,25 @@ def schedule_from_diffusers_config(config: Mapping[str, Any]) -> VPSchedule:
     n = int(cfg.get("num_train_timesteps", 1000))
     trained = cfg.get("trained_betas")
     if trained is not None:
-        return VPSchedule.from_betas(np.asarray(trained, dtype=np.float64), name="trained_betas")
-    preset = cfg.get("beta_schedule", "linear")
-    return VPSchedule.discrete(preset, n, cfg.get("beta_start", 1e-4 if preset == "linear" else None),
-                               cfg.get("beta_end", 0.02 if preset == "linear" else None))
+        sched = VPSchedule.from_betas(np.asarray(trained, dtype=np.float64), name="trained_betas")
+    else:
+        preset = cfg.get("beta_schedule", "linear")
+        sched = VPSchedule.discrete(preset, n, cfg.get("beta_start", 1e-4 if preset == "linear" else None),
+                                    cfg.get("beta_end", 0.02 if preset == "linear" else None))
+    if cfg.get("rescale_betas_zero_snr", False):
+        sched = VPSchedule.from_alphas_cumprod(rescale_zero_terminal_snr(sched.alphas_cumprod),
+                                               name=sched.name + "+zero_snr")
+    return sched
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: ArrayLike) -> np.ndarray:
+    """Lin et al. (2024): shift and scale sqrt(alphas_cumprod) so that the last value is 0 and the first is kept
+    (diffusers' ``rescale_betas_zero_snr=True``)."""
+    r = np.sqrt(_f64(alphas_cumprod))
+    r0, rt = r[0], r[-1]
+    out = ((r - rt) * (r0 / (r0 - rt))) ** 2
+    out[-1] = 0.0
+    return out
 
 
 VPSchedule.from_diffusers_config = staticmethod(schedule_from_diffusers_config)  # type: ignore[attr-defined]

@@ -43,24 +43,32 @@ class GaussianMixture:
         return self.means[k] + self.std * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
 
     # --- exact predictions ------------------------------------------------------------
+    def predict(self, x: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (eps, x0) = E[(eps, x0) | x] for x = alpha x0 + sigma eps, x [B, d], alpha/sigma scalars or [B];
+        finite for alpha = 0 (pure noise: eps = x / sigma, x0 = the mixture mean) and for sigma = 0."""
+        x = x.to(torch.float64)
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        var = (alpha * self.std) ** 2 + sigma * sigma                   # [B or 1, 1]: Var of x given a component
+        diff = x[:, None, :] - alpha[:, None] * self.means[None]          # [B, K, d]
+        logits = self.log_w[None] - 0.5 * (diff * diff).sum(-1) / var     # [B, K]
+        gamma = torch.softmax(logits, dim=1)[..., None]
+        r = (gamma * diff).sum(1) / var                                   # E[(x - alpha mu) / var | x]
+        x0 = (gamma * self.means[None]).sum(1) + alpha * self.std ** 2 * r
+        return sigma * r, x0
+
     def eps_hat(self, xhat: torch.Tensor, rho: torch.Tensor | float) -> torch.Tensor:
         """Exact eps at scaled state xhat [B, d] and rho (scalar or [B])."""
-        xhat = xhat.to(torch.float64)
-        rho = torch.as_tensor(rho, dtype=torch.float64).reshape(-1, 1)
-        var = self.std ** 2 + rho * rho                                   # [B or 1, 1]
-        diff = xhat[:, None, :] - self.means[None]                        # [B, K, d]
-        logits = self.log_w[None] - 0.5 * (diff * diff).sum(-1) / var     # [B, K]
-        gamma = torch.softmax(logits, dim=1)
-        return (gamma[..., None] * diff).sum(1) * (rho / var)
+        return self.predict(xhat, 1.0, rho)[0]
 
     def eps(self, x: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float) -> torch.Tensor:
         """Exact eps(x, alpha, sigma) for x = alpha * x0 + sigma * eps."""
-        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        return self.eps_hat(x.to(torch.float64) / alpha, sigma / alpha)
+        return self.predict(x, alpha, sigma)[0]
 
     def model(self, schedule: Schedule, prediction: str = "eps") -> Callable[..., torch.Tensor]:
-        """A ``model(x, t)`` returning the exact prediction, with t the schedule's model time."""
+        """A ``model(x, t)`` returning the exact prediction ('eps', 'x0', 'v', 'score' or 'flow' = eps - x0),
+        with t the schedule's model time."""
         from .models import normalize_prediction
         pred = normalize_prediction(prediction)
 
@@ -69,40 +77,39 @@ class GaussianMixture:
             a = torch.as_tensor(schedule.alpha(tt), dtype=torch.float64).reshape(-1, 1)
             s = torch.as_tensor(schedule.sigma(tt), dtype=torch.float64).reshape(-1, 1)
             shape = x.shape
-            x2 = x.reshape(shape[0], -1).to(torch.float64)
-            e = self.eps(x2, a, s)
-            if pred == "eps":
-                out = e
-            elif pred == "x0":
-                out = (x2 - s * e) / a
-            elif pred == "v":
-                out = a * e - s * (x2 - s * e) / a
-            else:
-                out = -e / s
+            e, x0 = self.predict(x.reshape(shape[0], -1), a, s)
+            out = {"eps": lambda: e, "x0": lambda: x0, "v": lambda: a * e - s * x0, "score": lambda: -e / s,
+                   "flow": lambda: e - x0}[pred]()
             return out.to(x.dtype).reshape(shape)
         return fn
 
 
 def reference_solution(mixture: GaussianMixture, schedule: Schedule, x_start: torch.Tensor, t_start: float,
                        t_end: float, rtol: float = 1e-10, atol: float = 1e-10) -> torch.Tensor:
-    """Exact probability-flow ODE endpoint from x(t_start) = x_start to t_end (float64, DOP853 in log rho)."""
-    a0, r0 = float(schedule.alpha(t_start)), float(schedule.rho(t_start))
-    a1, r1 = float(schedule.alpha(t_end)), float(schedule.rho(t_end))
-    if not (r0 > r1 > 0):
-        raise ValueError("reference_solution needs rho(t_start) > rho(t_end) > 0")
+    """Exact probability-flow ODE endpoint from x(t_start) = x_start to t_end (float64, DOP853), for any
+    schedule (alpha, sigma), including alpha = 0 at the start (flow matching, zero terminal SNR) and sigma = 0
+    at the end. Integrated in the angle theta = atan2(sigma, alpha) on y = x / sqrt(alpha^2 + sigma^2), where
+    dy/dtheta = cos(theta) eps - sin(theta) x0 is regular on all of [0, pi/2]."""
+    def angle(t: float) -> tuple[float, float]:
+        a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+        return float(np.arctan2(s, a)), float(np.hypot(a, s))
+    th0, n0 = angle(t_start)
+    th1, n1 = angle(t_end)
+    if not th0 > th1:
+        raise ValueError("reference_solution needs rho(t_start) > rho(t_end) (noise to data)")
     shape = x_start.shape
-    y0 = (x_start.reshape(shape[0], -1).double() / a0).numpy().ravel()
+    y0 = (x_start.reshape(shape[0], -1).double() / n0).numpy().ravel()
     n = shape[0]
 
-    def rhs(u: float, y: np.ndarray) -> np.ndarray:
-        rho = float(np.exp(u))
-        xh = torch.from_numpy(y.reshape(n, -1))
-        return (rho * mixture.eps_hat(xh, rho)).numpy().ravel()
+    def rhs(th: float, y: np.ndarray) -> np.ndarray:
+        c, s = np.cos(th), np.sin(th)
+        e, x0 = mixture.predict(torch.from_numpy(y.reshape(n, -1)), c, s)
+        return (c * e - s * x0).numpy().ravel()
 
-    sol = solve_ivp(rhs, (np.log(r0), np.log(r1)), y0, method="DOP853", rtol=rtol, atol=atol)
+    sol = solve_ivp(rhs, (th0, th1), y0, method="DOP853", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-    return torch.from_numpy(sol.y[:, -1] * a1).reshape(shape)
+    return torch.from_numpy(sol.y[:, -1] * n1).reshape(shape)
 
 
 def relative_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -112,14 +119,15 @@ def relative_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x - ref).norm(dim=1) / ref.norm(dim=1)
 
 
-def yardstick_problem(n_samples: int = 400, seed: int = 0, mixture_seed: int = 1234):
-    """The public yardstick: 8-component mixture in 64-d (std 0.3), discrete linear betas, t 999 -> 0.
+def yardstick_problem(n_samples: int = 400, seed: int = 0, mixture_seed: int = 1234, schedule: Schedule | None = None):
+    """The public yardstick: 8-component mixture in 64-d (std 0.3), from t_max to t_min of ``schedule``
+    (default: discrete linear betas, t 999 -> 0; ``FlowSchedule()``: t 1 -> 0, the flow yardstick).
 
     Returns (mixture, schedule, noise [n, 64] float64, reference endpoint [n, 64]).
     """
     from .schedules import VPSchedule
     mix = GaussianMixture.random(8, 64, 0.3, mixture_seed)
-    sched = VPSchedule.discrete("linear")
+    sched = VPSchedule.discrete("linear") if schedule is None else schedule
     noise = torch.randn(n_samples, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = reference_solution(mix, sched, noise, sched.t_max, sched.t_min)
     return mix, sched, noise, ref

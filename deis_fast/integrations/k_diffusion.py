@@ -9,7 +9,9 @@ starts at ``sigmas[0]`` scale (VE); ``sigmas`` is decreasing and may end with 0.
 solver grid (t = sigma in a ``VESchedule``), so a single-stage method makes ``len(sigmas) - 1``
 denoiser calls. A final sigma = 0 is a first-order step to the denoised output (for log-rho and
 data-form methods inside the plan; for Runge-Kutta methods one extra denoiser call, as in k-diffusion's
-``sample_heun``). ``callback`` receives ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` after each state
+``sample_heun``). ``model_type="const"`` takes ComfyUI's CONST convention for flow models instead (sigma in [0, 1],
+x = sigma noise + (1 - sigma) x0, sigmas from 1 to 0): the sigmas are then times of a ``FlowSchedule``.
+``callback`` receives ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` after each state
 update: ``i`` counts network evaluations (0-based), ``sigma`` is where the last one was made and
 ``denoised`` its output.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from ..sampler import Sampler
-from ..schedules import VESchedule
+from ..schedules import FlowSchedule, Schedule, VESchedule
 from ..solvers import get_method
 
 __all__ = ["sample_deis_fast", "sample_deis", "sample_deis_logrho", "sample_ipndm", "sample_ipndm_v",
@@ -52,9 +54,12 @@ def _sigmas_to_numpy(sigmas: Any) -> np.ndarray:
 
 def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any,
                      extra_args: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                     disable: bool | None = None, method: str = "tab3", **options: Any) -> torch.Tensor:
+                     disable: bool | None = None, method: str = "tab3", model_type: str = "eps",
+                     **options: Any) -> torch.Tensor:
     """Any deis_fast method on a k-diffusion denoiser over the given ``sigmas``.
 
+    ``model_type``: "eps" (k-diffusion's VE convention, x = x0 + sigma noise) or "const" (ComfyUI's CONST model
+    sampling of flow models: sigma in [0, 1], x = sigma noise + (1 - sigma) x0; sigmas may start at 1).
     ``options`` go to :class:`deis_fast.Sampler` (``pfdiff=(k, h)``, ``eta``, ``lower_order_final``,
     ``generator`` is not one: stochastic methods draw from torch's global generator unless
     ``generator=`` is given here).
@@ -64,7 +69,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     extra_args = dict(extra_args or {})
     to_zero = s[-1] == 0.0
     positive = s[s > 0]
-    sched = VESchedule(float(positive[-1]), float(s[0]))
+    sched, key = _schedule_for(model_type, s, positive)
     name = "ddim" if method == "pfdiff" else method
     spec = get_method(name)
     # Runge-Kutta stages cannot be evaluated at sigma = 0: integrate to the last positive sigma, then
@@ -80,7 +85,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
 
     is_pf = method == "pfdiff" or options.get("pfdiff") is not None
     nfe = _pfdiff_nfe(len(grid) - 1, options.get("pfdiff"), method) if is_pf else None
-    sampler = Sampler(denoiser, sched, method, nfe, {"sigma": [float(v) for v in grid]}, prediction="x0",
+    sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
                       progress=disable is not True, **options)
     evals = sampler.plan.evals
     cb = None
@@ -96,6 +101,19 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         if callback is not None:
             callback({"x": out, "i": len(evals), "sigma": sig, "sigma_hat": sig, "denoised": out})
     return out
+
+
+def _schedule_for(model_type: str, s: np.ndarray, positive: np.ndarray) -> tuple[Schedule, str]:
+    """The schedule whose time is k-diffusion's sigma, and the grid key that reads the sigmas as such times."""
+    if model_type == "eps":
+        return VESchedule(float(positive[-1]), float(s[0])), "sigma"
+    if model_type == "const":
+        if s[0] > 1.0:
+            raise ValueError(f"CONST (flow) sigmas lie in [0, 1], got sigmas[0] = {s[0]}; for VE denoisers pass "
+                             "model_type='eps'")
+        return FlowSchedule(time_scale=1.0), "t"
+    raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma noise + "
+                     f"(1 - sigma) x0), got {model_type!r}")
 
 
 def _pfdiff_nfe(intervals: int, kh: Any, method: str) -> int:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..coefficients import lagrange_integrals
+from ..coefficients import lagrange_integrals_inf, pure_noise_row
 from ..grids import grid_rho, make_grid
-from ..plan import Plan, PlanBuilder
+from ..plan import Plan, PlanBuilder, start_eps_terms
+from ..schedules import FlowSchedule
 from .stochastic import ancestral_split
 
 DEFAULT_KH = (2, 1)
@@ -67,7 +68,10 @@ def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1
         raise ValueError(f"PFDiff-({k},{h}) with nfe={nfe} needs {intervals} grid intervals but the grid has "
                          f"{len(t) - 1} (integer rounding removed duplicates?); lower nfe or use a finer schedule")
     rho = grid_rho(schedule, t)
-    target = "x0" if spec.family == "data_ab" else "eps"
+    # on flow matching DDIM is Euler in t; PFDiff then buffers the velocity v = eps - x0, as the official FLUX code
+    flow_euler = isinstance(schedule, FlowSchedule) and spec.first_order and spec.family != "stochastic" \
+        and spec.family != "data_ab"
+    target = "x0" if spec.family == "data_ab" else ("flow" if flow_euler else "eps")
     stochastic = spec.family == "stochastic"
     points = spec.builder.keywords["points"] if multistep else 1
     variable = spec.builder.keywords.get("variable", "rho") if multistep else "rho"  # ipndm -> exact AB in rho
@@ -81,15 +85,20 @@ def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1
     hist = [2 + j for j in range(points)]            # ring of buffered outputs
     taus: list[tuple[float, float]] = []              # (t, rho) at which each buffered output was evaluated
 
+    sig = schedule.sigma_from_rho(rho)
+
     def phi(dst: int, a: int, c: int, n_hist: int, noise: bool) -> None:
         """x_c (into dst) from x_a and the newest n_hist buffered outputs."""
+        newest_slot = hist[(len(taus) - 1) % points]
+        if target == "flow":                                        # Euler in t with the buffered velocity
+            b.combine(dst, [(1.0, x_slot), (t[c] - t[a], newest_slot)])
+            return
         if target == "x0":
             if rho[c] == 0.0:
-                terms = [(alpha[c], hist[(len(taus) - 1) % points])]
+                terms = [(alpha[c], newest_slot)]
             else:
-                sig = alpha * rho
                 hstep = np.log(rho[a]) - np.log(rho[c])
-                terms = [(sig[c] / sig[a], x_slot), (alpha[c] * -np.expm1(-hstep), hist[(len(taus) - 1) % points])]
+                terms = [(sig[c] / sig[a], x_slot), (alpha[c] * -np.expm1(-hstep), newest_slot)]
             b.combine(dst, terms)
             return
         newest = [len(taus) - 1 - j for j in range(n_hist)]
@@ -103,16 +112,25 @@ def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1
         else:
             nodes = [s_of(*taus[j]) for j in newest]
             f = (lambda u: u) if variable == "rho" else (np.log if variable == "logrho" else schedule.t_from_rho)
-            cs = list(lagrange_integrals(rho[a], rho_target, nodes, f,
+            cs = list(lagrange_integrals_inf(rho[a], rho_target, nodes, f,
                                          breaks=schedule.rho(schedule.knots(t[c], t[a])) if schedule.discrete else None,
                                          pieces=1 if schedule.discrete else 6))
         terms = [(alpha[c] / alpha[a], x_slot)] + [(alpha[c] * cj, hist[j % points]) for cj, j in zip(cs, newest)]
         b.combine(dst, terms, noise_coef)
 
     # step 0: plain step
-    b.eval(x_slot, hist[0], t[0])
     taus.append((t[0], rho[0]))
-    phi(x_slot, 0, 1, 1, True)
+    if np.isinf(rho[0]) and target == "eps":  # out of alpha = 0: data form, then eps0 = x0 / sigma0 in the buffer
+        if stochastic:
+            raise ValueError("PFDiff on ddim_eta cannot start at alpha = 0 (t_start = t_max of a flow or zero-SNR "
+                             "schedule); use base 'ddim' or 'dpmpp1', or t_start < t_max")
+        b.eval(x_slot, hist[0], t[0], "x0")
+        row = pure_noise_row(alpha[1], rho[1], float(sig[0]))
+        b.combine(x_slot, [(row.state_coef, x_slot), (row.coefs[0], hist[0])])
+        b.combine(hist[0], start_eps_terms(schedule, t, row, x_slot, hist[0]))
+    else:
+        b.eval(x_slot, hist[0], t[0])
+        phi(x_slot, 0, 1, 1, True)
     i = 1
     while i < intervals:
         n_hist = min(points, len(taus))

@@ -23,13 +23,19 @@ def stages(name: str) -> int:
 
 
 def rk_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray) -> Plan:
-    """Each stage state is ``alpha_k * (xhat_i + h * sum_l a_kl eps_l)``; slots: x, eps[0..s-1], stage."""
+    """Each stage state is ``alpha_k * (xhat_i + h * sum_l a_kl eps_l)``; slots: x, eps[0..s-1], stage.
+    Plans that start at alpha = 0 take their steps with rho > 1 in data form (:func:`_data_form_rk_step`)."""
     A, bw, c, _ = TABLEAUS[name]
     s = len(bw)
     stage_slot = 1 + s
     alpha = schedule.alpha_from_rho(rho)
     b = PlanBuilder(schedule, "eps")
     for i in range(len(t) - 1):
+        if np.isinf(rho[0]) and rho[i] > 1.0 and rho[i + 1] > 0.0:
+            # from pure noise (alpha = 0) the noisy half runs in data form: regular at rho = inf, and steps
+            # uniform in time near t_max are uniform in u = 1 / rho (they double rho in the eps form)
+            _data_form_rk_step(b, schedule, t, rho, i, A, bw, c, stage_slot)
+            continue
         h = rho[i + 1] - rho[i]
         b.eval(0, 1, t[i])
         for k in range(1, s):
@@ -42,3 +48,21 @@ def rk_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray) -> Plan:
         b.combine(0, terms)
     names = ["x"] + [f"eps[{k}]" for k in range(s)] + ["stage"]
     return b.build(name, s + 2, t, names)
+
+
+def _data_form_rk_step(b: PlanBuilder, schedule, t: np.ndarray, rho: np.ndarray, i: int, A, bw, c,
+                       stage_slot: int) -> None:
+    """The same Runge-Kutta on d xbar / d u = D with xbar = x / sigma and u = 1 / rho, regular at u = 0 (alpha = 0,
+    rho = inf); stage k sits at u_i + c_k (u_{i+1} - u_i). Evals target the data prediction D."""
+    u0, u1 = 1.0 / rho[i], 1.0 / rho[i + 1]
+    s0 = float(schedule.sigma_from_rho(rho[i]))
+
+    def terms(rk: float, weights) -> list[tuple[float, int]]:
+        sk = float(schedule.sigma_from_rho(rk))
+        return [(sk / s0, 0)] + [(sk * (u1 - u0) * w, 1 + l) for l, w in enumerate(weights)]
+    b.eval(0, 1, t[i], "x0")
+    for k in range(1, len(bw)):
+        rk = 1.0 / (u0 + c[k] * (u1 - u0))
+        b.combine(stage_slot, terms(rk, A[k - 1]))
+        b.eval(stage_slot, 1 + k, float(schedule.t_from_rho(rk)), "x0")
+    b.combine(0, terms(rho[i + 1], bw))

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..coefficients import StepRow
+from ..coefficients import StepRow, pure_noise_row
 from ..plan import Plan, multistep_plan
 
 
 def ancestral_split(rho: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
     """(rho_down, rho_up) for every step of the grid."""
     a, b = rho[:-1], rho[1:]
-    up = np.minimum(b, eta * np.sqrt(np.maximum(b * b * (a * a - b * b), 0.0)) / a)
+    up = np.minimum(b, eta * b * np.sqrt(np.maximum(1.0 - (b / a) ** 2, 0.0)))  # a = inf (alpha = 0): eta * b
     down = np.sqrt(np.maximum(b * b - up * up, 0.0))
     return down, up
 
@@ -26,6 +26,7 @@ def ddim_eta_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, eta: f
     alpha = schedule.alpha_from_rho(rho)
     down, up = ancestral_split(rho, eta)
     rows = [StepRow(float(alpha[i + 1] / alpha[i]), (float(alpha[i + 1] * (down[i] - rho[i])),))
+            if np.isfinite(rho[i]) else pure_noise_row(alpha[i + 1], down[i], float(schedule.sigma_from_rho(rho[i])))
             for i in range(len(t) - 1)]
     noise = [float(alpha[i + 1] * up[i]) for i in range(len(t) - 1)]
     return multistep_plan(name, schedule, t, rows, "eps", noise_coefs=noise)
