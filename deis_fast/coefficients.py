@@ -117,12 +117,7 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
     ``C_ij = int_{rho_i}^{rho_{i+1}} l_j(s(rho)) d rho`` with the polynomial in ``variable``:
     't' (tAB-DEIS), 'rho' (rhoAB-DEIS) or 'logrho' (diffusers' DEIS).
     """
-    alpha = schedule.alpha_from_rho(rho)
-    rows = []
-    for i, p in enumerate(points):
-        if _starts_at_inf(rho, i):
-            rows.append(pure_noise_row(alpha[1], rho[1], float(schedule.sigma_from_rho(rho[0]))))
-            continue
+    def step(i: int, p: int, alpha: np.ndarray) -> StepRow:
         a, b = rho[i], rho[i + 1]
         hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
         if variable == "rho":
@@ -137,8 +132,8 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
                                    pieces=1 if schedule.discrete else 6)
         else:
             raise ValueError(f"unknown interpolation variable {variable!r}")
-        rows.append(StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * x) for x in c)))
-    return rows
+        return StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * x) for x in c))
+    return _eps_rows(schedule, rho, points, step)
 
 
 def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
@@ -207,12 +202,21 @@ def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
 
 def ipndm_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:
     """iPNDM: fixed Adams-Bashforth weights on the rho grid (exact only on uniform rho steps)."""
+    def step(i: int, p: int, alpha: np.ndarray) -> StepRow:
+        h = rho[i + 1] - rho[i]
+        return StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * h * w) for w in IPNDM_WEIGHTS[p - 1]))
+    return _eps_rows(schedule, rho, points, step)
+
+
+def _eps_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
+              step: Callable[[int, int, np.ndarray], StepRow]) -> list[StepRow]:
+    """The rows of an eps-form multistep method: ``step(i, points_i, alpha)`` for each step, except a step out
+    of rho = inf (alpha = 0: flow matching at t = 1, zero terminal SNR), which is the exact data-form jump."""
     alpha = schedule.alpha_from_rho(rho)
     rows = []
     for i, p in enumerate(points):
         if _starts_at_inf(rho, i):
             rows.append(pure_noise_row(alpha[1], rho[1], float(schedule.sigma_from_rho(rho[0]))))
-            continue
-        h = rho[i + 1] - rho[i]
-        rows.append(StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * h * w) for w in IPNDM_WEIGHTS[p - 1])))
+        else:
+            rows.append(step(i, p, alpha))
     return rows
