@@ -1,10 +1,14 @@
 """The deis-fast command line, run in-process through main([...])."""
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from _inputs import FUZZ
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from deis_fast import cli
@@ -194,3 +198,44 @@ def test_python_dash_m():
                        capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["method"] == "ddim"
+
+
+# ---------------------------------------------------------------- fuzzing the argument parsers
+def _parsers():
+    out = []
+    from deis_fast import generate
+    out.append(("generate", generate.build_parser()))
+    try:
+        from deis_fast import cli
+    except ImportError:
+        return out
+    for name in ("build_parser", "make_parser", "get_parser", "create_parser", "parser"):
+        f = getattr(cli, name, None)
+        if callable(f):
+            try:
+                out.append(("cli", f()))
+            except TypeError:
+                pass
+            break
+    return out
+
+
+TOKENS = ["-n", "--num", "--outdir", "/tmp/x", "--batch-size", "--method", "tab3", "nope", "--nfe", "--grid",
+          "karras", "999,500,0", "--eta", "nan", "--pfdiff", "2,1", "2", "a,b", "--seed-offset", "--format", "png",
+          "gif", "--model", "digits", "--dtype", "float16", "half", "--device", "cpu", "--threads", "--model-batch",
+          "0", "-1", "10", "1e9", "--no-progress", "--bogus", "sample", "generate", "demo", "--", "", "=",
+          "--_fail-after", "x"]
+
+
+@FUZZ
+@given(tokens=st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=6)), max_size=12))
+def test_fuzz_argument_parsers(tokens):
+    if "-h" in tokens or "--help" in tokens:
+        return
+    import contextlib
+    for _, parser in _parsers():
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                parser.parse_args(tokens)
+            except SystemExit as e:
+                assert e.code == 2, (tokens, e.code)

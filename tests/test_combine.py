@@ -5,10 +5,12 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from _combine_common import DTYPES, check_result, load_ext_or_skip, make_inputs
+from _inputs import FUZZ, assert_ok_or_documented
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _combine_common import DTYPES, check_result, load_ext_or_skip, make_inputs
 from deis_fast import ops
 from deis_fast.kernels import dispatch
 
@@ -318,3 +320,115 @@ def test_kernel_constants_agree_between_python_and_cpp():
         pytest.skip(f"deis_fast._C is not built: {dispatch.ext_error()}")
     assert ext.MAX_SOURCES == MAX_SOURCES == ops.MAX_SOURCES
     assert {str(k).replace("torch.", ""): v for k, v in DTYPE_CODES.items()} == dict(ext.DTYPE_CODES)
+
+
+# ---------------------------------------------------------------- bad input, layouts, fuzzing
+@pytest.mark.parametrize("args, err, match", [
+    (([torch.ones(3), torch.ones(4)], [1.0, 1.0]), ValueError, "shape"),
+    (([torch.ones(3), torch.ones(3, dtype=torch.half)], [1.0, 1.0]), TypeError, "dtype"),
+    (([torch.ones(3), torch.ones(3, device="meta")], [1.0, 1.0]), ValueError, "device"),
+    (([torch.ones(3, dtype=torch.int32)], [1.0]), TypeError, "float32"),
+    (([torch.ones(3, dtype=torch.complex64)], [1.0]), TypeError, "float32"),
+    (([], []), ValueError, "1 to 6"),
+    (([torch.ones(3)] * 7, [1.0] * 7), ValueError, "1 to 6"),
+    (([torch.ones(3)], [1.0, 2.0]), ValueError, "coefficients"),
+    (([torch.ones(3)], [float("nan")]), ValueError, "finite"),
+    (([torch.ones(3)], [float("inf")]), ValueError, "finite"),
+    (([torch.ones(3)], ["a"]), TypeError, "real number"),
+    (([1.0], [1.0]), TypeError, "torch.Tensor"),
+    (([torch.ones(3), 1.0], [1.0, 1.0]), TypeError, "torch.Tensor"),
+])
+def test_bad_combine_inputs(args, err, match):
+    with pytest.raises(err, match=match):
+        ops.combine(*args)
+
+
+def test_bad_combine_out_noise_and_backend():
+    a = torch.ones(3)
+    with pytest.raises(ValueError, match="out"):
+        ops.combine([a], [1.0], out=torch.empty(4))
+    with pytest.raises(TypeError, match="out"):
+        ops.combine([a], [1.0], out=torch.empty(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise"):
+        ops.combine([a], [1.0], noise=torch.ones(2), noise_coef=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        ops.combine([a], [1.0], noise=a, noise_coef=float("nan"))
+    with pytest.raises(ValueError, match="backend"):
+        ops.combine([a], [1.0], backend="nope")
+
+
+def test_combine_on_meta_tensors_propagates_shapes():
+    out = ops.combine([torch.empty(2, 3, device="meta")] * 2, [1.0, 2.0])
+    assert out.device.type == "meta" and out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_combine_layouts_match_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(2, 3, 5, 4, generator=g).to(dtype) for _ in range(3)]
+    coefs = [0.3, -1.2, 0.7]
+    ref = sum(c * b.double() for c, b in zip(coefs, base))
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+    for layout in ("contiguous", "channels_last", "transposed", "mixed"):
+        if layout == "contiguous":
+            srcs = base
+        elif layout == "channels_last":
+            srcs = [b.contiguous(memory_format=torch.channels_last) for b in base]
+        elif layout == "transposed":
+            srcs = [b.transpose(1, 3).contiguous().transpose(1, 3) for b in base]
+        else:
+            srcs = [base[0], base[1].contiguous(memory_format=torch.channels_last), base[2][:, :, :, :]]
+        out = ops.combine(srcs, coefs)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * 4)
+
+
+shapes = st.sampled_from([(3,), (2, 3), (2, 3, 4, 5), (0,), (1, 1), (4, 1)])
+
+
+cdtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool])
+
+
+coef_st = st.one_of(st.floats(-10, 10), st.sampled_from([float("nan"), float("inf"), 0.0]))
+
+
+@FUZZ
+@given(n=st.integers(0, 8), shapes_=st.lists(shapes, min_size=8, max_size=8), dtypes_=st.lists(cdtypes, min_size=8, max_size=8),
+       coefs=st.lists(coef_st, min_size=0, max_size=9), use_out=st.sampled_from(["none", "fresh", "alias", "bad"]),
+       use_noise=st.booleans(), noise_coef=coef_st, transpose=st.booleans(), seed=st.integers(0, 3))
+def test_fuzz_combine(n, shapes_, dtypes_, coefs, use_out, use_noise, noise_coef, transpose, seed):
+    g = torch.Generator().manual_seed(seed)
+    # mostly consistent inputs (so that valid calls happen), with random deviations
+    same = seed != 3
+    shp = shapes_[0]
+    srcs = []
+    for j in range(n):
+        s, d = (shp, dtypes_[0]) if same else (shapes_[j], dtypes_[j])
+        t = (torch.randn(s, generator=g) * 3).to(d)
+        if transpose and t.ndim >= 2:
+            t = t.transpose(0, 1)  # non-contiguous
+        srcs.append(t)
+    noise = (torch.randn(shp, generator=g).to(dtypes_[0]) if same else torch.randn(shapes_[n % 8], generator=g))
+    if transpose and noise.ndim >= 2:
+        noise = noise.transpose(0, 1)
+    kw = {}
+    if use_noise:
+        kw.update(noise=noise, noise_coef=noise_coef)
+    if use_out == "fresh" and srcs:
+        kw["out"] = torch.empty_like(srcs[0])
+    elif use_out == "alias" and srcs:
+        kw["out"] = srcs[0]
+    elif use_out == "bad":
+        kw["out"] = torch.empty(7)
+    expected = None
+    if srcs and len(coefs) == n and all(isinstance(s, torch.Tensor) and s.is_floating_point() for s in srcs):
+        try:
+            expected = sum(float(c) * s.double() for c, s in zip(coefs, srcs))
+            if use_noise and noise_coef != 0:
+                expected = expected + noise_coef * noise.double()
+        except RuntimeError:  # shapes do not broadcast: the call must fail
+            expected = None
+    out = assert_ok_or_documented(lambda: ops.combine(srcs, coefs, **kw))
+    if out is not None:
+        assert expected is not None and out.shape == expected.shape
+        tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(out.dtype, 1e-5)
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 10)

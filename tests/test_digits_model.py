@@ -2,12 +2,15 @@
 import json
 import os
 import pickle
+import re
 import struct
+import tokenize
 
 import numpy as np
 import pytest
 import torch
 
+import deis_fast
 from deis_fast import digits as D
 
 
@@ -133,3 +136,50 @@ def test_eps_prediction_beats_zero(model):
         pred = model(xt, torch.full((256,), 500.0))
     ratio = float(((pred - eps) ** 2).mean() / (eps**2).mean())
     assert ratio < 0.5, ratio
+
+
+# ---------------------------------------------------------------- no pickle anywhere
+PKG = os.path.dirname(deis_fast.__file__)
+
+
+def _code_tokens(path: str) -> str:
+    with open(path, "rb") as f:
+        toks = tokenize.tokenize(f.readline)
+        return " ".join(t.string for t in toks if t.type not in (tokenize.COMMENT, tokenize.STRING))
+
+
+def test_package_never_uses_pickle_or_torch_load():
+    pattern = re.compile(r"\btorch \. load\b|\bpickle\b|\bcPickle\b|\bdill\b|\bjoblib\b|\bmarshal\b|allow_pickle = True"
+                         r"|weights_only = False|\btorch \. serialization\b")
+    offenders = []
+    for root, _, files in os.walk(PKG):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                code = re.sub(r"\s*([.=])\s*", r" \1 ", _code_tokens(path))
+                for m in pattern.finditer(code):
+                    offenders.append(f"{os.path.relpath(path, PKG)}: {m.group(0)}")
+    assert not offenders, offenders
+    # every from_pretrained call insists on safetensors
+    for root, _, files in os.walk(PKG):
+        for name in files:
+            if name.endswith(".py"):
+                code = _code_tokens(os.path.join(root, name))
+                for m in re.finditer(r"from_pretrained \((.*?)\)", code):
+                    assert "use_safetensors" in m.group(1), f"{name}: from_pretrained without use_safetensors"
+
+
+def test_embedded_weights_are_safetensors_and_load_without_torch_load(monkeypatch):
+    assets = os.listdir(os.path.join(PKG, "assets"))
+    assert assets and all(a.endswith(".safetensors") for a in assets if not a.startswith(".")), assets
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.load / pickle used")
+
+    import pickle
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    from deis_fast.digits import load_digits_model
+    m = load_digits_model()
+    assert sum(p.numel() for p in m.parameters()) > 1000

@@ -1,6 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from _inputs import FUZZ, assert_ok_or_documented, eps_model, make_noise
+from hypothesis import given
+from hypothesis import strategies as st
 
 import deis_fast
 from deis_fast.schedules import VESchedule, VPSchedule, schedule_from_diffusers_config
@@ -63,3 +66,48 @@ def test_public_api_names():
     s = deis_fast.VPSchedule.discrete("linear")
     assert s.t_min == 0.0 and s.t_max == 999.0
     assert {"tab3", "deis", "ddim", "logrho3", "dpmpp2", "ipndm_v", "rho_rk4", "ddim_eta"} <= set(deis_fast.METHODS)
+
+
+# ---------------------------------------------------------------- fuzzing
+floats_any = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["betas", "alphas_cumprod", "ve", "ve_geo", "linear", "cosine", "preset"]),
+       values=st.lists(st.one_of(st.floats(-0.5, 1.5), floats_any, st.floats(1e-6, 0.05)), min_size=0, max_size=40),
+       a=st.one_of(floats_any, st.floats(0, 100)), b=st.one_of(floats_any, st.floats(0, 100)),
+       n=st.integers(-2, 50), preset=st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2", "nope"]),
+       method=st.sampled_from(["ddim", "tab3", "dpmpp2", "rho_heun", "ddim_eta"]), nfe=st.integers(1, 8),
+       grid=st.sampled_from(deis_fast.GRIDS))
+def test_fuzz_schedules(kind, values, a, b, n, preset, method, nfe, grid):
+    V, E = deis_fast.VPSchedule, deis_fast.VESchedule
+
+    def make():
+        if kind == "betas":
+            return V.from_betas(values)
+        if kind == "alphas_cumprod":
+            return V.from_alphas_cumprod(values)
+        if kind == "ve":
+            return E(a, b)
+        if kind == "ve_geo":
+            return E.smld(a, b)
+        if kind == "linear":
+            return V.linear(beta_min=a, beta_max=b)
+        if kind == "cosine":
+            return V.cosine(s=min(a, 1.0) if a == a else a)
+        return V.discrete(preset, n)
+
+    sched = assert_ok_or_documented(make)
+    if sched is None:
+        return
+
+    def use():
+        plan = deis_fast.build_plan(sched, method, nfe if method != "rho_heun" else 2 * nfe, grid)
+        assert np.all(np.isfinite(np.asarray(plan.times, dtype=np.float64)))
+        # degenerate-but-valid schedules (e.g. beta_max=1e-300) can give non-finite coefficients; running such
+        # a plan must then fail with a documented error (combine rejects non-finite coefficients)
+        x = deis_fast.Sampler(eps_model, sched, method, plan=plan)(make_noise((2, 3), dtype=torch.float64),
+                                                                   generator=torch.Generator().manual_seed(0))
+        return x
+
+    assert_ok_or_documented(use)
