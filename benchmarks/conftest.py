@@ -72,17 +72,21 @@ def nets(cfg: harness.BenchConfig):
     return get
 
 
+# the fine solve each network's results are checked against: (dtype, NFE of rho_rk4 on the logSNR grid)
+REFERENCE_SOLVE = {"digits": (torch.float64, 100), "unet": (torch.float32, 80)}
+
+
 @pytest.fixture(scope="session")
-def digits_reference(cfg: harness.BenchConfig):
-    """``digits_reference(noise)``: the fine float64 ODE endpoint of the digits model (cached per noise)."""
-    from deis_fast.digits import load_digits_model
-    net64 = load_digits_model(dtype=torch.float64)
+def references(nets):
+    """``references(net_name, noise)``: the ODE endpoint from ``noise`` by a fine rho_rk4 solve of the same
+    network (``REFERENCE_SOLVE``), cached per network and noise."""
     cache: dict = {}
 
-    def get(noise: torch.Tensor) -> torch.Tensor:
-        key = (tuple(noise.shape), float(noise.double().sum()))
+    def get(net_name: str, noise: torch.Tensor) -> torch.Tensor:
+        key = (net_name, tuple(noise.shape), float(noise.double().sum()))
         if key not in cache:
+            dtype, nfe = REFERENCE_SOLVE[net_name]
             with torch.inference_mode():
-                cache[key] = harness.fine_reference(net64, noise.detach().cpu().double())
+                cache[key] = harness.fine_reference(nets(net_name, dtype), noise.to(dtype), nfe)
         return cache[key]
     return get

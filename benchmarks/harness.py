@@ -290,8 +290,8 @@ def exact_null_solution(noise: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def median_relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Median over samples of ||x - ref|| / ||ref||."""
-    d = (x.double() - ref.double()).flatten(1).norm(dim=1)
-    return float((d / ref.double().flatten(1).norm(dim=1)).median())
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return float(((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).median())
 
 
 def assert_matches_reference(x: torch.Tensor, ref: torch.Tensor, rtol: float, what: str) -> None:

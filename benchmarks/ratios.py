@@ -3,7 +3,7 @@ group, each row's median and best time, and its ratio to the group's baseline (t
 ``extra_info["role"]`` is "baseline": the diffusers peer, or the copy in the bandwidth group) in the
 same run.
 
-    python benchmarks/ratios.py benchmarks/latency_cpu.json > tables.md
+    python benchmarks/ratios.py run.json [--strip small.json] > tables.md
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["summarize", "markdown"]
+__all__ = ["summarize", "markdown", "strip_rounds"]
 
 
 def _row(b: dict[str, Any]) -> dict[str, Any]:
@@ -23,6 +23,7 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
         if info.get(key) is not None:
             row[key] = info[key]
     if info.get("bytes"):
+        row["bytes"] = info["bytes"]
         row["gbps_median"] = info["bytes"] / st["median"] / 1e9
         row["gbps_best"] = info["bytes"] / st["min"] / 1e9
     return row
@@ -30,15 +31,19 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """group -> rows (in run order) with times in seconds and, where the group has them, the ratios
-    ``speedup_vs_baseline`` (baseline median / row median) and ``x_network`` (row median / network median)."""
+    ``speedup_vs_baseline`` (baseline median / row median), ``x_network`` (row median / network median) and,
+    for rows that move other bytes than the baseline, ``bandwidth_vs_baseline`` (GB/s over the baseline's)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or "(no group)", []).append(_row(b))
     for rows in groups.values():
         refs = {r["role"]: r["median_s"] for r in rows if r["role"]}
+        base = next((r for r in rows if r["role"] == "baseline"), None)
         for r in rows:
             if "baseline" in refs:
                 r["speedup_vs_baseline"] = refs["baseline"] / r["median_s"]
+            if base and "gbps_median" in r and "gbps_median" in base and r["bytes"] != base["bytes"]:
+                r["bandwidth_vs_baseline"] = r["gbps_median"] / base["gbps_median"]
             if "network" in refs:
                 r["x_network"] = r["median_s"] / refs["network"]
     return groups
@@ -55,6 +60,7 @@ COLUMNS = [("median", lambda r: _time(r["median_s"])), ("best", lambda r: _time(
            ("ops/NFE", lambda r: f"{r['dispatched_ops_per_nfe']:.3g}" if "dispatched_ops_per_nfe" in r else ""),
            ("kernels/NFE", lambda r: f"{r['cuda_kernels_per_nfe']:.3g}" if "cuda_kernels_per_nfe" in r else ""),
            ("GB/s (median)", lambda r: f"{r['gbps_median']:.1f}" if "gbps_median" in r else ""),
+           ("GB/s vs baseline", lambda r: f"{r['bandwidth_vs_baseline']:.2f}" if "bandwidth_vs_baseline" in r else ""),
            ("scheduler share", lambda r: f"{100 * r['scheduler_share']:.0f}%" if "scheduler_share" in r else "")]
 
 
@@ -71,12 +77,23 @@ def markdown(groups: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(out)
 
 
+def strip_rounds(data: dict[str, Any]) -> dict[str, Any]:
+    """The run without ``stats["data"]`` (the time of every round)."""
+    return {**data, "benchmarks": [{**b, "stats": {k: v for k, v in b["stats"].items() if k != "data"}}
+                                   for b in data.get("benchmarks", [])]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", help="a pytest-benchmark JSON file")
+    ap.add_argument("--strip", metavar="OUT", help="also write the run without its per-round timings to OUT "
+                                                   "(--benchmark-json keeps every round: megabytes)")
     args = ap.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
+    if args.strip:
+        with open(args.strip, "w") as f:
+            json.dump(strip_rounds(data), f, indent=1)
     if not data.get("benchmarks"):
         print(f"{args.json}: no timed benchmarks (was it run with --benchmark-disable?)", file=sys.stderr)
         return 1

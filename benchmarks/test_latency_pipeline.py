@@ -86,7 +86,7 @@ def ops_per_step(pipe: Any, run: Callable[[], Any]) -> float:
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_pipeline(benchmark, cfg, nets, batch, dtype_name, dtype, digits_reference, name):
+def test_pipeline(benchmark, cfg, nets, batch, dtype_name, dtype, references, name):
     from diffusers.utils.torch_utils import randn_tensor
     unet = harness.DigitsAsUNet(nets("digits", dtype))
     pipe = _pipeline(name, unet)
@@ -109,6 +109,6 @@ def test_pipeline(benchmark, cfg, nets, batch, dtype_name, dtype, digits_referen
                        backend=harness.combine_backend(cfg.device, dtype) if name == "DEISFastScheduler" else "diffusers",
                        role="baseline" if name == "DEISMultistepScheduler" else None)
         images = benchmark(harness.timed(run, cfg.device))
-    expected = (digits_reference(noise) / 2 + 0.5).clamp(0, 1)
+    expected = (references("digits", noise).cpu() / 2 + 0.5).clamp(0, 1)
     err = (images.double().cpu() - expected).abs().mean().item()
     assert err <= MAX_MEAN_ABS_ERROR, f"{name}: mean abs error {err:.3g} to the reference images"

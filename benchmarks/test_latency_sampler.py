@@ -36,7 +36,7 @@ LABELS = {"network": "network calls alone", "diffusers": "diffusers DEISMultiste
           "sample": "deis_fast.sample() one-shot", "static": "Sampler, static workspace", "compile": "torch.compile",
           "cuda_graph": "CUDA graph replay"}
 # median relative error to the reference that a correct NFE-10 sampler stays within
-TOLERANCE = {"null": {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}, "digits": 0.1, "unet": 0.2}
+TOLERANCE = {"null": {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}, "digits": 0.1, "unet": 0.3}
 
 
 @dataclass
@@ -66,24 +66,22 @@ class Case:
         return u + GUIDANCE * (c - u)
 
 
-def _reference(net_name: str, nets, noise: torch.Tensor, guided: bool, digits_reference) -> torch.Tensor:
+def _reference(net_name: str, nets, noise: torch.Tensor, guided: bool, references) -> torch.Tensor:
     if net_name == "null":
         eps = nets("null", noise.dtype).effective_eps(noise.shape[0], GUIDANCE if guided else None)
         return harness.exact_null_solution(noise, eps)
-    if net_name == "digits":
-        return digits_reference(noise)
-    return harness.fine_reference(nets("unet", torch.float32), noise.float(), nfe=80)
+    return references(net_name, noise)   # digits and unet: the same ODE with and without CFG
 
 
 @pytest.fixture
-def case(cfg, nets, net_name, batch, dtype_name, dtype, guided, digits_reference) -> Case:
+def case(cfg, nets, net_name, batch, dtype_name, dtype, guided, references) -> Case:
     g = torch.Generator().manual_seed(batch)
     noise = torch.randn((batch, *harness.NET_SHAPES[net_name]), generator=g).to(cfg.device, dtype)
     net = nets(net_name, dtype)
     if net_name == "null":
         net.fixed(batch), net.fixed(2 * batch)
     tol = TOLERANCE[net_name]
-    return Case(net_name, net, noise, guided, cfg.device, _reference(net_name, nets, noise, guided, digits_reference),
+    return Case(net_name, net, noise, guided, cfg.device, _reference(net_name, nets, noise, guided, references),
                 tol[dtype_name] if isinstance(tol, dict) else tol)
 
 
