@@ -31,8 +31,6 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(e)) from None
     if config._deis_fast_bench.threads:
         torch.set_num_threads(config._deis_fast_bench.threads)
-    # third-party deprecation noise (numpy 2 in diffusers' schedulers)
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="session")

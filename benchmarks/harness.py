@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 import deis_fast
-from deis_fast.graph import DispatchRecorder  # the suite's one import of deis_fast tooling
+from deis_fast.testing import DispatchRecorder  # the suite's one import of deis_fast tooling
 from deis_fast.kernels import dispatch
 
 __all__ = ["BenchConfig", "DispatchRecorder", "DTYPES", "OPTIONS", "config_from", "versions", "sync", "timed",
