@@ -13,7 +13,8 @@ In at most ``--budget`` seconds (default 8 minutes) it
 4. runs the torch.compile (inductor, reduce-overhead) cases one configuration at a time while the
    budget lasts;
 and writes ``OUTDIR/gpu_check.json`` after every stage: stage status and output tails, test counts, the
-merged pytest-benchmark JSON, ratio tables (benchmarks/ratios.py) and a ``headline`` digest.
+merged pytest-benchmark JSON (statistics, without per-round timings), ratio tables (benchmarks/ratios.py)
+and a ``headline`` digest.
 
 On a machine without CUDA it says so and exits 0. ``--cpu`` runs the same stages on the CPU (no build;
 a check of the script itself), ``--dry-run`` only writes the planned commands.
@@ -25,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -53,8 +55,9 @@ class Stage:
     junit: str | None = None       # the JUnit XML it writes
 
 
-def plan_stages(args: argparse.Namespace, out: str) -> list[Stage]:
-    """The commands of the check, in order (pure: nothing runs)."""
+def plan_stages(args: argparse.Namespace, out: str, scratch: str) -> list[Stage]:
+    """The commands of the check, in order (pure: nothing runs). Reports go to ``out``; the raw
+    pytest-benchmark JSONs (every round's time: megabytes) to ``scratch``."""
     py = sys.executable
     device = "cpu" if args.cpu else "cuda"
     stages = []
@@ -69,7 +72,7 @@ def plan_stages(args: argparse.Namespace, out: str) -> list[Stage]:
     bench = [py, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-only",
              "--benchmark-min-rounds", "5", "--benchmark-max-time", str(args.max_time), "--bench-device", device,
              "--bench-dtype", args.dtype, "--bench-nets", args.nets]
-    main_json = os.path.join(out, "bench_main.json")
+    main_json = os.path.join(scratch, "bench_main.json")
     stages.append(Stage("benchmarks", bench + ["--bench-batch", args.batch, "--bench-cfg", "off,on", "-k",
                                                f"({args.bench_k}) and not compile", "--benchmark-json", main_json],
                         cap_s=300, bench_json=main_json))
@@ -77,7 +80,7 @@ def plan_stages(args: argparse.Namespace, out: str) -> list[Stage]:
         if str(batch) not in args.batch.split(","):
             continue
         name = f"compile_b{batch}_{'cfg' if guided else 'nocfg'}"
-        path = os.path.join(out, f"bench_{name}.json")
+        path = os.path.join(scratch, f"bench_{name}.json")
         stages.append(Stage(name, bench + ["--bench-batch", str(batch), "--bench-cfg", "on" if guided else "off",
                                            "-k", f"({args.bench_k}) and test_sampler and compile",
                                            "--benchmark-json", path], cap_s=240, min_s=COMPILE_MIN_S, bench_json=path))
@@ -106,13 +109,20 @@ def run_stage(stage: Stage, remaining_s: float) -> dict[str, Any]:
     try:
         p = subprocess.run(stage.argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": _pythonpath(), **stage.env},
                            capture_output=True, text=True, timeout=limit)
-        rc, output = p.returncode, p.stdout + p.stderr
+        rc, stdout, output = p.returncode, p.stdout, p.stdout + p.stderr
         status = {0: "ok", 5: "no tests selected"}.get(rc, "failed")
     except subprocess.TimeoutExpired as e:
-        status, rc = "timeout", None
-        output = _text(e.stdout) + _text(e.stderr) + f"\n[killed after {limit:.0f} s]"
+        status, rc, stdout = "timeout", None, _text(e.stdout)
+        output = stdout + _text(e.stderr) + f"\n[killed after {limit:.0f} s]"
     return {**res, "status": status, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "tail": output[-3000:],
-            "stdout_last_line": output.strip().splitlines()[-1] if output.strip() else ""}
+            "stdout_last_line": stdout.strip().splitlines()[-1] if stdout.strip() else ""}
+
+
+def _json_or_text(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {"unparsed": line}
 
 
 def _text(b: bytes | str | None) -> str:
@@ -143,7 +153,8 @@ def parse_junit(path: str) -> dict[str, Any]:
 
 
 def merge_benchmarks(paths: list[str]) -> dict[str, Any]:
-    """One pytest-benchmark document from several (machine_info of the first, all benchmarks)."""
+    """One pytest-benchmark document from several (machine_info of the first, all benchmarks, without the
+    per-round timings)."""
     merged: dict[str, Any] = {"benchmarks": []}
     for p in paths:
         if not os.path.isfile(p):
@@ -153,7 +164,7 @@ def merge_benchmarks(paths: list[str]) -> dict[str, Any]:
         for k in ("machine_info", "commit_info", "version"):
             merged.setdefault(k, d.get(k))
         merged["benchmarks"] += d.get("benchmarks", [])
-    return merged
+    return ratios.strip_rounds(merged)
 
 
 def headline(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: no CUDA device here (torch {report['device']['torch']}, torch.cuda.is_available() is "
               f"False): nothing to check on a CPU-only machine. Wrote {path}.")
         return 0
-    stages = plan_stages(args, out)
+    stages = plan_stages(args, out, tempfile.mkdtemp(prefix="gpu_check_"))
     if args.dry_run:
         report.update(status="dry-run", stages=[{"name": s.name, "cmd": s.argv, "env": s.env, "cap_s": s.cap_s}
                                                 for s in stages])
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {stage.name}: {res['status']}" + (f" ({res['seconds']} s)" if "seconds" in res else ""),
               flush=True)
         if stage.name == "extension" and res["status"] == "ok":
-            report["extension"] = json.loads(res["stdout_last_line"])
+            report["extension"] = _json_or_text(res["stdout_last_line"])
         if stage.junit:
             report["tests"] = parse_junit(stage.junit)
         report["benchmarks"] = merge_benchmarks([s.bench_json for s in stages if s.bench_json])

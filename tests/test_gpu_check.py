@@ -160,9 +160,11 @@ def test_parse_junit(tmp_path):
 
 def test_merge_benchmarks(tmp_path):
     for i in range(2):
-        (tmp_path / f"{i}.json").write_text(json.dumps({"machine_info": {"i": i}, "benchmarks": [{"name": str(i)}]}))
-    merged = gpu_check.merge_benchmarks([str(tmp_path / f"{i}.json") for i in range(3)])
+        bench = {"name": str(i), "stats": {"median": 1.0, "data": [1.0, 1.0]}}
+        (tmp_path / f"{i}.json").write_text(json.dumps({"machine_info": {"i": i}, "benchmarks": [bench]}))
+    merged = gpu_check.merge_benchmarks([str(tmp_path / f"{i}.json") for i in range(3)])   # 2.json is missing
     assert merged["machine_info"] == {"i": 0} and [b["name"] for b in merged["benchmarks"]] == ["0", "1"]
+    assert merged["benchmarks"][0]["stats"] == {"median": 1.0}       # no per-round timings
 
 
 @pytest.mark.slow
