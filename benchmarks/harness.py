@@ -36,8 +36,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "cfg": ("DEIS_FAST_BENCH_CFG", "comma list of off, on: sampling without / with classifier-free guidance "
                                    "(default: off on cpu, off,on on cuda)"),
     "compile-backend": ("DEIS_FAST_BENCH_COMPILE_BACKEND", "torch.compile backend of the compile mode (default: "
-                                                           "inductor on cuda, aot_eager on cpu, where inductor "
-                                                           "compiles the digits U-Net for minutes)"),
+                                                           "inductor on cuda; eager (dynamo capture only) on cpu, "
+                                                           "where inductor compiles the digits U-Net for minutes)"),
     "numel": ("DEIS_FAST_BENCH_NUMEL", "elements per tensor in the combine-bandwidth group (default 16777216)"),
     "threads": ("DEIS_FAST_BENCH_THREADS", "torch CPU threads (default: torch's own choice)"),
 }
@@ -47,7 +47,7 @@ def _defaults(device: str) -> dict[str, str]:
     cuda = device == "cuda"
     return {"dtype": "fp16,bf16" if cuda else "fp32", "batch": "1,8" if cuda else "1,4",
             "nets": "null,digits,unet" if cuda else "null,digits", "cfg": "off,on" if cuda else "off",
-            "compile-backend": "inductor" if cuda else "aot_eager", "numel": str(1 << 24), "threads": ""}
+            "compile-backend": "inductor" if cuda else "eager", "numel": str(1 << 24), "threads": ""}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _config(options=None, env=None, cuda=False):
 def test_config_defaults_per_device():
     cpu = _config()
     assert (cpu.device, cpu.dtypes, cpu.batches, cpu.cfgs, cpu.compile_backend) == \
-        ("cpu", ("fp32",), (1, 4), (False,), "aot_eager")
+        ("cpu", ("fp32",), (1, 4), (False,), "eager")
     cuda = _config({"device": "cuda"}, cuda=True)
     assert (cuda.dtypes, cuda.batches, cuda.cfgs, cuda.compile_backend) == \
         (("fp16", "bf16"), (1, 8), (False, True), "inductor")
@@ -180,5 +180,5 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     assert report["status"] == "ok" and report["extension"]["ext_loaded"]
     assert report["tests"]["tests"] == 1 and report["tests"]["skipped"] == 1
     modes = report["headline"]["sampler"]["sampler tab3 NFE 10 null b1 fp32 nocfg cpu"]
-    assert "Sampler, static workspace" in modes and "torch.compile[aot_eager]" in modes
+    assert "Sampler, static workspace" in modes and "torch.compile[eager]" in modes
     assert any(g.startswith("plan building") for g in report["summary"])
