@@ -196,8 +196,11 @@ def test_schedule_changing_config_keys_are_refused_not_ignored():
         DEISFastScheduler.from_config(cfg)
     cfg = dict(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True).config)
     with pytest.warns(UserWarning):
-        s = DEISFastScheduler.from_config(cfg, method="tab3")
-    assert s.config.grid == "karras"
+        s = DEISFastScheduler.from_config(cfg, method="tab3", timestep_type="float")
+    assert s.config.grid == "auto" and s.config.use_karras_sigmas  # honored as the karras grid
+    s.set_timesteps(6)
+    karras = deis_fast.make_grid(s.schedule, "karras", 6)
+    assert np.allclose(s.plan.times[:-1], karras[:-1])
 
 
 @pytest.mark.parametrize("name", ["ScoreSdeVeScheduler", "EDMEulerScheduler"])
