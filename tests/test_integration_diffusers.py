@@ -15,6 +15,8 @@ import deis_fast  # noqa: E402
 from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
 from deis_fast.testing import GaussianMixture  # noqa: E402
 
+from _diffusers_common import DEIS64  # noqa: E402
+
 
 class NearIdentityUNet(UNet2DModel):
     """A randomly initialised UNet2DModel whose eps prediction is x + 0.1 * unet(x, t): the sampled images then
@@ -31,15 +33,6 @@ def _unet(dtype=torch.float64):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=8)
     return unet.to(dtype).eval()
-
-
-class DEIS64(DEISMultistepScheduler):
-    """diffusers' DEIS with its sigmas promoted to float64 after set_timesteps (its coefficients are otherwise
-    computed in float32, ~6e-5 relative drift from the exact float64 formulas at some step counts)."""
-
-    def set_timesteps(self, *a, **k):
-        super().set_timesteps(*a, **k)
-        self.sigmas = self.sigmas.double()
 
 
 class Recorder:
