@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -94,11 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [head, "|---|" + "---|" * len(args.nfe)]
     for label, errs, starts in rows:
         lines.append(f"| {label} | " + " | ".join(f"{np.mean(errs[n]):.4f} ({starts[n]:.0f})" for n in args.nfe) + " |")
-    table = "\n".join(lines)
-    print(table)
+    print("\n".join(lines))
     if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(table + "\n")
+        Path(args.out_md).write_text("\n".join(lines) + "\n")
     return 0
 
 
