@@ -4,7 +4,8 @@ step() over timesteps[t_start:]) with N = 2 x NFE, so NFE 5 and 10.
 
 Strength picks an index into ``timesteps``, so the start noise level depends on the grid: deis_fast's default
 grids start later (less noise) than diffusers' linspace spacing at the same strength; the ``grid=diffusers`` rows
-start where diffusers' schedulers do. The table gives each row's start timestep.
+start where diffusers' schedulers do, and so do the ``deis_fast.sample(t_start=500)`` rows (a named grid from that
+time: deis_fast's own spacing from diffusers' starting noise). The table gives each row's start timestep.
 
 Error: median per-sample relative error to a fine reference of the same problem, i.e. the probability-flow
 ODE from that scheduler's own noised start (its first timestep) to t = 0 (rho_rk4, 400 NFE, logsnr grid).
@@ -48,6 +49,20 @@ def img2img_loop(sch, model, x0: torch.Tensor, z: torch.Tensor, n: int) -> tuple
     return x, start, float(timesteps[0])
 
 
+class SampleFrom:
+    """Not a scheduler: deis_fast.sample from timestep ``t0`` on the method's default grid with ``nfe`` calls
+    (what a user who wants diffusers' starting noise with a deis_fast grid runs), in img2img_loop's shape."""
+
+    def __init__(self, method: str, t0: float):
+        self.method, self.t0 = method, t0
+
+
+def sample_from(run: SampleFrom, model, x0: torch.Tensor, z: torch.Tensor, n: int, sched) -> tuple:
+    x = DEISFastScheduler().add_noise(x0, z, torch.tensor([run.t0]))
+    out = deis_fast.sample(model, x, sched, run.method, n // 2, t_start=run.t0, t_end=0.0)
+    return out, x, run.t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     makers = {f"deis_fast {m}": (lambda m=m: DEISFastScheduler(method=m)) for m in DEIS_FAST}
     makers.update({f"deis_fast {m} / grid=diffusers": (lambda m=m: DEISFastScheduler(method=m, grid="diffusers"))
                    for m in DEIS_FAST if m not in ("pfdiff", "logrho3")})  # logrho3: the diffusers grid already
+    makers.update({f"deis_fast.sample {m}, t_start=500": (lambda m=m: SampleFrom(m, 500.0))
+                   for m in ("tab3", "dpmpp_2m", "ipndm4", "pfdiff")})
     makers.update({f"diffusers {d}": (lambda d=d: make_diffusers_scheduler(d, False)) for d in DIFFUSERS})
     rows = []
     for label, make in makers.items():
@@ -86,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 idx = torch.randperm(len(data), generator=g)[:args.per_seed]
                 x0 = data[idx]
                 z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-                x, start, t0 = img2img_loop(make(), model, x0, z, 2 * nfe)
+                sch = make()
+                if isinstance(sch, SampleFrom):
+                    x, start, t0 = sample_from(sch, model, x0, z, 2 * nfe, sched)
+                else:
+                    x, start, t0 = img2img_loop(sch, model, x0, z, 2 * nfe)
                 errs.setdefault(nfe, []).append(float(relative_errors(x, reference(start, t0, seed)).median()))
                 starts[nfe] = t0
         rows.append((label, errs, starts))
