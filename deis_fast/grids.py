@@ -8,7 +8,8 @@ import numpy as np
 
 from .schedules import Schedule
 
-GRIDS = ("time_uniform", "time_quadratic", "logsnr", "karras")
+GRIDS = ("time_uniform", "time_quadratic", "logsnr", "karras", "beta")
+BETA_AB = (0.6, 0.6)  # Beta(a, b) of the "beta" grid (Lee et al., 2024; diffusers' use_beta_sigmas)
 GridSpec = Union[str, Sequence[float], np.ndarray, Mapping[str, Sequence[float]]]
 
 __all__ = ["GRIDS", "make_grid", "default_t_range", "validate_times", "grid_rho"]
@@ -25,10 +26,12 @@ def default_t_range(schedule: Schedule, t_start: float | None, t_end: float | No
 
 
 def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: float | None = None,
-              t_end: float | None = None, karras_rho: float = 7.0, integer_timesteps: bool = False) -> np.ndarray:
+              t_end: float | None = None, karras_rho: float = 7.0, integer_timesteps: bool = False,
+              beta_ab: tuple[float, float] = BETA_AB) -> np.ndarray:
     """Return the float64 array of N+1 decreasing times for ``steps`` = N solver steps.
 
-    ``grid`` is a name from :data:`GRIDS`, a sequence of times, or ``{"t": [...]}`` / ``{"rho": [...]}``
+    ``grid`` is a name from :data:`GRIDS` ("beta": rho at the Beta(``beta_ab``) quantiles between rho_max
+    and rho_min, as diffusers' ``use_beta_sigmas``), a sequence of times, or ``{"t": [...]}`` / ``{"rho": [...]}``
     (``"sigma"`` is accepted as an alias of ``"rho"`` for VE schedules). ``integer_timesteps`` rounds
     the times of a discrete schedule to the training timesteps (diffusers style), dropping duplicates.
     """
@@ -40,7 +43,9 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
         ts, te = default_t_range(schedule, t_start, t_end)
         if grid == "karras" and karras_rho <= 0:
             raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
-        t = _named_grid(schedule, grid, int(steps), ts, te, karras_rho)
+        if grid == "beta":
+            _check_beta_ab(beta_ab)
+        t = _named_grid(schedule, grid, int(steps), ts, te, karras_rho, beta_ab)
     else:
         t = _times_from_user(schedule, grid)
         if steps is not None and len(t) - 1 != int(steps):
@@ -54,14 +59,15 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
     return t
 
 
-def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, karras_rho: float) -> np.ndarray:
+def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, karras_rho: float,
+                beta_ab: tuple[float, float] = BETA_AB) -> np.ndarray:
     """``n``-step named grid from ts to te. Spacings in log rho (logsnr) or rho^(1/p) (karras) cannot reach an
     end at rho = inf (alpha = 0: flow matching, zero terminal SNR) or, for logsnr, rho = 0: there the first
     (last) step is one uniform-time step of (ts - te) / n and the named spacing covers the rest. Time
     spacings run in the schedule's unshifted time (FlowSchedule's shift is applied afterwards)."""
     with np.errstate(divide="ignore"):
         ra, rb = float(schedule.rho(ts)), float(schedule.rho(te))
-    head = int(grid in ("logsnr", "karras") and np.isinf(ra))
+    head = int(grid in ("logsnr", "karras", "beta") and np.isinf(ra))
     tail = int(grid == "logsnr" and rb == 0.0)
     if head or tail:
         need = 1 + head + tail
@@ -69,7 +75,8 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
             raise ValueError(f"the {grid} grid from rho = {ra:g} to rho = {rb:g} needs steps >= {need} (its "
                              "singular ends take one uniform-time step each); use time_uniform")
         d = (ts - te) / n
-        inner = _named_grid(schedule, grid, n - head - tail, ts - d if head else ts, te + d if tail else te, karras_rho)
+        inner = _named_grid(schedule, grid, n - head - tail, ts - d if head else ts, te + d if tail else te, karras_rho,
+                            beta_ab)
         return np.concatenate([[ts]] * head + [inner] + [[te]] * tail)
     u = np.arange(n + 1, dtype=np.float64) / n
     if grid in ("time_uniform", "time_quadratic"):
@@ -79,11 +86,23 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
     elif grid == "logsnr":
         la, lb = float(schedule.lam(ts)), float(schedule.lam(te))
         t = schedule.t_from_lambda(la + u * (lb - la))
+    elif grid == "beta":  # rho_i = rho_min + Q(1 - u_i) (rho_max - rho_min), Q the Beta(a, b) quantile function
+        from scipy.special import betaincinv
+        t = schedule.t_from_rho(rb + betaincinv(float(beta_ab[0]), float(beta_ab[1]), 1.0 - u) * (ra - rb))
     else:  # karras
         p = 1.0 / karras_rho
         t = schedule.t_from_rho((ra ** p + u * (rb ** p - ra ** p)) ** karras_rho)
     t[0], t[-1] = ts, te  # exact endpoints despite round-off of the inverse maps
     return t
+
+
+def _check_beta_ab(beta_ab: Any) -> None:
+    try:
+        a, b = (float(v) for v in beta_ab)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta_ab must be a pair (a, b), got {beta_ab!r}") from None
+    if not (a > 0 and b > 0 and np.isfinite(a) and np.isfinite(b)):
+        raise ValueError(f"the beta grid needs Beta parameters a, b > 0, got {beta_ab!r}")
 
 
 def _times_from_user(schedule: Schedule, grid: Any) -> np.ndarray:

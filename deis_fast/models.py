@@ -18,7 +18,8 @@ _PRED_ALIASES = {"epsilon": "eps", "noise": "eps", "sample": "x0", "data": "x0",
                  "v_prediction": "v", "v-prediction": "v", "flow_prediction": "flow", "velocity": "flow",
                  "const": "flow"}
 
-__all__ = ["PREDICTIONS", "normalize_prediction", "ModelAdapter", "denoiser_to_model"]
+__all__ = ["PREDICTIONS", "normalize_prediction", "ModelAdapter", "denoiser_to_model", "dynamic_threshold",
+           "convert_output", "check_threshold"]
 
 
 def normalize_prediction(p: str) -> str:
@@ -92,12 +93,15 @@ class ModelAdapter:
       time with ``torch.lerp(u, c, w, out=buf)``, so it can change in place without re-capture.
     guidance_rescale: diffusers' std rescale (Lin et al.), 0 disables it.
     classifier_grad: ``fn(x, model_t, **cond) -> grad log p(y | x_t)``; eps <- eps - scale * sigma * grad.
+    threshold: ``(ratio, max_value)`` for Imagen's dynamic thresholding of the x0 prediction
+      (:func:`dynamic_threshold`; diffusers' ``dynamic_thresholding_ratio``, ``sample_max_value``), None = off.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], prediction: str = "eps", *, variance_preserving: bool = True,
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
-                 classifier_scale: float = 1.0, time_dtype: torch.dtype | None = None):
+                 classifier_scale: float = 1.0, time_dtype: torch.dtype | None = None,
+                 threshold: tuple[float, float] | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.model = model
@@ -121,6 +125,7 @@ class ModelAdapter:
         self.classifier_grad = classifier_grad
         self.classifier_scale = float(classifier_scale)
         self.time_dtype = time_dtype
+        self.threshold = check_threshold(threshold)
         if self.prediction == "v":
             _check_v(variance_preserving)
 
@@ -190,27 +195,79 @@ class ModelAdapter:
                                            out=buf))]
             else:
                 pieces = [(w, c), (1.0 - w, u)]
-        convert = _to_eps if self.classifier_grad is not None else CONVERSIONS[op.target]
-        a, b = convert(self.prediction, op.alpha, op.sigma, self.vp)
-        terms = [(a, x)] + [(b * k, p) for k, p in pieces]
+        grad = None
         if self.classifier_grad is not None:
             recording = torch.is_grad_enabled()
             with torch.enable_grad():  # the classifier needs autograd even while sampling runs under no_grad
-                grad = self.classifier_grad(x if recording else x.detach(), t,
-                                            **(raw_cond if raw_cond is not None else cond))
-            _check_output(grad, x, op, what="classifier gradient")
-            terms.append((-self.classifier_scale * op.sigma, grad))
-            if op.target == "x0":  # x0 = (x - sigma * eps) / alpha
-                terms = [(c * (-op.sigma / op.alpha), s) for c, s in terms]
-                terms[0] = (terms[0][0] + 1.0 / op.alpha, x)
-        terms = [(c, s) for c, s in terms if c != 0.0]
-        if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
-            return terms[0][1]  # the network's output (or the guided lerp in buf) is already the target
-        srcs, coefs = [s for _, s in terms], [float(c) for c, _ in terms]
-        if torch.compiler.is_compiling():  # the registered op, as ops.combine emits it when traced
-            torch.ops.deis_fast.combine(srcs, coefs, buf, None, 0.0, None)
-            return buf
-        return ops.combine(srcs, coefs, out=buf)
+                g = self.classifier_grad(x if recording else x.detach(), t,
+                                         **(raw_cond if raw_cond is not None else cond))
+            _check_output(g, x, op, what="classifier gradient")
+            grad = (self.classifier_scale, g)
+        return convert_output(self.prediction, op, x, pieces, buf, vp=self.vp, grad=grad, threshold=self.threshold)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding of a data prediction, per sample: s = clamp(quantile(|x0|, ratio), 1,
+    max_value), x0 -> clamp(x0, -s, s) / s (as diffusers' ``thresholding=True``)."""
+    flat = x0.reshape(x0.shape[0], -1)
+    f = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(f.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(f, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def convert_output(prediction: str, op: Eval, x: torch.Tensor, pieces: list[tuple[float, torch.Tensor]],
+                   buf: torch.Tensor | None = None, *, vp: bool = True,
+                   grad: tuple[float, torch.Tensor] | None = None,
+                   threshold: tuple[float, float] | None = None) -> torch.Tensor:
+    """The solver's target for ``op`` (eps, x0 or flow) from the raw prediction ``sum_k c_k * p_k`` at state
+    ``x``: one fused combine (none when the prediction already is the target), written into ``buf`` if given.
+
+    ``grad`` = (scale, grad log p(y | x_t)) adds classifier guidance to eps. ``threshold`` = (ratio, max value)
+    applies :func:`dynamic_threshold` to the x0 prediction, which is then converted to the target; it is
+    non-linear, so it happens here, where the output is converted, never inside a plan's Combine.
+    """
+    target = "x0" if threshold is not None else op.target
+    convert = _to_eps if grad is not None else CONVERSIONS[target]
+    a, b = convert(prediction, op.alpha, op.sigma, vp)
+    terms = [(a, x)] + [(b * k, p) for k, p in pieces]
+    if grad is not None:
+        terms.append((-grad[0] * op.sigma, grad[1]))
+        if target == "x0":  # x0 = (x - sigma * eps) / alpha
+            terms = [(c * (-op.sigma / op.alpha), s) for c, s in terms]
+            terms[0] = (terms[0][0] + 1.0 / op.alpha, x)
+    out = _combine_terms(terms, x, buf)
+    if threshold is None:
+        return out
+    x0 = dynamic_threshold(out, *threshold)
+    if op.target == "x0":
+        return x0
+    a, b = CONVERSIONS[op.target]("x0", op.alpha, op.sigma, vp)  # the target from the thresholded x0
+    return _combine_terms([(a, x), (b, x0)], x, buf)
+
+
+def _combine_terms(terms: list[tuple[float, torch.Tensor]], x: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    terms = [(c, s) for c, s in terms if c != 0.0]
+    if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
+        return terms[0][1]  # the network's output (or the guided lerp in buf) is already the target
+    srcs, coefs = [s for _, s in terms], [float(c) for c, _ in terms]
+    if torch.compiler.is_compiling() and buf is not None:  # the registered op, as ops.combine emits it when traced
+        torch.ops.deis_fast.combine(srcs, coefs, buf, None, 0.0, None)
+        return buf
+    return ops.combine(srcs, coefs, out=buf)
+
+
+def check_threshold(threshold: Any) -> tuple[float, float] | None:
+    """Validate ``(ratio, max_value)`` of dynamic thresholding (None = off)."""
+    if threshold is None:
+        return None
+    try:
+        ratio, max_value = (float(v) for v in threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a pair (ratio, max_value), got {threshold!r}") from None
+    if not 0.0 < ratio <= 1.0 or not max_value >= 1.0:
+        raise ValueError(f"threshold needs 0 < ratio <= 1 and max_value >= 1 (diffusers' dynamic_thresholding_ratio, "
+                         f"sample_max_value), got ({ratio}, {max_value})")
+    return ratio, max_value
 
 
 def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from . import ops
-from .grids import GridSpec, grid_rho, make_grid
+from .grids import BETA_AB, GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
 from .plan import Combine, Eval, Plan
 from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from .solvers import get_method
+from .solvers.restart import eval_at_time, tail_plan
 
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
 
@@ -57,17 +58,30 @@ def _check_nfe(nfe: Any, stages: int, method: str) -> int:
 def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None,
                t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
                lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
-               pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False) -> Plan:
+               pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
+               beta_ab: tuple[float, float] = BETA_AB, start_eval: int | None = None) -> Plan:
     """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side).
 
     ``eta`` (default 1, ancestral) applies to stochastic methods (``ddim_eta``) only; giving it to another
-    method is an error rather than silently ignored."""
+    method is an error rather than silently ignored.
+
+    With an explicit grid (a list of times), ``t_start`` (one of the plan's Eval times) or ``start_eval``
+    (an Eval index) starts the plan in the middle, as img2img does: the state at that Eval's time is
+    integrated to the end with the Evals that remain and a cold history (``deis_fast.solvers.restart``).
+    With a named grid, ``t_start`` is where the grid begins.
+    """
     if isinstance(grid, str) and grid == "optimized":
         raise ValueError("grid='optimized' needs the model and calibration noise: use "
                          "Sampler(model, ..., grid='optimized', calibration_noise=z) or deis_fast.optimize_grid(...)")
-    plan = _build_plan(schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
-                       karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,
-                       pfdiff_experimental=pfdiff_experimental)
+    kw = dict(eta=eta, lower_order_final=lower_order_final, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
+              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, beta_ab=beta_ab)
+    explicit = grid is not None and not isinstance(grid, str)
+    if start_eval is not None or (explicit and t_start is not None):
+        if start_eval is not None and t_start is not None:
+            raise ValueError("give t_start or start_eval, not both")
+        plan = _build_tail(schedule, method, nfe, grid, t_start, start_eval, **kw)
+    else:
+        plan = _build_plan(schedule, method, nfe, grid, t_start, t_end, **kw)
     bad = [op for op in plan.combines if not all(math.isfinite(c) for c in op.coefs + (op.noise_coef,))]
     if bad:
         raise ValueError(f"the {plan.method!r} plan has non-finite coefficients (first: {bad[0]}); the schedule or "
@@ -77,11 +91,9 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
 
 def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
                 t_end: float | None, *, eta: float, lower_order_final: bool, karras_rho: float,
-                integer_timesteps: bool, pfdiff: tuple[int, int] | None, pfdiff_experimental: bool) -> Plan:
-    if method == "pfdiff":
-        from .solvers.pfdiff import pfdiff_preset
-        method, pfdiff = pfdiff_preset(method, pfdiff)
-    spec = get_method(method)
+                integer_timesteps: bool, pfdiff: tuple[int, int] | None, pfdiff_experimental: bool,
+                beta_ab: tuple[float, float]) -> Plan:
+    spec, pfdiff = _resolve_method(method, pfdiff)
     grid = default_grid(schedule, spec.name) if grid is None else grid
     if pfdiff is not None:
         from .solvers.pfdiff import pfdiff_plan
@@ -89,14 +101,16 @@ def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec
             raise ValueError(f"eta applies to a stochastic PFDiff base (ddim_eta), not {spec.name!r}")
         return pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, pfdiff, eta=1.0 if eta is None else eta,
                            karras_rho=karras_rho,
-                           integer_timesteps=integer_timesteps, experimental=pfdiff_experimental)
+                           integer_timesteps=integer_timesteps, experimental=pfdiff_experimental,
+                           beta_ab=beta_ab)
     if nfe is None:
         if isinstance(grid, str):
             raise ValueError("nfe=None needs an explicit grid (a list of times)")
         steps = None
     else:
         steps = _check_nfe(nfe, spec.stages, spec.name)
-    t = make_grid(schedule, grid, steps, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps)
+    t = make_grid(schedule, grid, steps, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
+                  beta_ab=beta_ab)
     rho = grid_rho(schedule, t)
     opts: dict[str, Any] = {}
     if spec.family == "stochastic":
@@ -109,6 +123,32 @@ def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec
     elif lower_order_final:
         raise ValueError(f"lower_order_final applies to multistep methods, not {spec.name!r}")
     return spec.build(schedule, t, rho, **opts)
+
+
+def _resolve_method(method: str, pfdiff: tuple[int, int] | None) -> tuple[Any, tuple[int, int] | None]:
+    """(MethodSpec, PFDiff (k, h) or None) for a method name ('pfdiff' = PFDiff on DDIM)."""
+    if method == "pfdiff":
+        from .solvers.pfdiff import pfdiff_preset
+        method, pfdiff = pfdiff_preset(method, pfdiff)
+    return get_method(method), pfdiff
+
+
+def _build_tail(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
+                start_eval: int | None, **kw: Any) -> Plan:
+    """The plan that starts at an Eval of the full plan (by index or by time) with a cold history."""
+    from .solvers.pfdiff import check_kh
+    full = _build_plan(schedule, method, nfe, grid, None, None, **kw)
+    spec, pf = _resolve_method(method, kw["pfdiff"])
+    pf = check_kh(pf) if pf is not None else None
+    if start_eval is None:
+        start_eval = eval_at_time(full, float(t_start), spec.stages)
+    elif isinstance(start_eval, bool) or not isinstance(start_eval, (int, np.integer)):
+        raise TypeError(f"start_eval must be an int, got {start_eval!r}")
+
+    def build(g: list[float], n: int) -> Plan:
+        return _build_plan(schedule, method, n if pf is not None else None, g, None, None,
+                           **{**kw, "integer_timesteps": False})
+    return tail_plan(schedule, full, int(start_eval), family=spec.family, stages=spec.stages, pfdiff=pf, build=build)
 
 
 def randn_per_sample(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -150,6 +190,7 @@ class Sampler:
     buffer (then its outputs are copied into the workspace); True/False force it. Under torch.compile an
     undetected model is assumed to return fresh tensors (a repeated output object raises).
     ``guidance_scale`` may be a 0-d tensor: it is read at run time (see :class:`ModelAdapter`).
+    ``threshold=(ratio, max_value)``: Imagen's dynamic thresholding of the x0 prediction (pixel-space models).
     ``sampler.cuda_graph(example_noise, **cond)`` captures the whole loop in one CUDA graph
     (:class:`deis_fast.graph.CUDAGraphSampler`).
 
@@ -168,7 +209,7 @@ class Sampler:
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
                  time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None,
                  calibration_noise: torch.Tensor | None = None, calibration_cond: Mapping[str, Any] | None = None,
-                 grad: bool = False):
+                 grad: bool = False, threshold: tuple[float, float] | None = None):
         self.grad = bool(grad)
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
@@ -191,7 +232,7 @@ class Sampler:
         self.adapter = ModelAdapter(model, prediction, variance_preserving=self.schedule.variance_preserving,
                                     guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
                                     classifier_grad=classifier_grad, classifier_scale=classifier_scale,
-                                    time_dtype=time_dtype)
+                                    time_dtype=time_dtype, threshold=threshold)
         self.adapter.check_plan(self.plan)
         self.model = model
         self.check_finite = check_finite
@@ -227,9 +268,15 @@ class Sampler:
     # --- run ----------------------------------------------------------------------
     def __call__(self, noise: torch.Tensor, generator: Generator = None, step_noise: torch.Tensor | None = None,
                  callback: Callable[[dict[str, Any]], None] | None = None, *, out: torch.Tensor | None = None,
-                 guidance_scale: float | torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
+                 guidance_scale: float | torch.Tensor | None = None, known: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """Integrate from ``noise`` (the state at t_start) to t_end and return the result (a new tensor,
         or ``out`` when given; ``out`` may be ``noise`` itself).
+
+        Inpainting: with ``known`` (clean data x0, shaped like the noise) and ``mask`` (broadcastable to it;
+        1 = generate, 0 = keep ``known``, diffusers' convention), every state the network sees, and the
+        result, has its kept region on the forward process: ``alpha_t * known + sigma_t * z`` with z the
+        initial noise of this call.
 
         Stochastic plans draw their step noise from ``generator`` (one generator, or one per sample so
         that each sample depends only on its own seed) unless ``step_noise`` [num_noise, *noise.shape] is given.
@@ -241,17 +288,19 @@ class Sampler:
             _check_noise_scale(self.schedule, self.plan, noise)
         if self.grad:
             with torch.enable_grad():
-                return self._call_grad(noise, generator, step_noise, callback, out, guidance_scale, cond)
+                return self._call_grad(noise, generator, step_noise, callback, out, guidance_scale, cond, known, mask)
         with torch.no_grad():
-            return self._call(noise, generator, step_noise, callback, out, guidance_scale, cond)
+            return self._call(noise, generator, step_noise, callback, out, guidance_scale, cond, known, mask)
 
-    def _call_grad(self, noise, generator, step_noise, callback, out, guidance_scale, cond) -> torch.Tensor:
+    def _call_grad(self, noise, generator, step_noise, callback, out, guidance_scale, cond, known=None,
+                   mask=None) -> torch.Tensor:
         """The autograd-recording run: a fresh workspace, combines out of place (nothing the graph saved is
         overwritten), the finite check on detached values."""
         ws = self._workspace(noise, fresh=True)
         step_noise = self._step_noise(ws, noise, generator, step_noise)
+        inpaint = _inpaint_args(known, mask, noise, noise, self.schedule, self.plan)
         x = execute(self.plan, noise, self.adapter, cond, ws, step_noise, self.check_finite, callback=callback,
-                    progress=self.progress, guidance=guidance_scale, grad=True)
+                    progress=self.progress, guidance=guidance_scale, grad=True, inpaint=inpaint)
         if self.check_finite:
             _finish_finite_check(self.plan, ws, x)
         if out is not None:
@@ -259,7 +308,8 @@ class Sampler:
             return out.copy_(x)
         return x
 
-    def _call(self, noise, generator, step_noise, callback, out, guidance_scale, cond) -> torch.Tensor:
+    def _call(self, noise, generator, step_noise, callback, out, guidance_scale, cond, known=None,
+              mask=None) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         # under torch.compile the workspace is local to the traced call (graph intermediates: no mutated
         # inputs, so mode="reduce-overhead" can cudagraph it)
@@ -271,7 +321,8 @@ class Sampler:
             _check_out(out, noise)
             x = out if out is noise else out.copy_(noise)
         check = self.check_finite and not compiling
-        self._run(x, ws, cond, step_noise, check, callback, self.progress and not compiling, guidance_scale)
+        inpaint = _inpaint_args(known, mask, noise, x, self.schedule, self.plan)
+        self._run(x, ws, cond, step_noise, check, callback, self.progress and not compiling, guidance_scale, inpaint)
         if check:
             _finish_finite_check(self.plan, ws, x)
         return x
@@ -292,19 +343,19 @@ class Sampler:
 
     def _run(self, x: torch.Tensor, ws: "_Workspace", cond: Mapping[str, Any], step_noise: torch.Tensor | None,
              check_finite: bool, callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
-             guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+             guidance: float | torch.Tensor | None = None, inpaint: Inpaint | None = None) -> torch.Tensor:
         """execute() on the workspace, with the first-call detection of models that reuse an output buffer."""
         if self._copy_outputs is None and not torch.compiler.is_compiling():
             # first call: copy model outputs and keep the originals alive, so that two outputs sharing
             # storage prove the model reuses a static buffer (then we must keep copying)
             raw: list[torch.Tensor] = []
             execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
-                    progress=progress, copy_outputs=True, keep=raw, guidance=guidance)
+                    progress=progress, copy_outputs=True, keep=raw, guidance=guidance, inpaint=inpaint)
             ptrs = [r.untyped_storage().data_ptr() for r in raw]
             self._copy_outputs = len(set(ptrs)) < len(ptrs)
             return x
         return execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
-                       progress=progress, copy_outputs=bool(self._copy_outputs), guidance=guidance)
+                       progress=progress, copy_outputs=bool(self._copy_outputs), guidance=guidance, inpaint=inpaint)
 
     def cuda_graph(self, example_noise: torch.Tensor, *, enabled: bool | None = None,
                    check_finite: bool | None = None, **example_cond: Any):
@@ -401,7 +452,8 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
             step_noise: Sequence[torch.Tensor] | None, check_finite: bool = True,
             callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
             copy_outputs: bool = False, keep: list | None = None,
-            guidance: float | torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
+            guidance: float | torch.Tensor | None = None, grad: bool = False,
+            inpaint: Inpaint | None = None) -> torch.Tensor:
     """The one executor: walks the plan in place on ``x``; Evals call the adapter, Combines call ``ops.combine``.
 
     Static: every Combine writes with ``out=`` into ``x`` or a workspace slot, no host syncs, no
@@ -412,6 +464,7 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     ``step_noise`` is indexed by a Combine's ``noise_index`` (a list of views: no indexing op per step).
     ``grad``: autograd mode: ``x`` is only read, every Combine and conversion makes a new tensor, and the
     result is returned (not written into ``x``).
+    ``inpaint`` keeps the known region on the forward process in every Eval's input and in the result.
     """
     bufs, times = ws.bufs, ws.times
     if grad:
@@ -431,6 +484,8 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
     k = 0
     for op in plan.ops:
         if type(op) is Eval:
+            if inpaint is not None:
+                slots[op.src] = inpaint.blend(slots[op.src], op.alpha, op.sigma, inplace=not grad)
             buf = bufs[op.dst]
             if guided:
                 out = adapter(slots[op.src], op, times[k], pcond, buf, ws.xx, ws.times2[k], guidance, cond)
@@ -475,11 +530,49 @@ def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[st
                 callback({"x": slots[0], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
     if bar is not None:
         bar.close()
+    if inpaint is not None:
+        slots[0] = inpaint.blend(slots[0], *inpaint.end, inplace=not grad)
     x = slots[0]
     if check_finite:
         torch.sum(x.detach() if grad else x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
         torch.sum(ws.fin, dim=None, out=ws.fin_total)
     return x
+
+
+class Inpaint:
+    """The known region of an inpainting call: ``x <- x + keep * (alpha * known + sigma * z - x)``
+    before every Eval (two ops per NFE: the forward-process sample, then a lerp with the mask)."""
+
+    def __init__(self, known: torch.Tensor, keep: torch.Tensor, z: torch.Tensor, end: tuple[float, float]):
+        self.known, self.keep, self.z, self.end = known, keep, z, end
+        self.tmp = torch.empty_like(z)
+
+    def blend(self, x: torch.Tensor, alpha: float, sigma: float, inplace: bool = True) -> torch.Tensor:
+        """``x`` with its kept region set to ``alpha * known + sigma * z`` (in place unless recording autograd)."""
+        if not inplace:
+            return torch.lerp(x, ops.combine([self.known, self.z], [alpha, sigma]), self.keep)
+        ops.combine([self.known, self.z], [alpha, sigma], out=self.tmp)
+        return x.lerp_(self.tmp, self.keep)
+
+
+def _inpaint_args(known: torch.Tensor | None, mask: torch.Tensor | None, noise: torch.Tensor, x: torch.Tensor,
+                  schedule: Schedule, plan: Plan) -> Inpaint | None:
+    if known is None and mask is None:
+        return None
+    if known is None or mask is None:
+        raise ValueError("inpainting needs both known= (the clean data to keep) and mask= (1 = generate, 0 = keep)")
+    if not isinstance(known, torch.Tensor) or known.shape != noise.shape:
+        got = tuple(known.shape) if isinstance(known, torch.Tensor) else type(known).__name__
+        raise ValueError(f"known must be a tensor shaped like the noise {tuple(noise.shape)}, got {got}")
+    try:
+        keep = (1.0 - torch.as_tensor(mask, device=noise.device, dtype=noise.dtype)).expand_as(noise)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(torch.as_tensor(mask).shape)} does not broadcast to the noise "
+                         f"{tuple(noise.shape)}") from None
+    z = noise.clone() if x is noise else noise
+    rho_end = float(grid_rho(schedule, np.asarray(plan.times))[-1])
+    alpha_end = float(schedule.alpha_from_rho(rho_end))
+    return Inpaint(known.to(device=noise.device, dtype=noise.dtype), keep, z, (alpha_end, alpha_end * rho_end))
 
 
 def _combine_op(*args: Any) -> None:
@@ -509,10 +602,13 @@ def _raise_non_finite(plan: Plan, flags: list[bool], x: torch.Tensor) -> None:
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, schedule: Schedule | None = None,
            method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
            t_start: float | None = None, t_end: float | None = None, generator: Generator = None,
-           model_kwargs: Mapping[str, Any] | None = None, **options: Any) -> torch.Tensor:
+           model_kwargs: Mapping[str, Any] | None = None, known: torch.Tensor | None = None,
+           mask: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
     """One-shot sampling: ``Sampler(model, ...)(noise)``; returns the state at t_end.
 
+    ``known``/``mask`` inpaint (see :meth:`Sampler.__call__`); with an explicit grid, ``t_start`` starts
+    in the middle of it (img2img: ``noise`` is then the noised image at t_start, see :func:`build_plan`).
     ``options`` are :class:`Sampler` keyword options (eta, lower_order_final, pfdiff, guidance_scale, ...).
     """
     s = Sampler(model, schedule, method, nfe, grid, prediction, t_start, t_end, **options)
-    return s(noise, generator=generator, **dict(model_kwargs or {}))
+    return s(noise, generator=generator, known=known, mask=mask, **dict(model_kwargs or {}))

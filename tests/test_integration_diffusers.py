@@ -15,6 +15,8 @@ import deis_fast  # noqa: E402
 from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
 from deis_fast.testing import GaussianMixture  # noqa: E402
 
+from _diffusers_common import DEIS64  # noqa: E402
+
 
 class NearIdentityUNet(UNet2DModel):
     """A randomly initialised UNet2DModel whose eps prediction is x + 0.1 * unet(x, t): the sampled images then
@@ -31,15 +33,6 @@ def _unet(dtype=torch.float64):
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=8)
     return unet.to(dtype).eval()
-
-
-class DEIS64(DEISMultistepScheduler):
-    """diffusers' DEIS with its sigmas promoted to float64 after set_timesteps (its coefficients are otherwise
-    computed in float32, ~6e-5 relative drift from the exact float64 formulas at some step counts)."""
-
-    def set_timesteps(self, *a, **k):
-        super().set_timesteps(*a, **k)
-        self.sigmas = self.sigmas.double()
 
 
 class Recorder:
@@ -195,9 +188,13 @@ def test_schedule_changing_config_keys_are_refused_not_ignored():
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
         DEISFastScheduler.from_config(cfg)
     cfg = dict(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True).config)
-    with pytest.warns(UserWarning):
-        s = DEISFastScheduler.from_config(cfg, method="tab3")
-    assert s.config.grid == "karras"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a key it honours: nothing to warn about
+        s = DEISFastScheduler.from_config(cfg, method="tab3", timestep_type="float")
+    assert s.config.grid == "auto" and s.config.use_karras_sigmas  # honored as the karras grid
+    s.set_timesteps(6)
+    karras = deis_fast.make_grid(s.schedule, "karras", 6)
+    assert np.allclose(s.plan.times[:-1], karras[:-1])
 
 
 @pytest.mark.parametrize("name", ["ScoreSdeVeScheduler", "EDMEulerScheduler"])

@@ -14,13 +14,28 @@ Eval the final sample. The model-output history lives in the scheduler's slots. 
 multistage and PFDiff included, with NFE = ``num_inference_steps`` (a multiple of the stage count for
 Runge-Kutta methods).
 
+img2img and inpainting. A run may start at any Eval k: ``set_begin_index(k)`` (what img2img pipelines call)
+or, without it, the first ``step()``'s timestep picks k (a step's first Eval when several share the time).
+The scheduler then re-plans on the remaining grid with a cold history and a lower-order warm start, the
+way diffusers' multistep schedulers restart; for Runge-Kutta and PFDiff see ``deis_fast.solvers.restart``
+(a start inside an RK step moves to the next step boundary with first-order moves, one per remaining
+stage Eval; a PFDiff start makes a plain step to the next foresight boundary). The Evals, hence
+``timesteps[k:]``, stay what the pipeline loops over. The history holds model outputs, never states,
+so a pipeline may overwrite the state between steps (inpainting blends the known region into it).
+
 Grids: ``grid="auto"`` follows diffusers' ``timestep_spacing`` (plus a final step to t = 0) for the
 ``logrho*`` methods — ``method="logrho3"`` then reproduces ``DEISMultistepScheduler(solver_order=3)`` —
 and uses deis_fast's recommended grid for every other method. ``grid="diffusers"`` forces the
 diffusers spacing; ``"time_quadratic"``, ``"logsnr"``, ``"karras"``, ``"time_uniform"`` or a list of
-model times pick a deis_fast grid. ``timestep_type``: ``"int"`` rounds a named grid to the training
+model times pick a deis_fast grid; ``use_karras_sigmas``, ``use_exponential_sigmas`` (= the ``logsnr``
+grid) and ``use_beta_sigmas`` (the ``beta`` grid, Beta(``beta_alpha``, ``beta_beta``)) choose the spacing
+when ``grid="auto"``. ``final_sigmas_type``: ``"sigma_min"`` ends at the first training step (t = 0, as
+DEIS), ``"zero"`` at sigma = 0 (as DPM-Solver's default). ``timestep_type``: ``"int"`` rounds a named grid to the training
 timesteps, ``"float"`` keeps exact float times (UNets accept float timesteps), ``"auto"`` rounds when
-rounding keeps every step distinct and falls back to float times otherwise.
+rounding keeps every step distinct and falls back to float times otherwise. Timesteps that round to the
+same integer (dense step counts under ``"int"`` or the diffusers spacing) are removed with one warning.
+``thresholding`` applies Imagen's dynamic thresholding to the x0 prediction where the model output is
+converted (every method).
 """
 from __future__ import annotations
 
@@ -39,8 +54,8 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("deis_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
 
 from .. import ops
-from ..grids import GRIDS
-from ..models import _to_eps, _to_x0, normalize_prediction
+from ..grids import GRIDS, grid_rho, make_grid
+from ..models import check_threshold, convert_output, normalize_prediction
 from ..plan import Combine, Eval, Plan
 from ..sampler import build_plan, default_grid
 from ..schedules import schedule_from_diffusers_config
@@ -50,6 +65,12 @@ __all__ = ["DEISFastScheduler"]
 
 _TIMESTEP_TYPES = ("auto", "int", "float")
 _SPACINGS = ("linspace", "leading", "trailing")
+_FINAL_SIGMAS = ("sigma_min", "zero")
+# keys that, when set, change the noise schedule or the sampling process: ignoring them would sample the wrong
+# process silently, so they are refused instead (flow matching: another mapping, not here yet)
+_SCHEDULE_CHANGING = ("rescale_betas_zero_snr", "use_flow_sigmas", "use_dynamic_shifting")
+# diffusers' grid-spacing switches (honored when grid="auto") and the deis_fast grid each one means
+_SPACING_KEYS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "logsnr", "use_beta_sigmas": "beta"}
 
 
 class DEISFastScheduler(SchedulerMixin, ConfigMixin):
@@ -70,9 +91,18 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             first-order method it wraps that method).
         eta: noise level of ``method="ddim_eta"`` (1 = ancestral DDPM).
         timestep_spacing, steps_offset: diffusers' spacing of the ``grid="diffusers"`` timesteps.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, beta_alpha, beta_beta: diffusers'
+            spacing switches, honored as the ``karras``, ``logsnr`` and ``beta`` grids when ``grid="auto"``.
+        final_sigmas_type: ``"sigma_min"`` (end at t = 0) or ``"zero"`` (end at sigma = 0).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
+            the x0 prediction (pixel-space models such as DeepFloyd IF), as in diffusers.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # VP schedulers whose configs (betas, prediction type, spacing) this one takes over; not the VE/EDM ones
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]
+    # the noise-process keys other schedulers may pass: accepted by __init__ only to be refused with a message
+    _deprecated_kwargs = list(_SCHEDULE_CHANGING)
+    ignore_for_config = ["kwargs"]
     order = 1
 
     @register_to_config
@@ -81,7 +111,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  prediction_type: str = "epsilon", method: str = "tab3", grid: str | Sequence[float] = "auto",
                  timestep_type: str = "auto", lower_order_final: bool | None = None,
                  pfdiff: Sequence[int] | None = None, eta: float = 1.0, timestep_spacing: str = "linspace",
-                 steps_offset: int = 0, **kwargs: Any):
+                 steps_offset: int = 0, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, beta_alpha: float = 0.6, beta_beta: float = 0.6,
+                 final_sigmas_type: str = "sigma_min", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
             _warn_ignored(kwargs, stacklevel=4)
@@ -102,10 +135,22 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
         if isinstance(grid, str) and grid not in ("auto", "diffusers") + GRIDS:
             raise ValueError(f"grid must be 'auto', 'diffusers', one of {GRIDS} or a list of model times, got {grid!r}")
+        flags = dict(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                     use_beta_sigmas=use_beta_sigmas)
+        spacing = [k for k, v in flags.items() if v]
+        if len(spacing) > 1:
+            raise ValueError(f"only one of {', '.join(_SPACING_KEYS)} can be set, got {', '.join(spacing)}")
+        if final_sigmas_type not in _FINAL_SIGMAS:
+            raise ValueError(f"final_sigmas_type must be one of {_FINAL_SIGMAS}, got {final_sigmas_type!r}")
+        self._threshold = check_threshold((dynamic_thresholding_ratio, sample_max_value)) if thresholding else None
+        self.betas, self.alphas, self.alphas_cumprod = _training_arrays(self.schedule)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.plan: Plan | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.sigmas = torch.from_numpy(self.schedule.rho(np.arange(num_train_timesteps, dtype=np.float64))).float()
+        self._build_kw: dict[str, Any] = {}
+        self._run_plan: Plan | None = None   # the plan being run: self.plan, or its tail after a mid start
         self._segments: list[tuple[Eval, tuple[Combine, ...]]] = []
         self._slots: list[torch.Tensor | None] = []
         self._step_index: int | None = None
@@ -134,8 +179,11 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         clashing = {}
         if not ours and cfg.get("timestep_type") not in (None,) + _TIMESTEP_TYPES:
             clashing["timestep_type"] = cfg.pop("timestep_type")  # EulerDiscrete's key, another meaning
-        if cfg.get("use_karras_sigmas") and "grid" not in kwargs:
-            kwargs["grid"] = "karras"  # keep the user's spacing choice; the key itself is then consumed
+        if not ours and cfg.get("final_sigmas_type") not in (None,) + _FINAL_SIGMAS:
+            clashing["final_sigmas_type"] = cfg.pop("final_sigmas_type")
+        if "grid" in kwargs:  # the user's explicit grid wins over a spacing switch of the other scheduler
+            for k in _SPACING_KEYS:
+                cfg.pop(k, None)
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
         ignored.update(clashing)
@@ -148,40 +196,37 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     # --- diffusers scheduler interface -----------------------------------------------
     @property
     def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step()`` (None before the first one)."""
         return self._step_index
 
     @property
     def begin_index(self) -> int | None:
+        """Index into ``timesteps`` of the first ``step()``, as set by :meth:`set_begin_index`."""
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
+        """Start the next run at ``timesteps[begin_index]`` (img2img strength): the plan is re-built on the
+        remaining grid with a cold history (see the module doc)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
+        if self.plan is not None and begin_index >= self.plan.nfe:
+            raise ValueError(f"begin_index={begin_index} is past the last of the {self.plan.nfe} timesteps")
+        self._begin_index = int(begin_index)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: Sequence[float] | None = None, **kwargs: Any) -> None:
         """Compile the plan for ``num_inference_steps`` network evaluations and set ``timesteps``
         (the model times of the plan's Evals). ``timesteps`` may instead give the model times of the
-        solver grid explicitly (then NFE = len(timesteps) x stages, with a final step to t = 0)."""
+        solver grid explicitly (then NFE = len(timesteps) x stages, with a final step to the end)."""
         if timesteps is not None:
-            grid: Any = [float(t) for t in timesteps] + [0.0]
             n = None
+        elif isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         else:
-            if num_inference_steps is None or int(num_inference_steps) < 1:
-                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
             n = int(num_inference_steps)
-            grid = None
-        self.plan = self._build(n, grid)
-        evals = self.plan.evals
-        if not self.plan.ops or not isinstance(self.plan.ops[0], Eval):
-            raise RuntimeError("internal: a plan must start with an Eval")  # never happens for deis_fast plans
-        segs: list[tuple[Eval, tuple[Combine, ...]]] = []
-        for op in self.plan.ops:
-            if isinstance(op, Eval):
-                segs.append((op, ()))
-            else:
-                segs[-1] = (segs[-1][0], segs[-1][1] + (op,))
-        self._segments = segs
-        mt = np.array([e.model_t for e in evals], dtype=np.float64)
+        self.plan = self._build(n, timesteps)
+        mt = np.array([e.model_t for e in self.plan.evals], dtype=np.float64)
         if np.all(np.abs(mt - np.round(mt)) < 1e-6):
             ts = torch.from_numpy(np.round(mt).astype(np.int64))
         else:
@@ -190,75 +235,115 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             mps = device is not None and torch.device(device).type == "mps"
             ts = torch.from_numpy(mt.astype(np.float32 if mps else np.float64))
         self.timesteps = ts.to(device) if device is not None else ts
-        self.num_inference_steps = len(evals)
-        self._slots = [None] * self.plan.num_slots
+        rho = grid_rho(self.schedule, np.asarray(self.plan.times))
+        self.sigmas = torch.from_numpy(np.append([e.sigma / e.alpha for e in self.plan.evals], rho[-1])).float()
+        self.num_inference_steps = self.plan.nfe
+        self._run_plan = None
+        self._slots = []
         self._step_index = None
         self._begin_index = None
 
-    def _build(self, n: int | None, grid: Any) -> Plan:
+    def _build(self, n: int | None, timesteps: Sequence[float] | None) -> Plan:
+        """The full plan; remembers the options that re-planning a mid start needs."""
         cfg = self.config
-        method = cfg.method
-        spec_name = "ddim" if method == "pfdiff" else get_method(method).name
+        spec_name = "ddim" if cfg.method == "pfdiff" else get_method(cfg.method).name
         spec = get_method(spec_name)
         pf = tuple(cfg.pfdiff) if cfg.pfdiff is not None else None
-        if pf is not None and method != "pfdiff" and not spec.first_order:
-            raise ValueError(f"pfdiff={pf} wraps a first-order method; {method!r} is not one")
-        is_pf = method == "pfdiff" or pf is not None
-        if grid is None:
-            grid = cfg.grid
-            if grid == "auto":
-                grid = "diffusers" if spec_name.startswith("logrho") and not is_pf else default_grid(self.schedule, spec_name)
-            if grid == "diffusers":
-                if is_pf:
-                    raise ValueError("grid='diffusers' is not available with PFDiff (it needs its own grid of "
-                                     "nfe*(k+1)-k intervals); use a named grid")
-                if n % spec.stages:
-                    raise ValueError(f"method {method!r} uses {spec.stages} NFE per step; num_inference_steps={n} "
-                                     f"is not a multiple of {spec.stages}")
-                grid = [float(t) for t in self._diffusers_timesteps(n // spec.stages)] + [0.0]
-                n = None
-            elif not isinstance(grid, str):
-                grid = [float(t) for t in grid]
-                n = None
-        diffusers_like = isinstance(grid, list)
+        if pf is not None and cfg.method != "pfdiff" and not spec.first_order:
+            raise ValueError(f"pfdiff={pf} wraps a first-order method; {cfg.method!r} is not one")
+        is_pf = cfg.method == "pfdiff" or pf is not None
+        if is_pf:
+            from ..solvers.pfdiff import pfdiff_preset
+            pf = pfdiff_preset("pfdiff", pf)[1] if cfg.method == "pfdiff" else pf
+        times, kind = self._grid_times(n, timesteps, spec, pf)
         lof = cfg.lower_order_final
         if lof is None:
-            lof = diffusers_like
-        steps = (len(grid) - 1) if isinstance(grid, list) else (n // spec.stages if n else 0)
-        lof = bool(lof) and steps < 15 and spec.multistep_options and not is_pf
+            lof = kind != "named"
+        lof = bool(lof) and len(times) - 1 < 15 and spec.multistep_options and not is_pf
         stochastic = spec.family == "stochastic"  # eta is the noise level of ddim_eta (also as a PFDiff base)
-        kw = dict(eta=float(cfg.eta) if stochastic else None, lower_order_final=lof, pfdiff=pf)
-        want_int = cfg.timestep_type != "float" and isinstance(grid, str) and self.schedule.discrete
-        if want_int:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")  # duplicates after rounding: the grid would lose steps
-                    plan = build_plan(self.schedule, method, n, grid, integer_timesteps=True, **kw)
-                return plan
-            except (ValueError, UserWarning) as e:
-                if cfg.timestep_type == "int":
-                    raise ValueError(f"timestep_type='int': rounding the {grid!r} grid of {n} NFE to integer "
-                                     f"timesteps fails ({e}); use timestep_type='float' or 'auto'") from None
-        return build_plan(self.schedule, method, n, grid, **kw)
+        self._build_kw = dict(method=cfg.method, nfe=n if is_pf else None, eta=float(cfg.eta) if stochastic else None,
+                              lower_order_final=lof, pfdiff=pf)
+        return build_plan(self.schedule, grid=list(times), **self._build_kw)
+
+    def _grid_times(self, n: int | None, timesteps: Sequence[float] | None, spec: Any,
+                    pf: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+        """The solver grid (model times, decreasing, ending at t_end) and its kind: 'diffusers', 'list', 'named'.
+        The one place where config keys become a grid."""
+        cfg = self.config
+        t_end = float(self.schedule.t_from_rho(0.0)) if cfg.final_sigmas_type == "zero" else 0.0
+        if timesteps is not None:
+            return np.array([float(t) for t in timesteps] + [t_end]), "list"
+        grid = cfg.grid
+        if not isinstance(grid, str):
+            return np.array([float(t) for t in grid]), "list"
+        if grid == "auto":
+            spacing = [g for k, g in _SPACING_KEYS.items() if cfg[k]]
+            if spacing:
+                grid = spacing[0]
+            elif spec.name.startswith("logrho") and pf is None:
+                grid = "diffusers"
+            else:
+                grid = default_grid(self.schedule, spec.name)
+        if n % spec.stages:
+            raise ValueError(f"method {cfg.method!r} uses {spec.stages} NFE per step; num_inference_steps={n} "
+                             f"is not a multiple of {spec.stages}")
+        if grid == "diffusers":
+            if pf is not None:
+                raise ValueError("grid='diffusers' is not available with PFDiff (it needs its own grid of "
+                                 "nfe*(k+1)-k intervals); use a named grid")
+            ts = _dedupe(self._diffusers_timesteps(n // spec.stages).astype(np.float64), t_end, n)
+            return np.append(ts, t_end), "diffusers"
+        steps = n * (pf[0] + 1) - pf[0] if pf is not None else n // spec.stages
+        t = make_grid(self.schedule, grid, steps, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
+        if cfg.timestep_type != "float":
+            r = np.round(t)
+            if np.all(np.diff(r) < 0):
+                t = r
+            elif cfg.timestep_type == "int":
+                if pf is not None:
+                    warnings.warn(f"timestep_type='int': PFDiff with {n} NFE needs {steps} distinct grid times, more "
+                                  "than rounding keeps; using float timesteps", UserWarning, stacklevel=4)
+                else:
+                    t = np.append(_dedupe(r[:-1], r[-1], n), r[-1])
+        t[-1] = t_end
+        return t, "named"
 
     def _diffusers_timesteps(self, n: int) -> np.ndarray:
         """diffusers' integer timesteps for ``n`` steps under ``timestep_spacing`` (as DEIS/DPM-Solver do)."""
         cfg = self.config
         N = cfg.num_train_timesteps
         if cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, N - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif cfg.timestep_spacing == "leading":
+            return np.linspace(0, N - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        if cfg.timestep_spacing == "leading":
             ratio = N // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
-        else:
-            ts = np.arange(N, 0, -N / n).round().astype(np.int64) - 1
-        if len(np.unique(ts)) != len(ts) or ts[-1] <= 0:
-            raise ValueError(f"{n} steps with timestep_spacing={cfg.timestep_spacing!r} give repeated or zero "
-                             f"timesteps; use fewer steps or a deis_fast grid")
-        return ts
+            return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
+        return np.arange(N, 0, -N / n).round().astype(np.int64) - 1
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The identity (VP models take the state as it is)."""
         return sample
+
+    def index_for_timestep(self, timestep: int | float | torch.Tensor) -> int:
+        """The index in ``timesteps`` of ``timestep``; when several share it, the first Eval of a step."""
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        ts = self.timesteps.detach().to("cpu", torch.float64).numpy()
+        hits = np.flatnonzero(np.abs(ts - t) <= 1e-6 * max(1.0, abs(t)))
+        if hits.size == 0:
+            raise ValueError(f"timestep {t} is not one of scheduler.timesteps; step() must be called with "
+                             "timesteps[k], timesteps[k+1], ... (or call set_begin_index(k) first)")
+        stages = get_method("ddim" if self.config.method == "pfdiff" else self.config.method).stages
+        first = [int(i) for i in hits if i % stages == 0]
+        return first[0] if first else int(hits[0])
+
+    def _start(self, timestep: Any) -> None:
+        """First step(): the start index (begin index, else from the timestep) and the plan run from there."""
+        k = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        run = self.plan
+        if k:
+            run = build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw)
+        self._run_plan, self._segments = run, _segments(run)
+        self._slots = [None] * run.num_slots
+        self._step_index = k
 
     def step(self, model_output: torch.Tensor, timestep: int | float | torch.Tensor, sample: torch.Tensor,
              return_dict: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
@@ -266,36 +351,36 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         """Consume the network output of Eval k (called on ``sample`` at ``timestep``) and return the
         input of Eval k+1 (or, after the last Eval, the final sample) as ``prev_sample``.
 
-        ``timestep`` is not inspected (the scheduler keeps its own counter; no host sync). Extra keyword
+        ``timestep`` is read only on the first step without a begin index (to find k). Extra keyword
         arguments that pipelines pass to other schedulers (``eta``, ``use_clipped_model_output``) are ignored;
         ``generator`` feeds the noise of stochastic methods.
         """
         if self.plan is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
         if self._step_index is None:
-            self._step_index = self._begin_index or 0
-            if self._step_index:
-                raise NotImplementedError("DEISFastScheduler starts at the first timestep (multistep history); "
-                                          "set_begin_index > 0 (img2img strength) is not supported")
-        k = self._step_index
+            self._start(timestep)
+        k = self._step_index - (self.plan.nfe - self._run_plan.nfe)  # the Eval of the plan being run
         if k >= len(self._segments):
-            raise IndexError(f"step() called {k + 1} times but the plan has {len(self._segments)} network "
-                             "evaluations; call set_timesteps again to start a new run")
-        ev, combines = self._segments[k]
-        slots = self._slots
+            raise IndexError(f"step() called past the last of the {self.plan.nfe} timesteps; call set_timesteps "
+                             "again to start a new run")
         if model_output.dtype != sample.dtype or model_output.device != sample.device:
             model_output = model_output.to(device=sample.device, dtype=sample.dtype)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, the sample {tuple(sample.shape)}")
+        prev = self._run_segment(k, model_output, sample, generator)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _run_segment(self, k: int, model_output: torch.Tensor, sample: torch.Tensor,
+                     generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """Eval k's output into its slot, then the Combines up to Eval k+1; returns Eval k+1's input (the
+        final sample after the last Eval)."""
+        ev, combines = self._segments[k]
+        slots = self._slots
         slots[ev.src] = sample
-        convert = _to_eps if ev.target == "eps" else _to_x0
-        a, b = convert(self.prediction, ev.alpha, ev.sigma, True)
-        if a == 0.0 and b == 1.0:
-            slots[ev.dst] = model_output
-        elif a == 0.0:
-            slots[ev.dst] = ops.combine([model_output], [b])
-        else:
-            slots[ev.dst] = ops.combine([sample, model_output], [a, b])
+        slots[ev.dst] = convert_output(self.prediction, ev, sample, [(1.0, model_output)], threshold=self._threshold)
         for c in combines:
             srcs = [slots[s] for s in c.srcs]
             if c.noise_index >= 0:
@@ -303,19 +388,14 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                 slots[c.dst] = ops.combine(srcs, c.coefs, noise=z, noise_coef=c.noise_coef)
             else:
                 slots[c.dst] = ops.combine(srcs, c.coefs)
-        k += 1
-        self._step_index = k
-        if k < len(self._segments):
-            prev = slots[self._segments[k][0].src]
-        else:
-            prev = slots[0]
-            self._slots = [None] * len(slots)  # release the history
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        if k + 1 < len(self._segments):
+            return slots[self._segments[k + 1][0].src]
+        prev = slots[0]
+        self._slots = [None] * len(slots)  # release the history
+        return prev
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``alpha_t * x0 + sigma_t * noise`` at (possibly fractional) model timesteps."""
+        """``alpha_t * x0 + sigma_t * noise`` at (possibly fractional) model timesteps, exact in float64."""
         t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
         alpha = torch.as_tensor(self.schedule.alpha(t), dtype=original_samples.dtype, device=original_samples.device)
         sigma = torch.as_tensor(self.schedule.sigma(t), dtype=original_samples.dtype, device=original_samples.device)
@@ -326,10 +406,34 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-# keys that, when set, change the noise schedule or the sigma family: ignoring them would sample the wrong
-# process silently, so they are refused instead
-_SCHEDULE_CHANGING = ("rescale_betas_zero_snr", "use_flow_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                      "use_dynamic_shifting", "thresholding")
+def _segments(plan: Plan) -> list[tuple[Eval, tuple[Combine, ...]]]:
+    """The plan cut at its Evals: (Eval k, the Combines up to Eval k+1)."""
+    if not plan.ops or not isinstance(plan.ops[0], Eval):
+        raise RuntimeError("internal: a plan must start with an Eval")  # never happens for deis_fast plans
+    segs: list[tuple[Eval, tuple[Combine, ...]]] = []
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            segs.append((op, ()))
+        else:
+            segs[-1] = (segs[-1][0], segs[-1][1] + (op,))
+    return segs
+
+
+def _dedupe(ts: np.ndarray, t_end: float, n: int) -> np.ndarray:
+    """Decreasing model times with repeats (and times at or below t_end) removed, in one warning."""
+    keep = np.concatenate([[True], np.diff(ts) < 0]) & (ts > t_end)
+    if not np.all(keep):
+        warnings.warn(f"num_inference_steps={n}: {int((~keep).sum())} timestep(s) round to an integer already used "
+                      f"(or to the end); they were removed, so the run has {int(keep.sum())} steps. Use "
+                      "timestep_type='float' (deis_fast grids) to keep every step", UserWarning, stacklevel=5)
+    return ts[keep]
+
+
+def _training_arrays(schedule: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(betas, alphas, alphas_cumprod) over the training timesteps, float32 as diffusers keeps them."""
+    ac = schedule.alphas_cumprod
+    alphas = ac / np.concatenate([[1.0], ac[:-1]])
+    return (torch.from_numpy(1.0 - alphas).float(), torch.from_numpy(alphas).float(), torch.from_numpy(ac).float())
 
 
 def _refuse_schedule_changing_keys(cfg: dict) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..coefficients import lagrange_integrals_inf, pure_noise_row
-from ..grids import grid_rho, make_grid
+from ..grids import BETA_AB, grid_rho, make_grid
 from ..plan import Plan, PlanBuilder, start_eps_terms
 from ..schedules import FlowSchedule
 from .stochastic import ancestral_split
@@ -48,7 +48,7 @@ def check_kh(kh) -> tuple[int, int]:
 
 
 def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1.0, karras_rho: float = 7.0,
-                integer_timesteps: bool = False, experimental: bool = False) -> Plan:
+                integer_timesteps: bool = False, experimental: bool = False, beta_ab=BETA_AB) -> Plan:
     k, h = check_kh(kh)
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
         raise ValueError(f"PFDiff needs an integer nfe >= 1, got {nfe!r}")
@@ -63,7 +63,8 @@ def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1
     if integer_timesteps and schedule.discrete and intervals > schedule.num_train_timesteps - 1:
         raise ValueError(f"PFDiff-({k},{h}) with nfe={nfe} needs {intervals} grid intervals, more than the "
                          f"{schedule.num_train_timesteps - 1} integer timesteps; lower nfe or k")
-    t = make_grid(schedule, grid, intervals, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps)
+    t = make_grid(schedule, grid, intervals, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
+                  beta_ab=beta_ab)
     if len(t) - 1 != intervals:
         raise ValueError(f"PFDiff-({k},{h}) with nfe={nfe} needs {intervals} grid intervals but the grid has "
                          f"{len(t) - 1} (integer rounding removed duplicates?); lower nfe or use a finer schedule")

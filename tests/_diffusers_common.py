@@ -1,0 +1,50 @@
+"""Shared pieces of the diffusers tests: a float64 DEIS reference and tiny Stable Diffusion components."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from diffusers import DEISMultistepScheduler
+
+
+class DEIS64(DEISMultistepScheduler):
+    """diffusers' DEIS with its sigmas promoted to float64 after set_timesteps (its coefficients are otherwise
+    computed in float32, ~6e-5 relative drift from the exact float64 formulas at some step counts)."""
+
+    def set_timesteps(self, *a, **k):
+        super().set_timesteps(*a, **k)
+        self.sigmas = self.sigmas.double()
+
+
+def tiny_tokenizer(folder: str):
+    """A CLIPTokenizer from a 12-word vocabulary written to ``folder`` (no download)."""
+    from transformers import CLIPTokenizer
+    words = ["a</w>", "cat</w>", "dog</w>", "photo</w>", "of</w>", "painting</w>", "blurry</w>"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=8)
+
+
+def tiny_sd_components(folder: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """UNet2DConditionModel (4 latent channels, 8x8), AutoencoderKL (scale factor 1) and a 1-layer CLIP text
+    encoder, randomly initialised: one UNet call costs ~30 ms on one CPU thread."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=8)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    return dict(unet=unet.to(dtype).eval(), vae=vae.to(dtype).eval(), text_encoder=text.to(dtype).eval(),
+                tokenizer=tiny_tokenizer(folder), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
