@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .executor import Workspace, check_noise, finish_finite_check
+
 __all__ = ["CUDAGraphSampler", "GraphShapeError", "ENV_VAR", "cond_signature"]
 
 ENV_VAR = "DEIS_FAST_CUDA_GRAPH"
@@ -70,9 +72,7 @@ class CUDAGraphSampler:
 
     def __init__(self, sampler, example_noise: torch.Tensor, *, enabled: bool | None = None,
                  check_finite: bool | None = None, warmup_iters: int = 2, pool: Any = None, **example_cond: Any):
-        from .sampler import _check_noise
-
-        _check_noise(example_noise)
+        check_noise(example_noise)
         self.sampler = sampler
         self.plan = sampler.plan
         self.check_finite = sampler.check_finite if check_finite is None else bool(check_finite)
@@ -95,7 +95,7 @@ class CUDAGraphSampler:
 
         adapter = sampler.adapter
         dev = example_noise.device
-        self.ws = sampler._workspace(example_noise, fresh=True)        # private to this graph
+        self.ws = Workspace(sampler.plan, adapter, example_noise)       # private to this graph
         self.x = torch.empty_like(example_noise)                        # the state slot (input and result)
         self.cond = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in example_cond.items()}
         self.guidance = None
@@ -125,7 +125,7 @@ class CUDAGraphSampler:
             torch.cuda.synchronize()
 
     def _body(self) -> None:
-        self.sampler._run(self.x, self.ws, self.cond, self.z, self.check_finite, guidance=self.guidance)
+        self.sampler.run(self.x, self.ws, self.cond, self.z, self.check_finite, guidance=self.guidance)
 
     def __repr__(self) -> str:
         mode = "graph" if self.enabled else f"eager ({self.fallback_reason})"
@@ -165,15 +165,16 @@ class CUDAGraphSampler:
                 self.cond[k].copy_(v)
         if self.z is not None:
             if step_noise is not None:
-                s._step_noise(self.ws, noise, None, step_noise)      # validates the shape
+                if tuple(step_noise.shape) != tuple(self.ws.z.shape):
+                    raise ValueError(f"step_noise must have shape {tuple(self.ws.z.shape)}, got "
+                                     f"{tuple(step_noise.shape)}")
                 self.ws.z.copy_(step_noise)
             else:
                 self.ws.draw_noise(generator)
         self.x.copy_(noise)
         self.graph.replay()
         if self.check_finite:
-            from .sampler import _finish_finite_check
-            _finish_finite_check(self.plan, self.ws, self.x)
+            finish_finite_check(self.plan, self.ws, self.x)
         if out is None:
             return self.x.clone()
         return out.copy_(self.x)

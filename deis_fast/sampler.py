@@ -8,10 +8,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import ops
+from .graph import CUDAGraphSampler, cond_signature
 from .grids import BETA_AB, GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
-from .plan import Combine, Eval, Plan
+from .plan import Eval, Plan
+from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
+                       inpaint_args, run_plan)
 from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from .solvers import get_method
 from .solvers.restart import eval_at_time, tail_plan
@@ -19,11 +21,6 @@ from .solvers.restart import eval_at_time, tail_plan
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
 
 MAX_NFE = 100_000
-Generator = torch.Generator | Sequence[torch.Generator] | None
-
-
-class NonFiniteError(FloatingPointError):
-    """Raised when the noise, a model output or the result is NaN or infinite."""
 
 
 def default_grid(schedule: Schedule, method: str) -> str:
@@ -160,20 +157,6 @@ def randn_per_sample(shape: Sequence[int], seeds: Sequence[int], device: torch.d
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in gens]).to(device, dtype)
 
 
-def _draw_step_noise(n: int, like: torch.Tensor, generator: Generator) -> torch.Tensor | None:
-    if n == 0:
-        return None
-    shape = (n,) + tuple(like.shape)
-    if generator is None or isinstance(generator, torch.Generator):
-        gdev = generator.device if generator is not None else like.device
-        return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(like.device, like.dtype)
-    gens = list(generator)
-    if len(gens) != like.shape[0]:
-        raise ValueError(f"a list of generators needs one per sample: batch {like.shape[0]}, got {len(gens)}")
-    per = [torch.randn((n,) + tuple(like.shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens]
-    return torch.stack(per, dim=1).to(like.device, like.dtype)
-
-
 class Sampler:
     """A reusable sampler: ``Sampler(model, schedule, method, nfe, grid)(noise) -> sample at t_end``.
 
@@ -239,7 +222,7 @@ class Sampler:
         self.progress = progress
         # None until the first eager call has checked whether the model hands back a reused output buffer
         self._copy_outputs: bool | None = copy_outputs
-        self._ws: _Workspace | None = None
+        self._ws: Workspace | None = None
         # VE (alpha = 1): check the noise scale on the first call
         self._scale_checked = not isinstance(self.schedule, VESchedule)
         self._graphs: dict[tuple, Any] = {}
@@ -256,13 +239,13 @@ class Sampler:
         return f"Sampler(method={self.plan.method!r}, nfe={self.nfe}, schedule={self.schedule!r})"
 
     # --- workspace ----------------------------------------------------------------
-    def _workspace(self, x: torch.Tensor, fresh: bool = False) -> "_Workspace":
+    def _workspace(self, x: torch.Tensor, fresh: bool = False) -> "Workspace":
         """The preallocated slots of this (shape, dtype, device, layout); cached unless ``fresh``."""
-        key = _Workspace.key_of(x)
+        key = Workspace.key_of(x)
         if fresh:
-            return _Workspace(self.plan, self.adapter, x, key)
+            return Workspace(self.plan, self.adapter, x, key)
         if self._ws is None or self._ws.key != key:
-            self._ws = _Workspace(self.plan, self.adapter, x, key)
+            self._ws = Workspace(self.plan, self.adapter, x, key)
         return self._ws
 
     # --- run ----------------------------------------------------------------------
@@ -282,7 +265,7 @@ class Sampler:
         that each sample depends only on its own seed) unless ``step_noise`` [num_noise, *noise.shape] is given.
         ``guidance_scale`` overrides the CFG scale for this call.
         """
-        _check_noise(noise)
+        check_noise(noise)
         if not self._scale_checked and not torch.compiler.is_compiling():
             self._scale_checked = True
             _check_noise_scale(self.schedule, self.plan, noise)
@@ -298,13 +281,13 @@ class Sampler:
         overwritten), the finite check on detached values."""
         ws = self._workspace(noise, fresh=True)
         step_noise = self._step_noise(ws, noise, generator, step_noise)
-        inpaint = _inpaint_args(known, mask, noise, noise, self.schedule, self.plan)
-        x = execute(self.plan, noise, self.adapter, cond, ws, step_noise, self.check_finite, callback=callback,
-                    progress=self.progress, guidance=guidance_scale, grad=True, inpaint=inpaint)
+        inpaint = inpaint_args(known, mask, noise, noise, self.schedule, self.plan)
+        x = self.run(noise, ws, cond, step_noise, self.check_finite, callback, self.progress, guidance_scale, inpaint,
+                     grad=True)
         if self.check_finite:
-            _finish_finite_check(self.plan, ws, x)
+            finish_finite_check(self.plan, ws, x)
         if out is not None:
-            _check_out(out, noise)
+            check_out(out, noise)
             return out.copy_(x)
         return x
 
@@ -318,16 +301,16 @@ class Sampler:
         if out is None:
             x = noise.clone()
         else:
-            _check_out(out, noise)
+            check_out(out, noise)
             x = out if out is noise else out.copy_(noise)
         check = self.check_finite and not compiling
-        inpaint = _inpaint_args(known, mask, noise, x, self.schedule, self.plan)
-        self._run(x, ws, cond, step_noise, check, callback, self.progress and not compiling, guidance_scale, inpaint)
+        inpaint = inpaint_args(known, mask, noise, x, self.schedule, self.plan)
+        self.run(x, ws, cond, step_noise, check, callback, self.progress and not compiling, guidance_scale, inpaint)
         if check:
-            _finish_finite_check(self.plan, ws, x)
+            finish_finite_check(self.plan, ws, x)
         return x
 
-    def _step_noise(self, ws: "_Workspace", like: torch.Tensor, generator: Generator,
+    def _step_noise(self, ws: "Workspace", like: torch.Tensor, generator: Generator,
                     step_noise: torch.Tensor | None) -> list[torch.Tensor] | None:
         """The per-draw noise views for one call (the workspace's buffer, filled in place, unless given)."""
         plan = self.plan
@@ -341,100 +324,48 @@ class Sampler:
         ws.draw_noise(generator)
         return ws.z_views
 
-    def _run(self, x: torch.Tensor, ws: "_Workspace", cond: Mapping[str, Any], step_noise: torch.Tensor | None,
-             check_finite: bool, callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
-             guidance: float | torch.Tensor | None = None, inpaint: Inpaint | None = None) -> torch.Tensor:
-        """execute() on the workspace, with the first-call detection of models that reuse an output buffer."""
-        if self._copy_outputs is None and not torch.compiler.is_compiling():
+    def run(self, x: torch.Tensor, ws: Workspace, cond: Mapping[str, Any],
+            step_noise: Sequence[torch.Tensor] | None, check_finite: bool,
+            callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+            guidance: float | torch.Tensor | None = None, inpaint: Inpaint | None = None,
+            grad: bool = False) -> torch.Tensor:
+        """Run the whole plan on ``x`` with workspace ``ws`` (in place, or out of place with ``grad``) through
+        :func:`deis_fast.executor.run_plan`; the first eager call also detects models that hand back a reused
+        output buffer. Used by ``__call__`` and by the CUDA-graph sampler."""
+        adapter = self.adapter
+        pcond = adapter.prepare_cond(cond)
+        times = ws.times
+        if adapter.guided:
+            def evaluate(xs: torch.Tensor, op: Eval, k: int, buf: torch.Tensor | None) -> torch.Tensor:
+                return adapter(xs, op, times[k], pcond, buf, ws.xx, ws.times2[k], guidance, cond)
+        else:
+            def evaluate(xs: torch.Tensor, op: Eval, k: int, buf: torch.Tensor | None) -> torch.Tensor:
+                return adapter(xs, op, times[k], pcond, buf)
+        slots = [x] + ([None] * (len(ws.bufs) - 1) if grad else list(ws.bufs[1:]))
+        kw = dict(bufs=None if grad else ws.bufs, step_noise=step_noise, finite=ws if check_finite else None,
+                  in_place=not grad, callback=callback, progress=progress, inpaint=inpaint)
+        if self._copy_outputs is None and not grad and not torch.compiler.is_compiling():
             # first call: copy model outputs and keep the originals alive, so that two outputs sharing
             # storage prove the model reuses a static buffer (then we must keep copying)
             raw: list[torch.Tensor] = []
-            execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
-                    progress=progress, copy_outputs=True, keep=raw, guidance=guidance, inpaint=inpaint)
+            out = run_plan(self.plan, slots, evaluate, copy_outputs=True, keep=raw, **kw)
             ptrs = [r.untyped_storage().data_ptr() for r in raw]
             self._copy_outputs = len(set(ptrs)) < len(ptrs)
-            return x
-        return execute(self.plan, x, self.adapter, cond, ws, step_noise, check_finite, callback=callback,
-                       progress=progress, copy_outputs=bool(self._copy_outputs), guidance=guidance, inpaint=inpaint)
+            return out
+        return run_plan(self.plan, slots, evaluate, copy_outputs=bool(self._copy_outputs), **kw)
 
     def cuda_graph(self, example_noise: torch.Tensor, *, enabled: bool | None = None,
                    check_finite: bool | None = None, **example_cond: Any):
         """A :class:`deis_fast.graph.CUDAGraphSampler` for noise like ``example_noise`` (and conditioning
         like ``example_cond``), cached per (shape, dtype, device, layout, plan, conditioning shapes).
         Falls back to eager when not on CUDA or when ``DEIS_FAST_CUDA_GRAPH=0`` (or ``enabled=False``)."""
-        from .graph import CUDAGraphSampler, cond_signature
-        key = (_Workspace.key_of(example_noise), id(self.plan), enabled, check_finite,
+        key = (Workspace.key_of(example_noise), id(self.plan), enabled, check_finite,
                cond_signature(example_cond))
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = CUDAGraphSampler(self, example_noise, enabled=enabled,
                                                      check_finite=check_finite, **example_cond)
         return g
-
-
-class _Workspace:
-    """Everything a call needs, allocated once per (shape, dtype, device, layout) and plan: model-output /
-    stage slots, time inputs, the doubled CFG batch, the step-noise buffer, the finite-check sums."""
-
-    @staticmethod
-    def key_of(x: torch.Tensor) -> tuple:
-        return (tuple(x.shape), x.dtype, x.device, x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous())
-
-    def __init__(self, plan: Plan, adapter: ModelAdapter, x: torch.Tensor, key: tuple):
-        self.key = key
-        fmt = torch.channels_last if key[3] else torch.contiguous_format
-        shape, dt, dev = tuple(x.shape), x.dtype, x.device
-
-        def empty(s: tuple) -> torch.Tensor:
-            t = torch.empty(s, dtype=dt, device=dev)
-            return t.contiguous(memory_format=fmt) if fmt is torch.channels_last else t
-
-        self.bufs: list[torch.Tensor | None] = [None] + [empty(shape) for _ in range(plan.num_slots - 1)]
-        tdt = adapter.time_dtype or (torch.float64 if dt == torch.float64 else torch.float32)
-        b = shape[0]
-        self.times = [torch.full((b,), op.model_t, dtype=tdt, device=dev) for op in plan.evals]
-        guided = adapter.guided
-        self.times2 = [torch.full((2 * b,), op.model_t, dtype=tdt, device=dev) for op in plan.evals] if guided else None
-        self.xx = empty((2 * b,) + shape[1:]) if guided else None
-        n = plan.num_noise
-        self.z = torch.empty((n,) + shape, dtype=dt, device=dev) if n else None
-        self.z32 = torch.empty((n,) + shape, dtype=torch.float32, device=dev) if n and dt != torch.float32 else None
-        self.z_views = list(self.z.unbind()) if n else None
-        sdt = torch.float32 if dev.type == "mps" else torch.float64
-        self.fin = torch.zeros(plan.nfe + 2, dtype=sdt, device=dev)
-        self.fin_views = list(self.fin.unbind())
-        self.fin_total = torch.zeros((), dtype=sdt, device=dev)
-
-    def draw_noise(self, generator: Generator) -> torch.Tensor:
-        """Step noise for one call, N(0, 1) drawn in float32 (same values as ``torch.randn``), in place."""
-        z = self.z
-        if generator is None or (isinstance(generator, torch.Generator) and generator.device == z.device):
-            if self.z32 is None:
-                return z.normal_(generator=generator)
-            return z.copy_(self.z32.normal_(generator=generator))
-        return z.copy_(_draw_step_noise(z.shape[0], z[0], generator))
-
-
-def _check_out(out: Any, noise: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor) or out.shape != noise.shape or out.dtype != noise.dtype \
-            or out.device != noise.device:
-        got = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"out must be a tensor like the noise {(tuple(noise.shape), noise.dtype, noise.device)}, "
-                         f"got {got}")
-
-
-def _check_noise(noise: Any) -> None:
-    if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    if not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-    if noise.device.type == "meta":
-        raise ValueError("noise is on the 'meta' device (no data); sample with real CPU or CUDA tensors")
-    if noise.ndim < 1 or noise.shape[0] == 0:
-        raise ValueError(f"noise must have a non-empty batch dimension, got shape {tuple(noise.shape)}")
-    if noise.numel() == 0:
-        raise ValueError(f"noise has no elements (shape {tuple(noise.shape)})")
 
 
 def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> None:
@@ -446,157 +377,6 @@ def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> N
             warnings.warn(f"the noise has std {std:.3g} but a VE sample starts at sigma={sigma0:.4g}: scale unit "
                           f"noise by the start sigma (noise * {sigma0:.4g}), as in k-diffusion's "
                           "randn(...) * sigmas[0]", stacklevel=3)
-
-
-def execute(plan: Plan, x: torch.Tensor, adapter: ModelAdapter, cond: Mapping[str, Any], ws: _Workspace,
-            step_noise: Sequence[torch.Tensor] | None, check_finite: bool = True,
-            callback: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
-            copy_outputs: bool = False, keep: list | None = None,
-            guidance: float | torch.Tensor | None = None, grad: bool = False,
-            inpaint: Inpaint | None = None) -> torch.Tensor:
-    """The one executor: walks the plan in place on ``x``; Evals call the adapter, Combines call ``ops.combine``.
-
-    Static: every Combine writes with ``out=`` into ``x`` or a workspace slot, no host syncs, no
-    data-dependent branches, no allocation (outside the network). A model output that already is the
-    solver's target is used in place (zero copy) unless ``copy_outputs`` (models that return a reused
-    buffer); ``keep`` collects those outputs. ``check_finite`` writes one fp64 sum per NFE into
-    ``ws.fin`` and their total into ``ws.fin_total`` (read by :func:`_finish_finite_check`).
-    ``step_noise`` is indexed by a Combine's ``noise_index`` (a list of views: no indexing op per step).
-    ``grad``: autograd mode: ``x`` is only read, every Combine and conversion makes a new tensor, and the
-    result is returned (not written into ``x``).
-    ``inpaint`` keeps the known region on the forward process in every Eval's input and in the result.
-    """
-    bufs, times = ws.bufs, ws.times
-    if grad:
-        bufs = [None] * len(bufs)
-    slots: list[torch.Tensor | None] = [x] + list(bufs[1:])
-    fin = ws.fin_views
-    if check_finite:
-        torch.sum(x.detach() if grad else x, dim=None, dtype=fin[0].dtype, out=fin[0])
-    guided = adapter.guided
-    pcond = adapter.prepare_cond(cond)
-    compiling = torch.compiler.is_compiling()
-    seen: list[torch.Tensor] = []
-    bar = None
-    if progress and not compiling:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=plan.nfe, desc=f"deis_fast {plan.method}", leave=False)
-    k = 0
-    for op in plan.ops:
-        if type(op) is Eval:
-            if inpaint is not None:
-                slots[op.src] = inpaint.blend(slots[op.src], op.alpha, op.sigma, inplace=not grad)
-            buf = bufs[op.dst]
-            if guided:
-                out = adapter(slots[op.src], op, times[k], pcond, buf, ws.xx, ws.times2[k], guidance, cond)
-            else:
-                out = adapter(slots[op.src], op, times[k], pcond, buf)
-            if out is not buf:
-                if keep is not None:
-                    keep.append(out)
-                if compiling and not copy_outputs:
-                    for prev in seen:
-                        if out is prev:
-                            raise RuntimeError("the model returned the same output tensor twice (it reuses an output "
-                                               "buffer): run the sampler once eagerly before torch.compile, or pass "
-                                               "Sampler(..., copy_outputs=True)")
-                    seen.append(out)
-                if copy_outputs or out is slots[op.src]:
-                    out = out.clone() if buf is None else buf.copy_(out)
-            slots[op.dst] = out
-            if check_finite:
-                torch.sum(out.detach() if grad else out, dim=None, dtype=fin[k + 1].dtype, out=fin[k + 1])
-            k += 1
-            if bar is not None:
-                bar.update(1)
-        else:
-            srcs = [slots[s] for s in op.srcs]
-            if grad:
-                noise = step_noise[op.noise_index] if op.noise_index >= 0 else None
-                slots[op.dst] = ops.combine(srcs, op.coefs, noise=noise, noise_coef=op.noise_coef if noise is not None
-                                            else 0.0)
-            elif compiling:
-                # traced: the registered op directly (what ops.combine emits when compiling), without its
-                # host-side argument validation (plan coefficients are finite floats, slots share one shape)
-                _combine_op(srcs, list(op.coefs), slots[op.dst],
-                            step_noise[op.noise_index] if op.noise_index >= 0 else None,
-                            op.noise_coef if op.noise_index >= 0 else 0.0, None)
-            elif op.noise_index >= 0:
-                ops.combine(srcs, op.coefs, out=slots[op.dst], noise=step_noise[op.noise_index],
-                            noise_coef=op.noise_coef)
-            else:
-                ops.combine(srcs, op.coefs, out=slots[op.dst])
-            if callback is not None and op.dst == 0:
-                callback({"x": slots[0], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
-    if bar is not None:
-        bar.close()
-    if inpaint is not None:
-        slots[0] = inpaint.blend(slots[0], *inpaint.end, inplace=not grad)
-    x = slots[0]
-    if check_finite:
-        torch.sum(x.detach() if grad else x, dim=None, dtype=fin[-1].dtype, out=fin[-1])
-        torch.sum(ws.fin, dim=None, out=ws.fin_total)
-    return x
-
-
-class Inpaint:
-    """The known region of an inpainting call: ``x <- x + keep * (alpha * known + sigma * z - x)``
-    before every Eval (two ops per NFE: the forward-process sample, then a lerp with the mask)."""
-
-    def __init__(self, known: torch.Tensor, keep: torch.Tensor, z: torch.Tensor, end: tuple[float, float]):
-        self.known, self.keep, self.z, self.end = known, keep, z, end
-        self.tmp = torch.empty_like(z)
-
-    def blend(self, x: torch.Tensor, alpha: float, sigma: float, inplace: bool = True) -> torch.Tensor:
-        """``x`` with its kept region set to ``alpha * known + sigma * z`` (in place unless recording autograd)."""
-        if not inplace:
-            return torch.lerp(x, ops.combine([self.known, self.z], [alpha, sigma]), self.keep)
-        ops.combine([self.known, self.z], [alpha, sigma], out=self.tmp)
-        return x.lerp_(self.tmp, self.keep)
-
-
-def _inpaint_args(known: torch.Tensor | None, mask: torch.Tensor | None, noise: torch.Tensor, x: torch.Tensor,
-                  schedule: Schedule, plan: Plan) -> Inpaint | None:
-    if known is None and mask is None:
-        return None
-    if known is None or mask is None:
-        raise ValueError("inpainting needs both known= (the clean data to keep) and mask= (1 = generate, 0 = keep)")
-    if not isinstance(known, torch.Tensor) or known.shape != noise.shape:
-        got = tuple(known.shape) if isinstance(known, torch.Tensor) else type(known).__name__
-        raise ValueError(f"known must be a tensor shaped like the noise {tuple(noise.shape)}, got {got}")
-    try:
-        keep = (1.0 - torch.as_tensor(mask, device=noise.device, dtype=noise.dtype)).expand_as(noise)
-    except RuntimeError:
-        raise ValueError(f"mask of shape {tuple(torch.as_tensor(mask).shape)} does not broadcast to the noise "
-                         f"{tuple(noise.shape)}") from None
-    z = noise.clone() if x is noise else noise
-    rho_end = float(grid_rho(schedule, np.asarray(plan.times))[-1])
-    alpha_end = float(schedule.alpha_from_rho(rho_end))
-    return Inpaint(known.to(device=noise.device, dtype=noise.dtype), keep, z, (alpha_end, alpha_end * rho_end))
-
-
-def _combine_op(*args: Any) -> None:
-    torch.ops.deis_fast.combine(*args)
-
-
-def _finish_finite_check(plan: Plan, ws: _Workspace, x: torch.Tensor) -> None:
-    """The one host sync of a checked call: reads the total of the per-NFE sums (NaN/Inf propagate)."""
-    if not math.isfinite(ws.fin_total.item()):
-        _raise_non_finite(plan, torch.isfinite(ws.fin).cpu().tolist(), x)
-
-
-def _raise_non_finite(plan: Plan, flags: list[bool], x: torch.Tensor) -> None:
-    evals = plan.evals
-    if not flags[0]:
-        raise NonFiniteError("the input noise contains NaN or Inf")
-    for k, ok in enumerate(flags[1:-1]):
-        if not ok:
-            op = evals[k]
-            raise NonFiniteError(f"the model output at step {k} (NFE {k + 1} of {plan.nfe}, t={op.t:.6g}, "
-                                 f"model time {op.model_t:.6g}) contains NaN or Inf; check the model, its dtype "
-                                 f"(fp16 overflow?) and its time input. Pass check_finite=False to skip this check")
-    hint = " (fp16 overflow: sample in float32 or bfloat16)" if x.dtype == torch.float16 else ""
-    raise NonFiniteError(f"the sampler's result contains NaN or Inf although every model output was finite{hint}")
 
 
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, schedule: Schedule | None = None,

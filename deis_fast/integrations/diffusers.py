@@ -53,10 +53,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("deis_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
 
-from .. import ops
 from ..grids import GRIDS, grid_rho, make_grid
 from ..models import check_threshold, convert_output, normalize_prediction
-from ..plan import Combine, Eval, Plan
+from ..executor import run_plan, segments
+from ..plan import Eval, Plan
 from ..sampler import build_plan, default_grid
 from ..schedules import schedule_from_diffusers_config
 from ..solvers import get_method
@@ -151,7 +151,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.from_numpy(self.schedule.rho(np.arange(num_train_timesteps, dtype=np.float64))).float()
         self._build_kw: dict[str, Any] = {}
         self._run_plan: Plan | None = None   # the plan being run: self.plan, or its tail after a mid start
-        self._segments: list[tuple[Eval, tuple[Combine, ...]]] = []
+        self._segments: list[tuple[int, int]] = []  # op ranges of the plan being run, one per Eval
         self._slots: list[torch.Tensor | None] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -341,7 +341,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         run = self.plan
         if k:
             run = build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw)
-        self._run_plan, self._segments = run, _segments(run)
+        if not run.ops or not isinstance(run.ops[0], Eval):
+            raise RuntimeError("internal: a plan must start with an Eval")  # never happens for deis_fast plans
+        self._run_plan, self._segments = run, segments(run)
         self._slots = [None] * run.num_slots
         self._step_index = k
 
@@ -375,21 +377,18 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
 
     def _run_segment(self, k: int, model_output: torch.Tensor, sample: torch.Tensor,
                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        """Eval k's output into its slot, then the Combines up to Eval k+1; returns Eval k+1's input (the
-        final sample after the last Eval)."""
-        ev, combines = self._segments[k]
-        slots = self._slots
-        slots[ev.src] = sample
-        slots[ev.dst] = convert_output(self.prediction, ev, sample, [(1.0, model_output)], threshold=self._threshold)
-        for c in combines:
-            srcs = [slots[s] for s in c.srcs]
-            if c.noise_index >= 0:
-                z = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-                slots[c.dst] = ops.combine(srcs, c.coefs, noise=z, noise_coef=c.noise_coef)
-            else:
-                slots[c.dst] = ops.combine(srcs, c.coefs)
-        if k + 1 < len(self._segments):
-            return slots[self._segments[k + 1][0].src]
+        """Eval k's output into its slot, then the Combines up to Eval k+1 (the one executor, out of place:
+        the pipeline owns the tensors it gets); returns Eval k+1's input (the final sample after the last)."""
+        plan, slots, spans = self._run_plan, self._slots, self._segments
+        slots[plan.ops[spans[k][0]].src] = sample
+
+        def evaluate(x: torch.Tensor, op: Eval, _k: int, _buf: Any) -> torch.Tensor:
+            return convert_output(self.prediction, op, x, [(1.0, model_output)], threshold=self._threshold)
+
+        run_plan(plan, slots, evaluate, span=spans[k], first_eval=k, in_place=False,
+                 step_noise=_StepNoise(sample, generator))
+        if k + 1 < len(spans):
+            return slots[plan.ops[spans[k + 1][0]].src]
         prev = slots[0]
         self._slots = [None] * len(slots)  # release the history
         return prev
@@ -406,17 +405,16 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-def _segments(plan: Plan) -> list[tuple[Eval, tuple[Combine, ...]]]:
-    """The plan cut at its Evals: (Eval k, the Combines up to Eval k+1)."""
-    if not plan.ops or not isinstance(plan.ops[0], Eval):
-        raise RuntimeError("internal: a plan must start with an Eval")  # never happens for deis_fast plans
-    segs: list[tuple[Eval, tuple[Combine, ...]]] = []
-    for op in plan.ops:
-        if isinstance(op, Eval):
-            segs.append((op, ()))
-        else:
-            segs[-1] = (segs[-1][0], segs[-1][1] + (op,))
-    return segs
+class _StepNoise:
+    """The step noise of a segment, drawn when a noisy Combine asks for it (diffusers' ``randn_tensor``, so a
+    list of generators gives each sample its own noise)."""
+
+    def __init__(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None):
+        self.like, self.generator = like, generator
+
+    def __getitem__(self, _index: int) -> torch.Tensor:
+        x = self.like
+        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
 
 
 def _dedupe(ts: np.ndarray, t_end: float, n: int) -> np.ndarray:
