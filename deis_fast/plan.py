@@ -16,9 +16,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .coefficients import StepRow
 
-__all__ = ["Eval", "Combine", "Plan", "multistep_plan"]
+__all__ = ["Eval", "Combine", "Plan", "PlanBuilder"]
 
 
 @dataclass(frozen=True)
@@ -121,29 +120,3 @@ class PlanBuilder:
 
     def build(self, method: str, num_slots: int, times: Sequence[float], slot_names: Sequence[str]) -> Plan:
         return Plan(method, tuple(self.ops), num_slots, tuple(float(x) for x in times), tuple(slot_names), self.n_noise)
-
-
-def multistep_plan(method: str, schedule, times: Sequence[float], rows: Sequence[StepRow], target: str,
-                   noise_coefs: Sequence[float] | None = None) -> Plan:
-    """Plan of a linear multistep method: one Eval per step into a ring buffer of model outputs,
-    then one Combine ``x <- state_coef * x + sum_j c_j * out_{i-j} (+ noise)``."""
-    depth = max(len(r.coefs) for r in rows)
-    b = PlanBuilder(schedule, target)
-    pure_noise = float(schedule.alpha(times[0])) == 0.0
-    for i, row in enumerate(rows):
-        # out of alpha = 0 the step is in data form (rows[0] is coefficients.pure_noise_row)
-        b.eval(0, 1 + i % depth, times[i], "x0" if i == 0 and pure_noise else None)
-        terms = [(row.state_coef, 0)] + [(c, 1 + (i - j) % depth) for j, c in enumerate(row.coefs)]
-        b.combine(0, terms, 0.0 if noise_coefs is None else noise_coefs[i])
-        if i == 0 and pure_noise and target == "eps" and depth > 1 and len(rows) > 1:
-            b.combine(1, start_eps_terms(schedule, times, row, state_slot=0, d_slot=1))
-    names = ["x"] + [f"{target}[{k}]" for k in range(depth)]
-    return b.build(method, 1 + depth, times, names)
-
-
-def start_eps_terms(schedule, times: Sequence[float], row: StepRow, state_slot: int, d_slot: int
-                    ) -> list[tuple[float, int]]:
-    """After the pure-noise step x1 = c x0 + d D0, the history's eps0 = x0 / sigma0 = (x1 - d D0) / (c sigma0)."""
-    k = 1.0 / (row.state_coef * float(schedule.sigma(times[0])))
-    return [(k, state_slot), (-k * row.coefs[0], d_slot)]
-

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..coefficients import lagrange_integrals_inf, pure_noise_row
 from ..grids import BETA_AB, grid_rho, make_grid
-from ..plan import Plan, PlanBuilder, start_eps_terms
+from ..plan import Plan, PlanBuilder
+from .multistep import start_eps_terms
 from ..schedules import FlowSchedule
 from .stochastic import ancestral_split
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..coefficients import StepRow, pure_noise_row
-from ..plan import Plan, multistep_plan
+from ..plan import Plan
+from .multistep import multistep_plan
 
 
 def ancestral_split(rho: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
