@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .grids import GRIDS, make_grid
+from .grids import MODEL_GRIDS, make_grid
 from .sampler import Sampler, build_plan
 from .schedules import Schedule, VPSchedule
 
@@ -272,3 +272,16 @@ def _simplex(x0: np.ndarray, step: float) -> np.ndarray:
     for i in range(len(x0)):
         s[i + 1, i] += step
     return s
+
+
+def _resolve_optimized(model: Callable[..., torch.Tensor], schedule: Schedule, method: str, nfe: int,
+                       calibration_noise: torch.Tensor | None, t_start: float | None, t_end: float | None,
+                       **kw: Any) -> OptimizedGrid:
+    """``Sampler(..., grid="optimized", calibration_noise=z)``: optimize on construction."""
+    if calibration_noise is None:
+        raise ValueError("grid='optimized' needs calibration_noise (a few noise samples shaped like the real "
+                         "input); or call deis_fast.optimize_grid(...) and pass its result as grid=")
+    return optimize_grid(model, schedule, method, nfe, calibration_noise, t_start, t_end, **kw)
+
+
+MODEL_GRIDS["optimized"] = _resolve_optimized

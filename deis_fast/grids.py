@@ -15,6 +15,11 @@ GridSpec = Union[str, Sequence[float], np.ndarray, Mapping[str, Sequence[float]]
 __all__ = ["GRIDS", "make_grid", "default_t_range", "validate_times", "grid_rho"]
 
 
+# Grid names that need the model and calibration noise to be resolved (name -> resolver(model, schedule, method,
+# nfe, calibration_noise, t_start, t_end, **kw) -> a grid with .method and .pfdiff). deis_fast.grid_opt registers
+# "optimized"; the sampler looks names up here, so it never imports the optimizer.
+MODEL_GRIDS: dict = {}
+
 def default_t_range(schedule: Schedule, t_start: float | None, t_end: float | None) -> tuple[float, float]:
     """Fill in t_start / t_end: the schedule's full range unless given, validated."""
     ts = schedule.t_max if t_start is None else float(t_start)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .graph import CUDAGraphSampler, cond_signature
-from .grids import BETA_AB, GridSpec, grid_rho, make_grid
+from .grids import BETA_AB, MODEL_GRIDS, GridSpec, grid_rho, make_grid
 from .models import ModelAdapter
 from .plan import Eval, Plan
 from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
@@ -199,12 +199,9 @@ class Sampler:
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
         self.method = method
         self.optimized_grid = None
-        if plan is None and isinstance(grid, str) and grid == "optimized":
-            if calibration_noise is None:
-                raise ValueError("grid='optimized' needs calibration_noise (a few noise samples shaped like the real "
-                                 "input); or call deis_fast.optimize_grid(...) and pass its result as grid=")
-            from .grid_opt import optimize_grid
-            self.optimized_grid = grid = optimize_grid(
+        if plan is None and isinstance(grid, str) and grid in MODEL_GRIDS:
+            # a grid that needs the model (grid='optimized': registered by deis_fast.grid_opt)
+            self.optimized_grid = grid = MODEL_GRIDS[grid](
                 model, self.schedule, method, nfe, calibration_noise, t_start, t_end, prediction=prediction,
                 pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, **dict(calibration_cond or {}))
             method, pfdiff = grid.method, grid.pfdiff
