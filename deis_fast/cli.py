@@ -19,7 +19,7 @@ import time
 from typing import Any, Sequence
 
 from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, method_arg, nonneg_int, png_bytes,
-                         positive_int)
+                         positive_int, solver_options)
 
 __all__ = ["main", "build_parser"]
 
@@ -243,7 +243,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import deis_fast
     from .cli_common import resolve_nfe
     sched = _schedule(args.schedule)
-    opts = {} if args.eta is None else {"eta": args.eta}
+    opts = solver_options(args)
     try:
         plan = deis_fast.build_plan(sched, args.method, resolve_nfe(args), args.grid, args.t_start, args.t_end,
                                     lower_order_final=args.lower_order_final,

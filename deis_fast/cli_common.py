@@ -107,11 +107,22 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=positive_int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_NFE}; with a list --grid: from the grid)")
     p.add_argument("--grid", type=grid_arg, default=None,
-                   help="time_uniform | time_quadratic | logsnr | karras, or comma-separated times "
-                        "(default: the method's recommended grid)")
-    p.add_argument("--eta", type=nonneg_float, default=None, help="noise level of ddim_eta (default 1: ancestral)")
+                   help="time_uniform | time_quadratic | logsnr | karras | ays | ays_sdxl | ays_svd | kl_optimal | "
+                        "linear_quadratic, or comma-separated times (default: the method's recommended grid)")
+    p.add_argument("--eta", type=nonneg_float, default=None,
+                   help="noise level of ddim_eta and the SDE methods (default 1: ancestral)")
     p.add_argument("--pfdiff", type=pfdiff_arg, default=None, metavar="K,H",
                    help="PFDiff-k_h timestep skipping on a first-order method")
+    p.add_argument("--corrector", action=argparse.BooleanOptionalAction, default=None,
+                   help="UniC-style corrector on a multistep method (default: on for unipc*, off otherwise)")
+    p.add_argument("--variant", default=None, help="bh1 | bh2 for unipc*, midpoint | heun for dpmpp_2m_sde")
+    p.add_argument("--s-noise", type=nonneg_float, default=None, help="noise scale of the SDE methods (default 1)")
+
+
+def solver_options(args: argparse.Namespace) -> dict:
+    """The optional sampler keywords the user set (--eta, --corrector, --variant, --s-noise)."""
+    opts = {"eta": args.eta, "corrector": args.corrector, "variant": args.variant, "s_noise": args.s_noise}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def resolve_nfe(args: argparse.Namespace) -> int | None:

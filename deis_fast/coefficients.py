@@ -18,7 +18,8 @@ import numpy as np
 
 from .schedules import Schedule
 
-__all__ = ["StepRow", "lagrange_integrals", "lagrange_integrals_inf", "pure_noise_row", "points_per_step", "eps_ab_rows", "data_ab_rows",
+__all__ = ["StepRow", "lagrange_integrals", "lagrange_integrals_inf", "pure_noise_row", "points_per_step", "history",
+           "eps_ab_rows", "data_ab_rows",
            "dpmsolver_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
@@ -96,6 +97,13 @@ def pure_noise_row(alpha_next: float, rho_target: float, sigma0: float) -> StepR
     return StepRow(float(alpha_next * rho_target / sigma0), (float(alpha_next),))
 
 
+def history(i: int, p: int, implicit: bool = False) -> np.ndarray:
+    """Grid indices of the nodes step i interpolates, newest first: i, i-1, ..., i-p+1 (clipped at 0);
+    ``implicit`` prepends the step's end point i+1 (the Adams-Moulton / corrector nodes)."""
+    idx = np.arange(i, max(i - p, -1), -1)
+    return np.concatenate([[i + 1], idx]) if implicit else idx
+
+
 def _starts_at_inf(rho: np.ndarray, i: int) -> bool:
     return i == 0 and bool(np.isinf(rho[0]))
 
@@ -119,7 +127,7 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
     """
     def step(i: int, p: int, alpha: np.ndarray) -> StepRow:
         a, b = rho[i], rho[i + 1]
-        hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
+        hist = history(i, p)
         if variable == "rho":
             c = lagrange_integrals_inf(a, b, rho[hist], lambda u: u, pieces=1)
         elif variable == "logrho":
@@ -137,10 +145,13 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
 
 
 def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
-                    weights: Callable[[np.ndarray, int, int], np.ndarray]) -> list[StepRow]:
-    """Rows ``x_{i+1} = s_{i+1}/s_i x_i + a_{i+1} sum_j E_ij D_{i-j}`` with ``E_i = weights(lam, i, p)``.
+                    weights: Callable[[np.ndarray, int, int], np.ndarray], eta: float = 0.0,
+                    implicit: bool = False) -> list[StepRow]:
+    """Rows ``x_{i+1} = s_{i+1}/s_i e^{-eta h} x_i + a_{i+1} sum_j E_ij D_{i-j}`` with ``E_i = weights(lam, i, p)``.
 
-    A step that ends at rho = 0 is the exact first-order jump x = alpha * D.
+    A step that ends at rho = 0 is the exact first-order jump x = alpha * D. ``eta`` > 0 is the
+    deterministic part of the data-form SDE step (its noise is added by the plan); ``implicit`` rows
+    weigh ``D_{i+1}, D_i, ...`` (corrector) and have no first-order shortcut.
     """
     alpha = schedule.alpha_from_rho(rho)
     sigma = schedule.sigma_from_rho(rho)
@@ -149,25 +160,33 @@ def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
     rows = []
     for i, p in enumerate(points):
         if rho[i + 1] == 0.0 or _starts_at_inf(rho, i):
-            rows.append(pure_noise_row(alpha[i + 1], rho[i + 1], float(schedule.sigma_from_rho(rho[i]))))
+            if implicit:   # no corrector on a step out of rho = inf (a step to rho = 0 has no Eval after it)
+                rows.append(None)
+                continue
+            if eta > 0.0 and rho[i + 1] > 0.0:   # SDE out of rho = inf: e^{-eta h} = 0, the noise is the plan's
+                rows.append(StepRow(0.0, (float(alpha[i + 1]),)))
+            else:
+                rows.append(pure_noise_row(alpha[i + 1], rho[i + 1], float(schedule.sigma_from_rho(rho[i]))))
             continue
-        e = np.array([-np.expm1(-(lam[i + 1] - lam[i]))]) if p == 1 else weights(lam, i, p)  # 1 - e^{-h}
-        rows.append(StepRow(float(sigma[i + 1] / sigma[i]), tuple(float(alpha[i + 1] * x) for x in e)))
+        h = lam[i + 1] - lam[i]
+        e = np.array([-np.expm1(-(1.0 + eta) * h)]) if p == 1 and not implicit else weights(lam, i, p)
+        rows.append(StepRow(float(sigma[i + 1] / sigma[i] * np.exp(-eta * h)), tuple(float(alpha[i + 1] * x) for x in e)))
     return rows
 
 
-def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:
+def data_ab_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int], implicit: bool = False) -> list[StepRow]:
     """Data-form lambda-AB: ``E_ij = int_{lam_i}^{lam_{i+1}} exp(lam - lam_{i+1}) l_j(lam) d lam``, the exact
-    integral of the Lagrange polynomial in lambda through the last ``p`` data predictions."""
+    integral of the Lagrange polynomial in lambda through the last ``p`` data predictions (``implicit``:
+    and D_{i+1}, the lambda-Adams-Moulton corrector rows)."""
     def exact(lam: np.ndarray, i: int, p: int) -> np.ndarray:
         lb = lam[i + 1]
-        hist = slice(i, i - p, -1) if i - p >= 0 else slice(i, None, -1)
-        return lagrange_integrals_inf(lam[i], lb, lam[hist], lambda u: u, weight=lambda u: np.exp(u - lb), pieces=2)
-    return _data_form_rows(schedule, rho, points, exact)
+        return lagrange_integrals_inf(lam[i], lb, lam[history(i, p, implicit)], lambda u: u,
+                                      weight=lambda u: np.exp(u - lb), pieces=2)
+    return _data_form_rows(schedule, rho, points, exact, implicit=implicit)
 
 
 def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
-                   solver_type: str = "midpoint") -> list[StepRow]:
+                   solver_type: str = "midpoint", eta: float = 0.0) -> list[StepRow]:
     """DPM-Solver++ multistep (2M / 3M) exactly as published (Lu et al.; diffusers' and k-diffusion's code).
 
     Same data form as :func:`data_ab_rows`, but the history enters through the finite differences
@@ -175,14 +194,17 @@ def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
     ``solver_type="midpoint"`` weighs D1 by phi_1 / 2 (the paper's 2M); "heun" by phi_2 (= the exact
     lambda-AB step of ``data_ab_rows``). Order-3 steps (3M) weigh D2 by phi_3, which is half the
     exact integral of the quadratic interpolant, so 3M is not exact for quadratic D (see the tests).
+    ``eta`` > 0: the deterministic part of the SDE variants (DPM-Solver++(2M/3M) SDE): the phi weights
+    are taken at (1 + eta) h, the state is damped by e^{-eta h} (k-diffusion's ``sample_dpmpp_*_sde``).
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
 
     def published(lam: np.ndarray, i: int, p: int) -> np.ndarray:
         h = lam[i + 1] - lam[i]
-        phi1 = -np.expm1(-h)                  # 1 - e^{-h}
-        phi2 = 1.0 - phi1 / h                 # (e^{-h} - 1) / h + 1
+        he = (1.0 + eta) * h
+        phi1 = -np.expm1(-he)                 # 1 - e^{-h}
+        phi2 = 1.0 - phi1 / he                # (e^{-h} - 1) / h + 1
         if np.isinf(lam[i - 1]):                 # the previous output was at alpha = 0: D1 -> 0 in the limit
             return np.array([phi1] + [0.0] * (p - 1))
         r0 = (lam[i] - lam[i - 1]) / h
@@ -195,9 +217,9 @@ def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
         d10, d11 = np.array([1.0, -1.0, 0.0]) / r0, np.array([0.0, 1.0, -1.0]) / r1
         d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
         d2 = (d10 - d11) / (r0 + r1)
-        phi3 = (h - phi1) / h ** 2 - 0.5     # (e^{-h} - 1 + h) / h^2 - 1/2
+        phi3 = (he - phi1) / he ** 2 - 0.5   # (e^{-h} - 1 + h) / h^2 - 1/2
         return np.array([phi1, 0.0, 0.0]) + phi2 * d1 - phi3 * d2
-    return _data_form_rows(schedule, rho, points, published)
+    return _data_form_rows(schedule, rho, points, published, eta=eta)
 
 
 def ipndm_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:

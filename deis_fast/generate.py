@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, initial_noise, load_model,
-                         nonneg_int, png_bytes, positive_int, resolve_nfe)
+                         nonneg_int, png_bytes, positive_int, resolve_nfe, solver_options)
 from .sampler import NonFiniteError
 
 __all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise", "make_sampler",
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
 def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL_BATCH):
     """The sampler both ``sample`` and ``generate`` run: the model called on fixed chunks of ``model_batch``."""
     import deis_fast
-    opts = {} if args.eta is None else {"eta": args.eta}
+    opts = solver_options(args)
     try:
         return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule, method=args.method,
                                  nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, pfdiff=args.pfdiff,
@@ -392,6 +392,9 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
               "eta": args.eta, "pfdiff": list(args.pfdiff) if args.pfdiff else None,
               "seed_offset": args.seed_offset, "format": args.format, "dtype": args.dtype,
               "model_batch": args.model_batch, "times": [float(t) for t in plan.times]}
+    extra = {k: v for k, v in solver_options(args).items() if k != "eta"}  # corrector, variant, s_noise
+    if extra:
+        config["solver_options"] = extra
     sha = _config_sha(config)
 
     # ---- process group

@@ -113,7 +113,8 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
                   reference: torch.Tensor | None = None, reference_method: str = "tab3", reference_nfe: int = 500,
                   max_evals: int | None = None, max_restarts: int = 3, time_budget: float | None = 60.0, model_id: str = "",
                   start_grids: Sequence[str] = ("time_quadratic", "logsnr", "karras", "time_uniform"),
-                  min_gain: float = 0.05, validation_fraction: float = 0.25, **cond: Any) -> OptimizedGrid:
+                  min_gain: float = 0.05, validation_fraction: float = 0.25, plan_options: dict | None = None,
+                  **cond: Any) -> OptimizedGrid:
     """Choose the grid minimizing the (geometric) mean relative error of ``method`` at ``nfe`` on calibration noises.
 
     noise: calibration noise at t_start (or give ``shape`` and ``seed``). reference: the fine endpoint for
@@ -127,7 +128,8 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
     (relative); smaller gains are within the calibration noise and do not carry over to held-out noise.
     ``validation_fraction`` of the noises (the last rows; at least one, when there are 4 or more) is held out
     of the fit: the optimized grid is kept only if it also beats the best fixed grid there. Both errors are
-    reported (``validation_error``, ``start_validation_error``).
+    reported (``validation_error``, ``start_validation_error``). ``plan_options``: further :func:`build_plan`
+    options of the method (``corrector``, ``variant``, ...); pass the same ones when sampling on the result.
     """
     from scipy.optimize import minimize  # here, not at import: `import deis_fast` stays light (~0.7 s less)
 
@@ -162,7 +164,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
         evals += 1
         try:
             plan = build_plan(schedule, method, None if pfdiff is None else nfe, list(times),
-                              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental)
+                              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, **(plan_options or {}))
         except ValueError:
             return math.inf
         with torch.no_grad():

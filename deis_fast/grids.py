@@ -8,11 +8,59 @@ import numpy as np
 
 from .schedules import Schedule
 
-GRIDS = ("time_uniform", "time_quadratic", "logsnr", "karras", "beta")
+GRIDS = ("time_uniform", "time_quadratic", "logsnr", "karras", "beta", "ays", "ays_sdxl", "ays_svd", "kl_optimal",
+         "linear_quadratic")
 BETA_AB = (0.6, 0.6)  # Beta(a, b) of the "beta" grid (Lee et al., 2024; diffusers' use_beta_sigmas)
+
+# Align Your Steps (Sabour, Fidler, Kreis, 2024): the published 10-step noise levels (sigma = rho) for
+# Stable Diffusion 1.5, SDXL and Stable Video Diffusion, from the authors' page
+# https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html (as in ComfyUI's
+# comfy_extras/nodes_align_your_steps.py); other step counts use their log-linear interpolation.
+AYS_SIGMAS: dict[str, tuple[float, ...]] = {
+    "ays": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "ays_sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+    "ays_svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
 GridSpec = Union[str, Sequence[float], np.ndarray, Mapping[str, Sequence[float]]]
 
-__all__ = ["GRIDS", "make_grid", "default_t_range", "validate_times", "grid_rho"]
+__all__ = ["GRIDS", "AYS_SIGMAS", "make_grid", "default_t_range", "validate_times", "grid_rho", "ays_sigmas",
+           "kl_optimal_sigmas", "linear_quadratic_fractions"]
+
+
+def ays_sigmas(steps: int, table: str = "ays") -> np.ndarray:
+    """``steps + 1`` Align Your Steps noise levels: the published list for 10 steps, else its log-linear
+    interpolation over the normalized step index (the AYS authors' ``loglinear_interp``)."""
+    if table not in AYS_SIGMAS:
+        raise ValueError(f"unknown AYS table {table!r}; valid: {', '.join(AYS_SIGMAS)}")
+    ys = np.log(np.array(AYS_SIGMAS[table][::-1]))
+    xs = np.linspace(0.0, 1.0, ys.size)
+    return np.exp(np.interp(np.linspace(0.0, 1.0, int(steps) + 1), xs, ys))[::-1].copy()
+
+
+def kl_optimal_sigmas(steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """``steps + 1`` noise levels uniform in arctan(sigma), sigma_max to sigma_min (the KL-optimal
+    schedule of the AYS paper, ComfyUI's ``kl_optimal``)."""
+    u = np.arange(steps + 1, dtype=np.float64) / steps
+    return np.tan(u * np.arctan(sigma_min) + (1.0 - u) * np.arctan(sigma_max))
+
+
+def linear_quadratic_fractions(steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> np.ndarray:
+    """``steps + 1`` fractions 1 -> 0 of the noise range: linear down to 1 - threshold_noise over the first
+    ``linear_steps`` (default steps // 2), then quadratic (Mochi's schedule, ComfyUI's ``linear_quadratic``)."""
+    if steps == 1:
+        return np.array([1.0, 0.0])
+    ls = steps // 2 if linear_steps is None else int(linear_steps)
+    if not 1 <= ls < steps:
+        raise ValueError(f"linear_steps must be in [1, steps), got {ls} for steps={steps}")
+    qs = steps - ls
+    diff = ls - threshold_noise * steps
+    qa = diff / (ls * qs ** 2)
+    qb = threshold_noise / ls - 2.0 * diff / qs ** 2
+    i = np.arange(steps, dtype=np.float64)
+    x = np.where(i < ls, i * threshold_noise / ls, qa * i ** 2 + qb * i + qa * ls ** 2)
+    return 1.0 - np.append(x, 1.0)
 
 
 # Grid names that need the model and calibration noise to be resolved (name -> resolver(model, schedule, method,
@@ -72,7 +120,7 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
     spacings run in the schedule's unshifted time (FlowSchedule's shift is applied afterwards)."""
     with np.errstate(divide="ignore"):
         ra, rb = float(schedule.rho(ts)), float(schedule.rho(te))
-    head = int(grid in ("logsnr", "karras", "beta") and np.isinf(ra))
+    head = int(grid not in ("time_uniform", "time_quadratic") and np.isinf(ra))
     tail = int(grid == "logsnr" and rb == 0.0)
     if head or tail:
         need = 1 + head + tail
@@ -94,6 +142,8 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
     elif grid == "beta":  # rho_i = rho_min + Q(1 - u_i) (rho_max - rho_min), Q the Beta(a, b) quantile function
         from scipy.special import betaincinv
         t = schedule.t_from_rho(rb + betaincinv(float(beta_ab[0]), float(beta_ab[1]), 1.0 - u) * (ra - rb))
+    elif grid in AYS_SIGMAS or grid in ("kl_optimal", "linear_quadratic"):
+        t = schedule.t_from_rho(_tabulated_rho(grid, n, ra, rb))
     else:  # karras
         p = 1.0 / karras_rho
         t = schedule.t_from_rho((ra ** p + u * (rb ** p - ra ** p)) ** karras_rho)
@@ -108,6 +158,24 @@ def _check_beta_ab(beta_ab: Any) -> None:
         raise ValueError(f"beta_ab must be a pair (a, b), got {beta_ab!r}") from None
     if not (a > 0 and b > 0 and np.isfinite(a) and np.isfinite(b)):
         raise ValueError(f"the beta grid needs Beta parameters a, b > 0, got {beta_ab!r}")
+
+
+def _tabulated_rho(grid: str, n: int, ra: float, rb: float) -> np.ndarray:
+    """rho of the ays* / kl_optimal / linear_quadratic grids from ra = rho(t_start) to rb = rho(t_end).
+
+    AYS: the table's log-rho shape mapped affinely onto [log rho_start, log rho_end]; that is the table
+    itself when the schedule's range is the table's (SD 1.5 / SDXL: 14.615 -> 0.0292; SVD: 700 -> 0.002).
+    linear_quadratic: rho_end + fraction * (rho_start - rho_end).
+    """
+    if grid in AYS_SIGMAS:
+        if rb <= 0.0:
+            raise ValueError(f"the {grid} grid cannot end at rho = 0; give t_end > 0")
+        tab = np.log(ays_sigmas(n, grid))
+        u = (tab - tab[0]) / (tab[-1] - tab[0])
+        return np.exp(np.log(ra) + u * (np.log(rb) - np.log(ra)))
+    if grid == "kl_optimal":
+        return kl_optimal_sigmas(n, rb, ra)
+    return rb + linear_quadratic_fractions(n) * (ra - rb)
 
 
 def _times_from_user(schedule: Schedule, grid: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ from .plan import Eval, Plan
 from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
                        inpaint_args, run_plan)
 from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from .solvers import get_method
+from .solvers import get_method, method_options
 from .solvers.restart import eval_at_time, tail_plan
 
 __all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
@@ -30,7 +30,7 @@ def default_grid(schedule: Schedule, method: str) -> str:
         return "time_uniform"  # diffusers' FlowMatch grid (shifted by the schedule)
     if not schedule.variance_preserving:
         return "karras"
-    if method.startswith(("logrho", "dpmpp")):
+    if method.startswith(("logrho", "dpmpp", "unipc")):
         return "logsnr"
     return "time_quadratic"
 
@@ -56,11 +56,14 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
                t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
                lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
-               beta_ab: tuple[float, float] = BETA_AB, start_eval: int | None = None) -> Plan:
+               beta_ab: tuple[float, float] = BETA_AB, start_eval: int | None = None, corrector: bool | None = None,
+               variant: str | None = None, s_noise: float = 1.0, disable_corrector: Sequence[int] = ()) -> Plan:
     """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side).
 
-    ``eta`` (default 1, ancestral) applies to stochastic methods (``ddim_eta``) only; giving it to another
-    method is an error rather than silently ignored.
+    ``eta`` (default 1) / ``s_noise``: noise scale of the stochastic methods (ddim_eta, the SDE methods) only;
+    giving them to another method is an error rather than silently ignored. ``corrector``: UniC-style
+    corrector on a multistep method (None = the method's default: on for unipc*); ``disable_corrector``: step
+    indices whose result is not corrected. ``variant``: 'bh1'/'bh2' (unipc*), 'midpoint'/'heun' (dpmpp_2m_sde).
 
     With an explicit grid (a list of times), ``t_start`` (one of the plan's Eval times) or ``start_eval``
     (an Eval index) starts the plan in the middle, as img2img does: the state at that Eval's time is
@@ -71,7 +74,8 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
         raise ValueError("grid='optimized' needs the model and calibration noise: use "
                          "Sampler(model, ..., grid='optimized', calibration_noise=z) or deis_fast.optimize_grid(...)")
     kw = dict(eta=eta, lower_order_final=lower_order_final, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
-              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, beta_ab=beta_ab)
+              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, beta_ab=beta_ab,
+              extra=dict(corrector=corrector, variant=variant, s_noise=s_noise, disable_corrector=disable_corrector))
     explicit = grid is not None and not isinstance(grid, str)
     if start_eval is not None or (explicit and t_start is not None):
         if start_eval is not None and t_start is not None:
@@ -89,10 +93,12 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
 def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
                 t_end: float | None, *, eta: float, lower_order_final: bool, karras_rho: float,
                 integer_timesteps: bool, pfdiff: tuple[int, int] | None, pfdiff_experimental: bool,
-                beta_ab: tuple[float, float]) -> Plan:
+                beta_ab: tuple[float, float], extra: Mapping[str, Any]) -> Plan:
     spec, pfdiff = _resolve_method(method, pfdiff)
     grid = default_grid(schedule, spec.name) if grid is None else grid
     if pfdiff is not None:
+        if extra["corrector"] or extra["variant"] is not None or extra["s_noise"] != 1.0:
+            raise ValueError("pfdiff wraps a plain first-order step: corrector, variant and s_noise do not apply")
         from .solvers.pfdiff import pfdiff_plan
         if eta is not None and spec.family != "stochastic":
             raise ValueError(f"eta applies to a stochastic PFDiff base (ddim_eta), not {spec.name!r}")
@@ -109,12 +115,7 @@ def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec
     t = make_grid(schedule, grid, steps, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
                   beta_ab=beta_ab)
     rho = grid_rho(schedule, t)
-    opts: dict[str, Any] = {}
-    if spec.family == "stochastic":
-        opts["eta"] = 1.0 if eta is None else eta
-    elif eta is not None:
-        raise ValueError(f"eta applies to stochastic methods (ddim_eta), not {spec.name!r}; drop eta or use "
-                         "method='ddim_eta'")
+    opts: dict[str, Any] = method_options(spec, eta=eta, **extra)
     if spec.multistep_options:
         opts["lower_order_final"] = lower_order_final
     elif lower_order_final:
@@ -187,6 +188,8 @@ class Sampler:
                  t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
                  lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
                  pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
+                 corrector: bool | None = None, variant: str | None = None, s_noise: float = 1.0,
+                 disable_corrector: Sequence[int] = (),
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
@@ -208,7 +211,8 @@ class Sampler:
         self.plan = plan if plan is not None else build_plan(
             self.schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
             karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,
-            pfdiff_experimental=pfdiff_experimental)
+            pfdiff_experimental=pfdiff_experimental, corrector=corrector, variant=variant, s_noise=s_noise,
+            disable_corrector=disable_corrector)
         self.adapter = ModelAdapter(model, prediction, variance_preserving=self.schedule.variance_preserving,
                                     guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
                                     classifier_grad=classifier_grad, classifier_scale=classifier_scale,

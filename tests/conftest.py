@@ -13,5 +13,15 @@ def small_mixture():
 
 
 @pytest.fixture(scope="session")
+def discrete_vp_problem():
+    """(exact eps model of a 16-d mixture under diffusers' default linear betas, noise [16, 16]) for parity tests."""
+    import deis_fast
+    from deis_fast.testing import GaussianMixture
+    mix = GaussianMixture.random(8, 16, 0.3, seed=7)
+    noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return mix.model(deis_fast.VPSchedule.discrete("linear")), noise
+
+
+@pytest.fixture(scope="session")
 def small_noise():
     return torch.randn(32, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

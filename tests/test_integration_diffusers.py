@@ -233,13 +233,21 @@ def test_lower_order_final_is_not_carried_over_from_other_schedulers():
                                             ("DPMSolverMultistepScheduler", dict(solver_order=2), "dpmpp_2m"),
                                             ("DPMSolverMultistepScheduler", dict(solver_order=2, solver_type="heun"),
                                              "dpmpp2"),
-                                            ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_3m")])
+                                            ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_3m"),
+                                            ("DPMSolverMultistepScheduler",
+                                             dict(solver_order=2, algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde"),
+                                            ("UniPCMultistepScheduler", dict(solver_order=3), "unipc3"),
+                                            ("UniPCMultistepScheduler", dict(solver_order=2, solver_type="bh1"),
+                                             "unipc2")])
 def test_ignored_keys_warning_names_the_equivalent_method(name, kw, method):
     import diffusers
     from deis_fast.integrations.diffusers import DEISFastScheduler, equivalent_method
     cfg = getattr(diffusers, name)(**kw).config
     assert equivalent_method(dict(cfg)) == method
-    if kw.get("solver_order") != 2 or "solver_type" in kw:  # set away from the defaults: named in the warning
+    if kw.get("solver_order") != 2 or "solver_type" in kw or "algorithm_type" in kw:  # set away from the defaults
         with pytest.warns(UserWarning, match=f"method='{method}'"):
             DEISFastScheduler.from_config(cfg)
-    assert equivalent_method(dict(diffusers.UniPCMultistepScheduler().config)) is None
+    assert equivalent_method(dict(diffusers.UniPCMultistepScheduler(predict_x0=False).config)) is None
+    if kw.get("solver_type") == "bh1":
+        with pytest.warns(UserWarning, match="variant='bh1'"):
+            DEISFastScheduler.from_config(cfg)

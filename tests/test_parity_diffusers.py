@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import deis_fast
-from deis_fast.testing import GaussianMixture
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -12,10 +11,8 @@ SCHED = deis_fast.VPSchedule.discrete("linear")
 
 
 @pytest.fixture(scope="module")
-def problem():
-    mix = GaussianMixture.random(8, 16, 0.3, seed=7)
-    noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return mix.model(SCHED), noise
+def problem(discrete_vp_problem):
+    return discrete_vp_problem
 
 
 def _run_diffusers(sch, model, noise):

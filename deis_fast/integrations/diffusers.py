@@ -260,7 +260,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if lof is None:
             lof = kind != "named"
         lof = bool(lof) and len(times) - 1 < 15 and spec.multistep_options and not is_pf
-        stochastic = spec.family == "stochastic"  # eta is the noise level of ddim_eta (also as a PFDiff base)
+        stochastic = "eta" in spec.options  # the noise level of ddim_eta (also as a PFDiff base) and the SDE methods
         self._build_kw = dict(method=cfg.method, nfe=n if is_pf else None, eta=float(cfg.eta) if stochastic else None,
                               lower_order_final=lof, pfdiff=pf)
         return build_plan(self.schedule, grid=list(times), **self._build_kw)
@@ -452,13 +452,17 @@ def _refuse_ve_config(cfg: dict) -> None:
 
 
 def equivalent_method(config: dict) -> str | None:
-    """The deis_fast method running the same update as the DEIS / DPM-Solver++ multistep scheduler that
-    ``config`` describes (recognized by its ``algorithm_type``), else None."""
+    """The deis_fast method running the same update as the DEIS / DPM-Solver++ / UniPC multistep scheduler
+    that ``config`` describes (recognized by its ``algorithm_type`` / ``solver_type``), else None."""
     algo, k = config.get("algorithm_type"), config.get("solver_order")
     if algo == "deis" and k in (1, 2, 3):
         return f"logrho{k}"
     if algo == "dpmsolver++" and k in (1, 2, 3):
         return {1: "dpmpp1", 2: "dpmpp2" if config.get("solver_type") == "heun" else "dpmpp_2m", 3: "dpmpp_3m"}[k]
+    if algo == "sde-dpmsolver++" and k == 2:
+        return "dpmpp_2m_sde"
+    if config.get("solver_type") in ("bh1", "bh2") and config.get("predict_x0", True) and k in (1, 2, 3):
+        return f"unipc{k}"  # UniPCMultistepScheduler
     return None
 
 
@@ -502,6 +506,8 @@ def _set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
 def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
     names = ", ".join(f"{k}={keys[k]!r}" for k in sorted(keys))
     same = equivalent_method(config or {})
-    hint = f"; method={same!r} runs the same update as that scheduler" if same else ""
+    variant = (config or {}).get("solver_type") if same in ("unipc1", "unipc2", "unipc3", "dpmpp_2m_sde") else None
+    extra = f", variant={variant!r}" if variant in ("bh1", "heun") else ""
+    hint = f"; method={same!r}{extra} runs the same update as that scheduler" if same else ""
     warnings.warn(f"DEISFastScheduler ignores the config keys {names}: deis_fast picks its solver with the method= "
                   f"argument{hint}.", UserWarning, stacklevel=stacklevel)

@@ -22,13 +22,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..grids import ays_sigmas, kl_optimal_sigmas, linear_quadratic_fractions
+from ..plan import Eval
 from ..sampler import Sampler
 from ..schedules import FlowSchedule, Schedule, VESchedule
 from ..solvers import get_method
 
 __all__ = ["sample_deis_fast", "sample_deis", "sample_deis_logrho", "sample_ipndm", "sample_ipndm_v",
-           "sample_dpmpp_deis", "sample_dpmpp_2m", "sample_rho_rk", "sample_pfdiff",
-           "get_sigmas_karras"]
+           "sample_dpmpp_deis", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_unipc",
+           "sample_rho_rk", "sample_pfdiff", "get_sigmas_karras", "get_sigmas_ays", "get_sigmas_kl_optimal",
+           "get_sigmas_linear_quadratic"]
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device: Any = "cpu",
@@ -38,6 +41,42 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     sig = (a + ramp * (b - a)) ** rho
     return torch.cat([sig, sig.new_zeros([1])]).to(device=device, dtype=dtype)
+
+
+def _to_tensor(sig: np.ndarray, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(sig, dtype=np.float64)).to(device=device, dtype=dtype)
+
+
+def get_sigmas_ays(n: int, model: str = "sd15", device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Align Your Steps noise levels for ``n`` steps (``model``: 'sd15', 'sdxl' or 'svd'), the last one
+    replaced by 0 (as ComfyUI's AlignYourStepsScheduler); other n than 10 are log-linearly interpolated."""
+    tables = {"sd15": "ays", "sdxl": "ays_sdxl", "svd": "ays_svd"}
+    if model not in tables:
+        raise ValueError(f"model must be one of {', '.join(tables)}, got {model!r}")
+    sig = ays_sigmas(_check_steps(n, 1), tables[model])
+    sig[-1] = 0.0
+    return _to_tensor(sig, device, dtype)
+
+
+def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device: Any = "cpu",
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` noise levels uniform in arctan(sigma) from sigma_max to sigma_min, then 0 (ComfyUI's kl_optimal)."""
+    sig = kl_optimal_sigmas(_check_steps(n, 2) - 1, sigma_min, sigma_max)
+    return _to_tensor(np.append(sig, 0.0), device, dtype)
+
+
+def get_sigmas_linear_quadratic(n: int, sigma_max: float, threshold_noise: float = 0.025,
+                                linear_steps: int | None = None, device: Any = "cpu",
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` steps of ComfyUI's linear_quadratic schedule (Mochi's): ``n + 1`` sigmas from sigma_max to 0."""
+    sig = linear_quadratic_fractions(_check_steps(n, 1), threshold_noise, linear_steps) * sigma_max
+    return _to_tensor(sig, device, dtype)
+
+
+def _check_steps(n: Any, least: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least:
+        raise ValueError(f"n must be an int >= {least}, got {n!r}")
+    return int(n)
 
 
 def _sigmas_to_numpy(sigmas: Any) -> np.ndarray:
@@ -60,11 +99,13 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
 
     ``model_type``: "eps" (k-diffusion's VE convention, x = x0 + sigma noise) or "const" (ComfyUI's CONST model
     sampling of flow models: sigma in [0, 1], x = sigma noise + (1 - sigma) x0; sigmas may start at 1).
-    ``options`` go to :class:`deis_fast.Sampler` (``pfdiff=(k, h)``, ``eta``, ``lower_order_final``,
-    ``generator`` is not one: stochastic methods draw from torch's global generator unless
-    ``generator=`` is given here).
+    ``options`` go to :class:`deis_fast.Sampler` (``pfdiff=(k, h)``, ``eta``, ``s_noise``, ``variant``,
+    ``corrector``, ``lower_order_final``). Stochastic methods draw their noise from ``generator=`` (one, or
+    one per sample), torch's global generator by default, or, as in k-diffusion, from
+    ``noise_sampler(sigma, sigma_next)`` called once per noisy step in order.
     """
     generator = options.pop("generator", None)
+    noise_sampler = options.pop("noise_sampler", None)
     s = _sigmas_to_numpy(sigmas)
     extra_args = dict(extra_args or {})
     to_zero = s[-1] == 0.0
@@ -94,7 +135,12 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
             k = max(info["i"] - 1, 0)
             sig = float(evals[k].model_t)
             callback({"x": info["x"], "i": k, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
-    out = sampler(x, generator=generator, callback=cb, **extra_args)
+    step_noise = None
+    if noise_sampler is not None and sampler.plan.num_noise:
+        if is_pf:
+            raise ValueError("noise_sampler is not supported with PFDiff; pass generator= instead")
+        step_noise = torch.stack(_draw_from_noise_sampler(sampler.plan, noise_sampler)).to(x.device, x.dtype)
+    out = sampler(x, generator=generator, step_noise=step_noise, callback=cb, **extra_args)
     if split_final:
         sig = float(s[-2])
         out = model(out, out.new_full((out.shape[0],), sig), **extra_args)
@@ -114,6 +160,18 @@ def _schedule_for(model_type: str, s: np.ndarray, positive: np.ndarray) -> tuple
         return FlowSchedule(time_scale=1.0), "t"
     raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma noise + "
                      f"(1 - sigma) x0), got {model_type!r}")
+
+
+def _draw_from_noise_sampler(plan, noise_sampler: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+    """One ``noise_sampler(sigma_i, sigma_{i+1})`` draw per noisy Combine of a one-stage plan, in plan order."""
+    draws, step = [], -1
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            step += 1
+        elif op.noise_index >= 0:
+            lo, hi = (torch.tensor(plan.times[step + j], dtype=torch.float64) for j in (0, 1))
+            draws.append(noise_sampler(lo, hi))
+    return draws
 
 
 def _pfdiff_nfe(intervals: int, kh: Any, method: str) -> int:
@@ -154,6 +212,29 @@ def sample_dpmpp_deis(model, x, sigmas, extra_args=None, callback=None, disable=
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
     """DPM-Solver++(2M) as k-diffusion's ``sample_dpmpp_2m`` (midpoint weights), as one fused plan."""
     return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method="dpmpp_2m", **options)
+
+
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 1.0,
+                        s_noise: float = 1.0, noise_sampler=None, solver_type: str = "midpoint", **options):
+    """DPM-Solver++(2M) SDE as k-diffusion's ``sample_dpmpp_2m_sde`` (``solver_type`` midpoint|heun). The noise
+    comes from ``noise_sampler(sigma, sigma_next)`` if given, else from ``generator=`` (k-diffusion's default
+    is a Brownian tree; pass ``noise_sampler=BrownianTreeNoiseSampler(...)`` to reproduce it)."""
+    return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method="dpmpp_2m_sde", eta=eta,
+                            s_noise=s_noise, noise_sampler=noise_sampler, variant=solver_type, **options)
+
+
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta: float = 1.0,
+                        s_noise: float = 1.0, noise_sampler=None, **options):
+    """DPM-Solver++(3M) SDE as k-diffusion's ``sample_dpmpp_3m_sde`` (noise as in :func:`sample_dpmpp_2m_sde`)."""
+    return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method="dpmpp_3m_sde", eta=eta,
+                            s_noise=s_noise, noise_sampler=noise_sampler, **options)
+
+
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, order: int = 3,
+                 variant: str = "bh2", **options):
+    """UniPC-``order`` (UniP predictor + UniC corrector, ``variant`` bh1|bh2); ``corrector=False``: UniP alone."""
+    return sample_deis_fast(model, x, sigmas, extra_args, callback, disable, method=f"unipc{int(order)}",
+                            variant=variant, **options)
 
 
 def sample_rho_rk(model, x, sigmas, extra_args=None, callback=None, disable=None, method: str = "rho_heun",

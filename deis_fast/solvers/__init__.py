@@ -12,8 +12,9 @@ from ..coefficients import dpmsolver_rows
 from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
+from . import sde, unipc
 
-__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "ALIASES", "get_method", "suggest_method"]
+__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "ALIASES", "get_method", "suggest_method", "method_options"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class MethodSpec:
     first_order: bool             # a first-order (DDIM-like) step: usable as a PFDiff base
     description: str
     multistep_options: bool = True  # accepts lower_order_final
+    options: tuple[str, ...] = ("corrector",)  # further keyword options of the builder (see build_plan)
+    variants: tuple[str, ...] = ()  # accepted values of ``variant``, the default first
 
     def build(self, schedule, t: np.ndarray, rho: np.ndarray, **opts) -> Plan:
         return self.builder(self.name, schedule, t, rho, **opts)
@@ -59,9 +62,22 @@ def _registry() -> dict[str, MethodSpec]:
                               "variable-step iPNDM: exact 4-point AB in rho (reduces to iPNDM-4 on uniform grids)")
     for name, (_, b, _, order) in TABLEAUS.items():
         m[name] = MethodSpec(name, order, len(b), "rk", rk_plan, name == "rho_euler",
-                             f"rhoRK-DEIS: {name[4:]} Runge-Kutta in rho, {len(b)} NFE per step", False)
+                             f"rhoRK-DEIS: {name[4:]} Runge-Kutta in rho, {len(b)} NFE per step", False, ())
     m["ddim_eta"] = MethodSpec("ddim_eta", 1, 1, "stochastic", ddim_eta_plan, True,
-                               "stochastic DDIM with eta (eta=1: ancestral DDPM); per-sample noise", False)
+                               "stochastic DDIM with eta (eta=1: ancestral DDPM); per-sample noise", False, ("eta",))
+    for k in range(1, 4):
+        m[f"unipc{k}"] = MethodSpec(f"unipc{k}", k + 1, 1, "data_ab", partial(unipc.unipc_plan, points=k), False,
+                                    f"UniPC-{k}: UniP-{k} predictor + UniC corrector (order {k + 1}; corrector=False: "
+                                    f"UniP alone, order {k}); diffusers' UniPCMultistepScheduler(solver_order={k})",
+                                    options=("corrector", "variant"), variants=unipc.VARIANTS)
+    m["dpmpp_2m_sde"] = MethodSpec("dpmpp_2m_sde", 1, 1, "sde", partial(sde.sde_dpmsolver_plan, points=2), False,
+                                   "DPM-Solver++(2M) SDE (k-diffusion's sample_dpmpp_2m_sde, diffusers' "
+                                   "sde-dpmsolver++); eta, s_noise; variant midpoint|heun; eta=0: dpmpp_2m|dpmpp2",
+                                   options=("eta", "s_noise", "variant"), variants=sde.VARIANTS)
+    m["dpmpp_3m_sde"] = MethodSpec("dpmpp_3m_sde", 1, 1, "sde",
+                                   partial(sde.sde_dpmsolver_plan, points=3, variant="heun"), False,
+                                   "DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde); eta, s_noise",
+                                   options=("eta", "s_noise"))
     return m
 
 
@@ -90,3 +106,37 @@ def get_method(name: str) -> MethodSpec:
         hint = f"did you mean {guess!r}? " if guess else ""
         raise ValueError(f"unknown method {name!r}; {hint}valid methods: {', '.join(METHODS)}")
     return METHOD_SPECS[key]
+
+
+_KIND = {"rk": "a Runge-Kutta method (no past network output to correct with)", "sde": "an SDE method",
+         "stochastic": "a stochastic one-step method"}
+
+
+def method_options(spec: MethodSpec, *, corrector: bool | None = None, variant: str | None = None,
+                   eta: float | None = None, s_noise: float = 1.0, disable_corrector=()) -> dict:
+    """The builder keywords for ``spec``'s own options; an option set on a method that lacks it raises."""
+    out: dict = {}
+    if corrector or disable_corrector:
+        if "corrector" not in spec.options:
+            raise ValueError(f"corrector=True / disable_corrector need a deterministic multistep method (tab*, rhoab*, "
+                             f"logrho*, dpmpp*, ipndm*, unipc*); {spec.name!r} is {_KIND.get(spec.family, 'not one')}")
+    if corrector is not None and "corrector" in spec.options:
+        out["corrector"] = bool(corrector)
+    if disable_corrector:
+        out["disable_corrector"] = tuple(disable_corrector)
+    if variant is not None:
+        if not spec.variants:
+            with_variants = ", ".join(f"{m.name} ({'|'.join(m.variants)})" for m in METHOD_SPECS.values() if m.variants)
+            raise ValueError(f"method {spec.name!r} has no variants (got variant={variant!r}); methods with variants: "
+                             f"{with_variants}")
+        out["variant"] = variant
+    if "eta" in spec.options:
+        out["eta"] = 1.0 if eta is None else eta
+    elif eta is not None:
+        raise ValueError(f"eta applies to stochastic methods (ddim_eta, dpmpp_2m_sde, dpmpp_3m_sde), not {spec.name!r}; "
+                         "drop eta or use one of those")
+    if "s_noise" in spec.options:
+        out["s_noise"] = s_noise
+    elif s_noise != 1.0:
+        raise ValueError(f"s_noise applies to the SDE methods (dpmpp_2m_sde, dpmpp_3m_sde), not {spec.name!r}")
+    return out
