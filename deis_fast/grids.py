@@ -121,7 +121,7 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
     with np.errstate(divide="ignore"):
         ra, rb = float(schedule.rho(ts)), float(schedule.rho(te))
     head = int(grid not in ("time_uniform", "time_quadratic") and np.isinf(ra))
-    tail = int(grid == "logsnr" and rb == 0.0)
+    tail = int((grid == "logsnr" or grid in AYS_SIGMAS) and rb == 0.0)
     if head or tail:
         need = 1 + head + tail
         if n < need:

@@ -38,7 +38,16 @@ def _order_conditions(h: float, p: int, variant: str) -> tuple[float, np.ndarray
 
 def unipc_weights(lam: np.ndarray, i: int, p: int, *, variant: str, corrector: bool) -> np.ndarray:
     """Weights E of step i (p history points) over D_i, D_{i-1}, ... (UniP-p), or for the corrector
-    (UniC-p) over D_{i+1}, D_i, D_{i-1}, ..."""
+    (UniC-p) over D_{i+1}, D_i, D_{i-1}, ... A history point at lambda = -inf (alpha = 0, the start of a
+    flow schedule) is the limit of a node going to infinity: it gets weight 0 and the order drops by one."""
+    n_out = p + int(corrector)
+    while p > 1 and np.isinf(lam[i - p + 1]):
+        p -= 1
+    w = _unipc_weights(lam, i, p, variant, corrector)
+    return np.concatenate([w, np.zeros(n_out - w.size)])
+
+
+def _unipc_weights(lam: np.ndarray, i: int, p: int, variant: str, corrector: bool) -> np.ndarray:
     h = lam[i + 1] - lam[i]
     r = (lam[i - np.arange(1, p)] - lam[i]) / h                      # r_1 .. r_{p-1}
     big_b, b = _order_conditions(h, p, variant)
