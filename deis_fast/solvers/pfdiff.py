@@ -75,8 +75,8 @@ def pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, kh, *, eta: float = 1
         and spec.family != "data_ab"
     target = "x0" if spec.family == "data_ab" else ("flow" if flow_euler else "eps")
     stochastic = spec.family == "stochastic"
-    points = spec.builder.keywords["points"] if multistep else 1
-    variable = spec.builder.keywords.get("variable", "rho") if multistep else "rho"  # ipndm -> exact AB in rho
+    points = spec.points if multistep else 1
+    variable = spec.variable if multistep else "rho"  # ipndm -> exact AB in rho
     alpha = schedule.alpha_from_rho(rho)
 
     def s_of(tt: float, rr: float) -> float:
