@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .grids import MODEL_GRIDS, make_grid
+from . import solvers as _solvers
 from .sampler import Sampler, build_plan
 from .schedules import Schedule, VPSchedule
 
@@ -68,13 +69,7 @@ class OptimizedGrid:
 
 def grid_intervals(method: str, nfe: int, pfdiff: tuple[int, int] | None = None) -> int:
     """Number of grid intervals a (method, nfe[, pfdiff]) plan uses."""
-    from .solvers import get_method
-    if method == "pfdiff":
-        method, pfdiff = "ddim", pfdiff or (2, 1)
-    if pfdiff is not None:
-        k = int(pfdiff[0])
-        return nfe * (k + 1) - k
-    return nfe // get_method(method).stages
+    return _solvers.grid_intervals(method, nfe, _solvers.PlanOptions(pfdiff=pfdiff))
 
 
 def _key(model_id: str, method: str, nfe: int, pfdiff) -> str:
@@ -114,6 +109,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
                   max_evals: int | None = None, max_restarts: int = 3, time_budget: float | None = 60.0, model_id: str = "",
                   start_grids: Sequence[str] = ("time_quadratic", "logsnr", "karras", "time_uniform"),
                   min_gain: float = 0.05, validation_fraction: float = 0.25, plan_options: dict | None = None,
+                  options: "_solvers.PlanOptions | None" = None,
                   **cond: Any) -> OptimizedGrid:
     """Choose the grid minimizing the (geometric) mean relative error of ``method`` at ``nfe`` on calibration noises.
 
@@ -128,8 +124,9 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
     (relative); smaller gains are within the calibration noise and do not carry over to held-out noise.
     ``validation_fraction`` of the noises (the last rows; at least one, when there are 4 or more) is held out
     of the fit: the optimized grid is kept only if it also beats the best fixed grid there. Both errors are
-    reported (``validation_error``, ``start_validation_error``). ``plan_options``: further :func:`build_plan`
-    options of the method (``corrector``, ``variant``, ...); pass the same ones when sampling on the result.
+    reported (``validation_error``, ``start_validation_error``). ``options`` (a PlanOptions) and
+    ``plan_options`` (its fields): further plan options of the method (``corrector``, ``variant``, ...); pass
+    the same ones when sampling on the result.
     """
     from scipy.optimize import minimize  # here, not at import: `import deis_fast` stays light (~0.7 s less)
 
@@ -143,9 +140,14 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
         if shape is None:
             raise ValueError("give calibration `noise` or its `shape` (and `seed`)")
         noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    if method == "pfdiff":
-        method, pfdiff = "ddim", tuple(pfdiff or (2, 1))
-    n = grid_intervals(method, nfe, pfdiff)
+    extra = dict(plan_options or {})
+    if pfdiff is not None:
+        extra["pfdiff"] = pfdiff
+    if pfdiff_experimental:
+        extra["pfdiff_experimental"] = True
+    spec, o = _solvers.resolve(method, _solvers.PlanOptions.of(options, **extra))
+    method, pfdiff = spec.name, o.pfdiff
+    n = _solvers.grid_intervals(method, nfe, o)
     t0 = time.perf_counter()
     common = dict(prediction=prediction, check_finite=False)
     if reference is None:
@@ -163,8 +165,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
         nonlocal evals
         evals += 1
         try:
-            plan = build_plan(schedule, method, None if pfdiff is None else nfe, list(times),
-                              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, **(plan_options or {}))
+            plan = build_plan(schedule, method, None if pfdiff is None else nfe, list(times), options=o)
         except ValueError:
             return math.inf
         with torch.no_grad():

@@ -1,7 +1,6 @@
 """Public sampling API: ``Sampler`` builds a plan once; the one executor runs it."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -9,144 +8,16 @@ import numpy as np
 import torch
 
 from .graph import CUDAGraphSampler, cond_signature
-from .grids import BETA_AB, MODEL_GRIDS, GridSpec, grid_rho, make_grid
+from .grids import MODEL_GRIDS, GridSpec
 from .models import ModelAdapter
 from .plan import Eval, Plan
 from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
                        inpaint_args, run_plan)
-from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from .solvers import get_method, method_options
-from .solvers.restart import eval_at_time, tail_plan
+from .schedules import Schedule, VESchedule, VPSchedule
+from .solvers import MAX_NFE, PlanOptions, build_plan, default_grid  # noqa: F401  (re-exported)
 
-__all__ = ["Sampler", "sample", "build_plan", "NonFiniteError", "randn_per_sample", "MAX_NFE"]
-
-MAX_NFE = 100_000
-
-
-def default_grid(schedule: Schedule, method: str) -> str:
-    """A good fixed grid per family: time_quadratic for tAB/rhoAB/iPNDM on VP, logsnr for log-rho and
-    data-form methods (DPM-Solver's choice), karras for VE, diffusers' shifted uniform grid for flow."""
-    if isinstance(schedule, FlowSchedule):
-        return "time_uniform"  # diffusers' FlowMatch grid (shifted by the schedule)
-    if not schedule.variance_preserving:
-        return "karras"
-    if method.startswith(("logrho", "dpmpp", "unipc")):
-        return "logsnr"
-    return "time_quadratic"
-
-
-def _check_nfe(nfe: Any, stages: int, method: str) -> int:
-    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)):
-        raise TypeError(f"nfe must be an int, got {nfe!r}")
-    nfe = int(nfe)
-    if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
-    if nfe > MAX_NFE:
-        raise ValueError(f"nfe={nfe} is absurdly large (limit {MAX_NFE}); few-step samplers are meant for 1-1000 NFE")
-    if nfe < stages:
-        raise ValueError(f"method {method!r} uses {stages} network evaluations per step, so nfe must be >= {stages} "
-                         f"(got {nfe})")
-    if nfe % stages:
-        raise ValueError(f"method {method!r} uses {stages} NFE per step; nfe={nfe} is not a multiple of {stages}. "
-                         f"Use nfe={nfe - nfe % stages} or {nfe - nfe % stages + stages}")
-    return nfe // stages
-
-
-def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None,
-               t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
-               lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
-               pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
-               beta_ab: tuple[float, float] = BETA_AB, start_eval: int | None = None, corrector: bool | None = None,
-               variant: str | None = None, s_noise: float = 1.0, disable_corrector: Sequence[int] = ()) -> Plan:
-    """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side).
-
-    ``eta`` (default 1) / ``s_noise``: noise scale of the stochastic methods (ddim_eta, the SDE methods) only;
-    giving them to another method is an error rather than silently ignored. ``corrector``: UniC-style
-    corrector on a multistep method (None = the method's default: on for unipc*); ``disable_corrector``: step
-    indices whose result is not corrected. ``variant``: 'bh1'/'bh2' (unipc*), 'midpoint'/'heun' (dpmpp_2m_sde).
-
-    With an explicit grid (a list of times), ``t_start`` (one of the plan's Eval times) or ``start_eval``
-    (an Eval index) starts the plan in the middle, as img2img does: the state at that Eval's time is
-    integrated to the end with the Evals that remain and a cold history (``deis_fast.solvers.restart``).
-    With a named grid, ``t_start`` is where the grid begins.
-    """
-    if isinstance(grid, str) and grid == "optimized":
-        raise ValueError("grid='optimized' needs the model and calibration noise: use "
-                         "Sampler(model, ..., grid='optimized', calibration_noise=z) or deis_fast.optimize_grid(...)")
-    kw = dict(eta=eta, lower_order_final=lower_order_final, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
-              pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, beta_ab=beta_ab,
-              extra=dict(corrector=corrector, variant=variant, s_noise=s_noise, disable_corrector=disable_corrector))
-    explicit = grid is not None and not isinstance(grid, str)
-    if start_eval is not None or (explicit and t_start is not None):
-        if start_eval is not None and t_start is not None:
-            raise ValueError("give t_start or start_eval, not both")
-        plan = _build_tail(schedule, method, nfe, grid, t_start, start_eval, **kw)
-    else:
-        plan = _build_plan(schedule, method, nfe, grid, t_start, t_end, **kw)
-    bad = [op for op in plan.combines if not all(math.isfinite(c) for c in op.coefs + (op.noise_coef,))]
-    if bad:
-        raise ValueError(f"the {plan.method!r} plan has non-finite coefficients (first: {bad[0]}); the schedule or "
-                         "grid is degenerate (check the betas / sigma range and t_start, t_end)")
-    return plan
-
-
-def _build_plan(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
-                t_end: float | None, *, eta: float, lower_order_final: bool, karras_rho: float,
-                integer_timesteps: bool, pfdiff: tuple[int, int] | None, pfdiff_experimental: bool,
-                beta_ab: tuple[float, float], extra: Mapping[str, Any]) -> Plan:
-    spec, pfdiff = _resolve_method(method, pfdiff)
-    grid = default_grid(schedule, spec.name) if grid is None else grid
-    if pfdiff is not None:
-        if extra["corrector"] or extra["variant"] is not None or extra["s_noise"] != 1.0:
-            raise ValueError("pfdiff wraps a plain first-order step: corrector, variant and s_noise do not apply")
-        from .solvers.pfdiff import pfdiff_plan
-        if eta is not None and spec.family != "stochastic":
-            raise ValueError(f"eta applies to a stochastic PFDiff base (ddim_eta), not {spec.name!r}")
-        return pfdiff_plan(spec, schedule, nfe, grid, t_start, t_end, pfdiff, eta=1.0 if eta is None else eta,
-                           karras_rho=karras_rho,
-                           integer_timesteps=integer_timesteps, experimental=pfdiff_experimental,
-                           beta_ab=beta_ab)
-    if nfe is None:
-        if isinstance(grid, str):
-            raise ValueError("nfe=None needs an explicit grid (a list of times)")
-        steps = None
-    else:
-        steps = _check_nfe(nfe, spec.stages, spec.name)
-    t = make_grid(schedule, grid, steps, t_start, t_end, karras_rho=karras_rho, integer_timesteps=integer_timesteps,
-                  beta_ab=beta_ab)
-    rho = grid_rho(schedule, t)
-    opts: dict[str, Any] = method_options(spec, eta=eta, **extra)
-    if spec.multistep_options:
-        opts["lower_order_final"] = lower_order_final
-    elif lower_order_final:
-        raise ValueError(f"lower_order_final applies to multistep methods, not {spec.name!r}")
-    return spec.build(schedule, t, rho, **opts)
-
-
-def _resolve_method(method: str, pfdiff: tuple[int, int] | None) -> tuple[Any, tuple[int, int] | None]:
-    """(MethodSpec, PFDiff (k, h) or None) for a method name ('pfdiff' = PFDiff on DDIM)."""
-    if method == "pfdiff":
-        from .solvers.pfdiff import pfdiff_preset
-        method, pfdiff = pfdiff_preset(method, pfdiff)
-    return get_method(method), pfdiff
-
-
-def _build_tail(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | None, t_start: float | None,
-                start_eval: int | None, **kw: Any) -> Plan:
-    """The plan that starts at an Eval of the full plan (by index or by time) with a cold history."""
-    from .solvers.pfdiff import check_kh
-    full = _build_plan(schedule, method, nfe, grid, None, None, **kw)
-    spec, pf = _resolve_method(method, kw["pfdiff"])
-    pf = check_kh(pf) if pf is not None else None
-    if start_eval is None:
-        start_eval = eval_at_time(full, float(t_start), spec.stages)
-    elif isinstance(start_eval, bool) or not isinstance(start_eval, (int, np.integer)):
-        raise TypeError(f"start_eval must be an int, got {start_eval!r}")
-
-    def build(g: list[float], n: int) -> Plan:
-        return _build_plan(schedule, method, n if pf is not None else None, g, None, None,
-                           **{**kw, "integer_timesteps": False})
-    return tail_plan(schedule, full, int(start_eval), family=spec.family, stages=spec.stages, pfdiff=pf, build=build)
+__all__ = ["Sampler", "sample", "build_plan", "default_grid", "PlanOptions", "NonFiniteError", "randn_per_sample",
+           "MAX_NFE"]
 
 
 def randn_per_sample(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -185,17 +56,14 @@ class Sampler:
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
                  nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
-                 t_start: float | None = None, t_end: float | None = None, *, eta: float | None = None,
-                 lower_order_final: bool = False, karras_rho: float = 7.0, integer_timesteps: bool = False,
-                 pfdiff: tuple[int, int] | None = None, pfdiff_experimental: bool = False,
-                 corrector: bool | None = None, variant: str | None = None, s_noise: float = 1.0,
-                 disable_corrector: Sequence[int] = (),
+                 t_start: float | None = None, t_end: float | None = None, *, options: PlanOptions | None = None,
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
                  classifier_scale: float = 1.0, check_finite: bool = True, progress: bool = False,
                  time_dtype: torch.dtype | None = None, plan: Plan | None = None, copy_outputs: bool | None = None,
                  calibration_noise: torch.Tensor | None = None, calibration_cond: Mapping[str, Any] | None = None,
-                 grad: bool = False, threshold: tuple[float, float] | None = None):
+                 grad: bool = False, threshold: tuple[float, float] | None = None, **plan_options: Any):
+        self.options = PlanOptions.of(options, **plan_options)
         self.grad = bool(grad)
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
@@ -206,13 +74,10 @@ class Sampler:
             # a grid that needs the model (grid='optimized': registered by deis_fast.grid_opt)
             self.optimized_grid = grid = MODEL_GRIDS[grid](
                 model, self.schedule, method, nfe, calibration_noise, t_start, t_end, prediction=prediction,
-                pfdiff=pfdiff, pfdiff_experimental=pfdiff_experimental, **dict(calibration_cond or {}))
-            method, pfdiff = grid.method, grid.pfdiff
-        self.plan = plan if plan is not None else build_plan(
-            self.schedule, method, nfe, grid, t_start, t_end, eta=eta, lower_order_final=lower_order_final,
-            karras_rho=karras_rho, integer_timesteps=integer_timesteps, pfdiff=pfdiff,
-            pfdiff_experimental=pfdiff_experimental, corrector=corrector, variant=variant, s_noise=s_noise,
-            disable_corrector=disable_corrector)
+                options=self.options, **dict(calibration_cond or {}))
+            method, self.options = grid.method, PlanOptions.of(self.options, pfdiff=grid.pfdiff)
+        self.plan = plan if plan is not None else build_plan(self.schedule, method, nfe, grid, t_start, t_end,
+                                                             options=self.options)
         self.adapter = ModelAdapter(model, prediction, variance_preserving=self.schedule.variance_preserving,
                                     guidance_scale=guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale,
                                     classifier_grad=classifier_grad, classifier_scale=classifier_scale,

@@ -14,7 +14,7 @@ from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 from . import sde, unipc
 
-__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "ALIASES", "get_method", "suggest_method", "method_options"]
+__all__ = ["MethodSpec", "METHOD_SPECS", "METHODS", "ALIASES", "get_method", "suggest_method"]
 
 
 @dataclass(frozen=True)
@@ -132,35 +132,8 @@ def get_method(name: str) -> MethodSpec:
     return METHOD_SPECS[key]
 
 
-_KIND = {"rk": "a Runge-Kutta method (no past network output to correct with)", "sde": "an SDE method",
-         "stochastic": "a stochastic one-step method"}
+from .build import (MAX_NFE, PlanOptions, build_plan, check_method, default_grid, grid_intervals,  # noqa: E402
+                    nfe_for_intervals, resolve)
 
-
-def method_options(spec: MethodSpec, *, corrector: bool | None = None, variant: str | None = None,
-                   eta: float | None = None, s_noise: float = 1.0, disable_corrector=()) -> dict:
-    """The builder keywords for ``spec``'s own options; an option set on a method that lacks it raises."""
-    out: dict = {}
-    if corrector or disable_corrector:
-        if "corrector" not in spec.options:
-            raise ValueError(f"corrector=True / disable_corrector need a deterministic multistep method (tab*, rhoab*, "
-                             f"logrho*, dpmpp*, ipndm*, unipc*); {spec.name!r} is {_KIND.get(spec.family, 'not one')}")
-    if corrector is not None and "corrector" in spec.options:
-        out["corrector"] = bool(corrector)
-    if disable_corrector:
-        out["disable_corrector"] = tuple(disable_corrector)
-    if variant is not None:
-        if not spec.variants:
-            with_variants = ", ".join(f"{m.name} ({'|'.join(m.variants)})" for m in METHOD_SPECS.values() if m.variants)
-            raise ValueError(f"method {spec.name!r} has no variants (got variant={variant!r}); methods with variants: "
-                             f"{with_variants}")
-        out["variant"] = variant
-    if "eta" in spec.options:
-        out["eta"] = 1.0 if eta is None else eta
-    elif eta is not None:
-        raise ValueError(f"eta applies to stochastic methods (ddim_eta, dpmpp_2m_sde, dpmpp_3m_sde), not {spec.name!r}; "
-                         "drop eta or use one of those")
-    if "s_noise" in spec.options:
-        out["s_noise"] = s_noise
-    elif s_noise != 1.0:
-        raise ValueError(f"s_noise applies to the SDE methods (dpmpp_2m_sde, dpmpp_3m_sde), not {spec.name!r}")
-    return out
+__all__ += ["PlanOptions", "build_plan", "check_method", "default_grid", "grid_intervals", "nfe_for_intervals",
+            "resolve", "MAX_NFE"]
