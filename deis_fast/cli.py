@@ -247,7 +247,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         plan = deis_fast.build_plan(sched, args.method, resolve_nfe(args), args.grid, args.t_start, args.t_end,
                                     lower_order_final=args.lower_order_final,
-                                    integer_timesteps=args.integer_timesteps, pfdiff=args.pfdiff, **opts)
+                                    integer_timesteps=args.integer_timesteps, **opts)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     if args.json:
@@ -275,10 +275,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .solvers import ALIASES, METHOD_SPECS
-    for name, spec in METHOD_SPECS.items():
-        print(f"{name:14s} order {spec.order}, {spec.stages} NFE/step  {spec.description}")
-    print(f"{'pfdiff':14s} PFDiff-(2,1) timestep skipping on ddim; --pfdiff K,H wraps any first-order method")
+    from .solvers import ALIASES, describe_methods
+    for name, text in describe_methods():
+        print(f"{name:14s} {text}")
     print("aliases: " + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()))
     return 0
 

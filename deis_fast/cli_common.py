@@ -92,13 +92,11 @@ def grid_arg(s: str) -> str | list[float]:
 
 def method_arg(s: str) -> str:
     """A registered method name (with a 'did you mean' for near misses)."""
-    from .solvers import get_method
-    if s != "pfdiff":
-        try:
-            get_method(s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return s
+    from .solvers import check_method
+    try:
+        return check_method(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_solver_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,8 +118,9 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def solver_options(args: argparse.Namespace) -> dict:
-    """The optional sampler keywords the user set (--eta, --corrector, --variant, --s-noise)."""
-    opts = {"eta": args.eta, "corrector": args.corrector, "variant": args.variant, "s_noise": args.s_noise}
+    """The plan options the user set (--eta, --pfdiff, --corrector, --variant, --s-noise), by PlanOptions name."""
+    opts = {"eta": args.eta, "pfdiff": args.pfdiff, "corrector": args.corrector, "variant": args.variant,
+            "s_noise": args.s_noise}
     return {k: v for k, v in opts.items() if v is not None}
 
 

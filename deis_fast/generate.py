@@ -338,8 +338,7 @@ def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL
     opts = solver_options(args)
     try:
         return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule, method=args.method,
-                                 nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, pfdiff=args.pfdiff,
-                                 **opts)
+                                 nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, **opts)
     except (ValueError, TypeError) as e:
         raise GenerateError(f"invalid sampler options: {e}") from None
 
@@ -389,12 +388,9 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
     plan = sampler.plan
     config = {"model": loaded.model_id, "shape": list(loaded.shape), "prediction": loaded.prediction,
               "method": args.method, "plan_method": plan.method, "nfe": plan.nfe, "grid": args.grid,
-              "eta": args.eta, "pfdiff": list(args.pfdiff) if args.pfdiff else None,
+              "options": {k: list(v) if isinstance(v, tuple) else v for k, v in solver_options(args).items()},
               "seed_offset": args.seed_offset, "format": args.format, "dtype": args.dtype,
               "model_batch": args.model_batch, "times": [float(t) for t in plan.times]}
-    extra = {k: v for k, v in solver_options(args).items() if k != "eta"}  # corrector, variant, s_noise
-    if extra:
-        config["solver_options"] = extra
     sha = _config_sha(config)
 
     # ---- process group

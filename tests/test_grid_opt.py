@@ -119,8 +119,8 @@ def test_sampler_grid_optimized_string(problem):
 
 def test_build_plan_refuses_non_finite_coefficients(monkeypatch):
     import dataclasses
-    import deis_fast.sampler as smp
-    real = smp._build_plan
+    import deis_fast.solvers.build as smp
+    real = smp._build
 
     def poisoned(*a, **k):
         plan = real(*a, **k)
@@ -128,7 +128,7 @@ def test_build_plan_refuses_non_finite_coefficients(monkeypatch):
         j = next(i for i, op in enumerate(ops) if isinstance(op, deis_fast.Combine))
         ops[j] = dataclasses.replace(ops[j], coefs=(float("nan"),) + ops[j].coefs[1:])
         return dataclasses.replace(plan, ops=tuple(ops))
-    monkeypatch.setattr(smp, "_build_plan", poisoned)
+    monkeypatch.setattr(smp, "_build", poisoned)
     with pytest.raises(ValueError, match="non-finite coefficients"):
         deis_fast.build_plan(VP, "tab2", 4)
 

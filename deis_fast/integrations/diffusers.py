@@ -59,7 +59,7 @@ from ..executor import run_plan, segments
 from ..plan import Eval, Plan
 from ..sampler import build_plan, default_grid
 from ..schedules import schedule_from_diffusers_config
-from ..solvers import get_method
+from ..solvers import PlanOptions, check_method, resolve
 
 __all__ = ["DEISFastScheduler"]
 
@@ -127,8 +127,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if self.prediction not in ("eps", "x0", "v"):
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon', 'sample' or "
                              "'v_prediction'")
-        if method != "pfdiff":
-            get_method(method)  # validates the name with a helpful message
+        check_method(method)  # validates the name with a helpful message
         if timestep_type not in _TIMESTEP_TYPES:
             raise ValueError(f"timestep_type must be one of {_TIMESTEP_TYPES}, got {timestep_type!r}")
         if timestep_spacing not in _SPACINGS:
@@ -246,15 +245,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     def _build(self, n: int | None, timesteps: Sequence[float] | None) -> Plan:
         """The full plan; remembers the options that re-planning a mid start needs."""
         cfg = self.config
-        spec_name = "ddim" if cfg.method == "pfdiff" else get_method(cfg.method).name
-        spec = get_method(spec_name)
-        pf = tuple(cfg.pfdiff) if cfg.pfdiff is not None else None
-        if pf is not None and cfg.method != "pfdiff" and not spec.first_order:
-            raise ValueError(f"pfdiff={pf} wraps a first-order method; {cfg.method!r} is not one")
-        is_pf = cfg.method == "pfdiff" or pf is not None
-        if is_pf:
-            from ..solvers.pfdiff import pfdiff_preset
-            pf = pfdiff_preset("pfdiff", pf)[1] if cfg.method == "pfdiff" else pf
+        spec, o = resolve(cfg.method, PlanOptions(pfdiff=tuple(cfg.pfdiff) if cfg.pfdiff is not None else None))
+        pf = o.pfdiff  # a base PFDiff cannot wrap is refused by build_plan
+        is_pf = pf is not None
         times, kind = self._grid_times(n, timesteps, spec, pf)
         lof = cfg.lower_order_final
         if lof is None:
@@ -331,7 +324,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if hits.size == 0:
             raise ValueError(f"timestep {t} is not one of scheduler.timesteps; step() must be called with "
                              "timesteps[k], timesteps[k+1], ... (or call set_begin_index(k) first)")
-        stages = get_method("ddim" if self.config.method == "pfdiff" else self.config.method).stages
+        stages = resolve(self.config.method)[0].stages
         first = [int(i) for i in hits if i % stages == 0]
         return first[0] if first else int(hits[0])
 

@@ -26,7 +26,7 @@ from ..grids import ays_sigmas, kl_optimal_sigmas, linear_quadratic_fractions
 from ..plan import Eval
 from ..sampler import Sampler
 from ..schedules import FlowSchedule, Schedule, VESchedule
-from ..solvers import get_method
+from ..solvers import PlanOptions, nfe_for_intervals, resolve
 
 __all__ = ["sample_deis_fast", "sample_deis", "sample_deis_logrho", "sample_ipndm", "sample_ipndm_v",
            "sample_dpmpp_deis", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_unipc",
@@ -111,8 +111,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     to_zero = s[-1] == 0.0
     positive = s[s > 0]
     sched, key = _schedule_for(model_type, s, positive)
-    name = "ddim" if method == "pfdiff" else method
-    spec = get_method(name)
+    spec, plan_opts = resolve(method, PlanOptions(pfdiff=options.get("pfdiff")))
     # Runge-Kutta stages cannot be evaluated at sigma = 0: integrate to the last positive sigma, then
     # take k-diffusion's final Euler step (x <- denoised) with one more call
     split_final = to_zero and spec.family == "rk"
@@ -124,23 +123,22 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         last["denoised"] = out
         return out
 
-    is_pf = method == "pfdiff" or options.get("pfdiff") is not None
-    nfe = _pfdiff_nfe(len(grid) - 1, options.get("pfdiff"), method) if is_pf else None
+    nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts)
     sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
                       progress=disable is not True, **options)
     evals = sampler.plan.evals
-    cb = None
-    if callback is not None:
-        def cb(info: dict) -> None:
-            k = max(info["i"] - 1, 0)
-            sig = float(evals[k].model_t)
-            callback({"x": info["x"], "i": k, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
+
+    def cb(info: dict) -> None:
+        k = max(info["i"] - 1, 0)
+        sig = float(evals[k].model_t)
+        callback({"x": info["x"], "i": k, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
     step_noise = None
     if noise_sampler is not None and sampler.plan.num_noise:
-        if is_pf:
+        if plan_opts.pfdiff is not None:
             raise ValueError("noise_sampler is not supported with PFDiff; pass generator= instead")
         step_noise = torch.stack(_draw_from_noise_sampler(sampler.plan, noise_sampler)).to(x.device, x.dtype)
-    out = sampler(x, generator=generator, step_noise=step_noise, callback=cb, **extra_args)
+    out = sampler(x, generator=generator, step_noise=step_noise, callback=cb if callback is not None else None,
+                  **extra_args)
     if split_final:
         sig = float(s[-2])
         out = model(out, out.new_full((out.shape[0],), sig), **extra_args)
@@ -174,14 +172,12 @@ def _draw_from_noise_sampler(plan, noise_sampler: Callable[..., torch.Tensor]) -
     return draws
 
 
-def _pfdiff_nfe(intervals: int, kh: Any, method: str) -> int:
-    k, _ = (2, 1) if kh is None else tuple(int(v) for v in kh)
-    if (intervals + k) % (k + 1):
-        lo = max((intervals + k) // (k + 1), 1)
-        raise ValueError(f"PFDiff with k={k} needs len(sigmas) - 1 = N*{k + 1} - {k} steps for N network calls; "
-                         f"got {intervals} steps. Use {lo * (k + 1) - k} or {(lo + 1) * (k + 1) - k} steps "
-                         f"(get_sigmas_karras(n) gives n steps when it ends in 0)")
-    return (intervals + k) // (k + 1)
+def _nfe_for_sigmas(intervals: int, method: str, options: PlanOptions) -> int | None:
+    """The NFE a plan on these sigmas has (None: taken from the grid), with k-diffusion's terms in the error."""
+    try:
+        return nfe_for_intervals(method, intervals, options)
+    except ValueError as e:
+        raise ValueError(f"{e} (len(sigmas) - 1 steps; get_sigmas_karras(n) gives n steps when it ends in 0)") from None
 
 
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, method: str = "tab3", **options):

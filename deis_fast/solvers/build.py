@@ -17,7 +17,7 @@ from .pfdiff import DEFAULT_KH, check_kh, pfdiff_plan
 from .restart import eval_at_time, tail_plan
 
 __all__ = ["PlanOptions", "build_plan", "default_grid", "resolve", "grid_intervals", "nfe_for_intervals",
-           "check_method", "MAX_NFE"]
+           "check_method", "describe_methods", "MAX_NFE"]
 
 MAX_NFE = 100_000
 PFDIFF = "pfdiff"  # the method name of PFDiff-(2,1) on DDIM
@@ -78,6 +78,13 @@ def resolve(method: str, options: PlanOptions | None = None) -> tuple[MethodSpec
     return get_method(method), o
 
 
+def describe_methods() -> list[tuple[str, str]]:
+    """(name, one line) for every method name a user can pass, PFDiff included."""
+    rows = [(n, f"order {m.order}, {m.stages} NFE/step  {m.description}") for n, m in METHOD_SPECS.items()]
+    k, h = DEFAULT_KH
+    return rows + [(PFDIFF, f"PFDiff-({k},{h}) timestep skipping on ddim; pfdiff=(k, h) wraps any first-order method")]
+
+
 def check_method(method: str) -> str:
     """``method`` if it names a registered method, an alias or ``"pfdiff"``; else a ValueError with a hint."""
     resolve(method)
@@ -104,9 +111,9 @@ def nfe_for_intervals(method: str, intervals: int, options: PlanOptions | None =
         return None
     k = check_kh(o.pfdiff)[0]
     if intervals < 1 or (intervals + k) % (k + 1):
-        raise ValueError(f"PFDiff-{o.pfdiff} uses N*(k+1)-k grid intervals for N network calls "
-                         f"(k={k}: {', '.join(str(n * (k + 1) - k) for n in range(1, 5))}, ...); "
-                         f"the grid has {intervals}")
+        lo = max((intervals + k) // (k + 1), 1)
+        raise ValueError(f"PFDiff-{o.pfdiff} needs N*{k + 1} - {k} grid intervals for N network calls; the grid has "
+                         f"{intervals}: use {lo * (k + 1) - k} or {(lo + 1) * (k + 1) - k}")
     return (intervals + k) // (k + 1)
 
 
