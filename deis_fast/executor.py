@@ -174,7 +174,7 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
             if bar is not None:
                 bar.update(1)
         else:
-            _run_combine(op, slots, step_noise, in_place, compiling)
+            _run_combine(op, slots, step_noise, in_place)
             if callback is not None and op.dst == 0:
                 callback({"x": slots[0], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
     if bar is not None:
@@ -188,21 +188,14 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
     return x
 
 
-def _run_combine(op: Combine, slots: list, step_noise: Sequence[torch.Tensor] | None, in_place: bool,
-                 compiling: bool) -> None:
+def _run_combine(op: Combine, slots: list, step_noise: Sequence[torch.Tensor] | None, in_place: bool) -> None:
     srcs = [slots[s] for s in op.srcs]
     noise = step_noise[op.noise_index] if op.noise_index >= 0 else None
-    if not in_place:
-        slots[op.dst] = ops.combine(srcs, op.coefs, noise=noise, noise_coef=op.noise_coef if noise is not None else 0.0)
-    elif compiling:
-        # traced: the registered op directly (what ops.combine emits when compiling), without its host-side
-        # argument validation (plan coefficients are finite floats, slots share one shape)
-        torch.ops.deis_fast.combine(srcs, list(op.coefs), slots[op.dst], noise,
-                                    op.noise_coef if noise is not None else 0.0, None)
-    elif noise is not None:
-        ops.combine(srcs, op.coefs, out=slots[op.dst], noise=noise, noise_coef=op.noise_coef)
+    coef = op.noise_coef if noise is not None else 0.0
+    if in_place:
+        ops.combine(srcs, op.coefs, out=slots[op.dst], noise=noise, noise_coef=coef)
     else:
-        ops.combine(srcs, op.coefs, out=slots[op.dst])
+        slots[op.dst] = ops.combine(srcs, op.coefs, noise=noise, noise_coef=coef)
 
 
 class Inpaint:

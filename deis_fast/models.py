@@ -250,9 +250,6 @@ def _combine_terms(terms: list[tuple[float, torch.Tensor]], x: torch.Tensor, buf
     if len(terms) == 1 and terms[0][0] == 1.0 and terms[0][1] is not x:
         return terms[0][1]  # the network's output (or the guided lerp in buf) is already the target
     srcs, coefs = [s for _, s in terms], [float(c) for c, _ in terms]
-    if torch.compiler.is_compiling() and buf is not None:  # the registered op, as ops.combine emits it when traced
-        torch.ops.deis_fast.combine(srcs, coefs, buf, None, 0.0, None)
-        return buf
     return ops.combine(srcs, coefs, out=buf)
 
 

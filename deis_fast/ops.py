@@ -41,6 +41,11 @@ def combine(sources: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.
     When autograd records (grad mode on and a source requires grad) it computes the differentiable torch
     composition instead of a kernel.
     """
+    if _is_compiling() and out is not None:
+        # traced (torch.compile): the registered op directly, one node per call; the host-side argument checks
+        # are skipped (dynamo would trace or graph-break on them; eager calls of the same code checked them)
+        torch.ops.deis_fast.combine(list(sources), [float(c) for c in coefs], out, noise, float(noise_coef), backend)
+        return out
     ns = len(sources)
     if not 1 <= ns <= MAX_SOURCES:
         raise ValueError(f"combine takes 1 to {MAX_SOURCES} sources, got {ns}")
