@@ -243,7 +243,7 @@ class Problem:
     sets: list[tuple[torch.Tensor, torch.Tensor]]        # held-out (noise, reference) per seed
     calibration: tuple[torch.Tensor, torch.Tensor]
     mixture: object = None                                # the GaussianMixture of an analytic problem
-    prediction: str = "eps"                               # what model predicts
+    prediction: str = "eps"                               # what model predicts (deis_fast name)
 
 
 def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:

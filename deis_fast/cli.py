@@ -157,7 +157,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
              "|---|" + "---|" * len(nfes)]
     for m in methods:
         table.append(f"| {m} | " + " | ".join(f"{results[m][n]:.3g}" for n in nfes) + " |")
-    report = {"model": args.model, "samples": n_samples, "seed": args.seed, "reference": {"method": ref_method, "nfe": ref_nfe},
+    report = {"model": args.model, "samples": n_samples, "seed": args.seed,
+              "reference": {"method": ref_method, "nfe": ref_nfe},
               "errors": {m: {str(n): results[m][n] for n in nfes} for m in methods},
               "files": {"samples": samples_png, "plot": plot_png}, "wall_seconds": round(wall, 2)}
     with open(os.path.join(args.outdir, "results.json"), "w") as f:
@@ -165,8 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\nEmbedded {args.model} model: median relative error to the reference ({ref_method}, {ref_nfe} NFE), "
-              f"{n_samples} digits, same noise:\n")
+        print(f"\nEmbedded {args.model} model: median relative error to the reference ({ref_method}, "
+              f"{ref_nfe} NFE), {n_samples} digits, same noise:\n")
         print("\n".join(table))
         print(f"\nwrote {samples_png} and {plot_png}  ({wall:.1f} s)")
     return 0

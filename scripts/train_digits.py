@@ -54,7 +54,7 @@ DEFAULT_STEPS = {"eps": 7000, "flow": 2500}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objective", choices=tuple(MID_TIME), default="eps",
-                   help="eps: DDPM eps-prediction (the 'digits' model); flow: rectified-flow velocity (the 'flow' model)")
+                   help="eps: DDPM eps-prediction (the 'digits' model); flow: rectified-flow velocity ('flow')")
     p.add_argument("--steps", type=int, default=None, help="default: 7000 (eps) or 2500 (flow), as shipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default=None, help="output .safetensors path (default: the shipped asset)")

@@ -11,13 +11,7 @@ from deis_fast.testing import relative_errors
 N_STATS, N_CONV = 128, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core box two threads make these small convolutions ~20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # two threads: ~20x slower on the loaded 2-core box
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +74,14 @@ def test_few_step_methods_converge_to_the_fine_solution(method, flow, fine):
     assert errs[2] < (0.06 if method == "ddim" else 0.025), errs
     if method == "ddim":   # first order: doubling the NFE halves the error
         assert 1.6 < errs[1] / errs[2] < 2.5, errs
+
+
+def test_benchmark_problem_for_the_flow_model():
+    """benchmarks/flow_yardstick.py --models digits: float64 flow model, reference from t = 1 with prediction flow."""
+    from deis_fast.benchmarking import digits_problem
+    from deis_fast.schedules import FlowSchedule
+    prob = digits_problem(seeds=1, per_seed=2, reference_nfe=8, kind="flow")
+    assert prob.prediction == "flow" and isinstance(prob.schedule, FlowSchedule) and "flow" in prob.name
+    (z, ref), = prob.sets
+    assert z.dtype == ref.dtype == torch.float64 and z.shape == (2, *D.DIGITS_SHAPE)
+    torch.testing.assert_close(ref, deis_fast.sample(prob.model, z, prob.schedule, "rho_rk4", 8, prediction="flow"))
