@@ -243,6 +243,7 @@ class Problem:
     sets: list[tuple[torch.Tensor, torch.Tensor]]        # held-out (noise, reference) per seed
     calibration: tuple[torch.Tensor, torch.Tensor]
     mixture: object = None                                # the GaussianMixture of an analytic problem
+    prediction: str = "eps"                               # what model predicts (deis_fast name)
 
 
 def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
@@ -258,24 +259,27 @@ def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
                    [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32), mix)
 
 
-def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800) -> Problem:
-    """Embedded digits model in float64; reference: rho_rk4 at ``reference_nfe`` NFE (logsnr grid)."""
-    from .digits import load_digits_model
+def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800, kind: str = "digits") -> Problem:
+    """An embedded digits model in float64 (``kind`` 'digits': eps, VP; 'flow': rectified flow from t = 1);
+    reference: rho_rk4 at ``reference_nfe`` NFE (logsnr grid for VP, the uniform FlowMatch grid for flow)."""
+    from .digits import digits_kind, load_digits_model
     from .sampler import Sampler
-    from .schedules import VPSchedule
-    net = load_digits_model(dtype=torch.float64)
-    sched = VPSchedule.discrete("linear")
+    k = digits_kind(kind)
+    net = load_digits_model(dtype=torch.float64, kind=k.name)
+    sched = k.schedule()
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return net(x, t)
-    ref_sampler = Sampler(model, sched, "rho_rk4", reference_nfe, "logsnr", check_finite=False)
+    ref_sampler = Sampler(model, sched, "rho_rk4", reference_nfe, "logsnr" if k.objective == "eps" else None,
+                          k.prediction, check_finite=False)
 
     def setup(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return z, ref_sampler(z)
-    return Problem(f"embedded digits U-Net (float64, reference rho_rk4 @ {reference_nfe} NFE)", model, sched,
-                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32))
+    what = "digits U-Net" if k.objective == "eps" else "flow digits U-Net"
+    return Problem(f"embedded {what} (float64, reference rho_rk4 @ {reference_nfe} NFE)", model, sched,
+                   [setup(1 + s, per_seed) for s in range(seeds)], setup(100, 32), prediction=k.prediction)
 
 
 def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str], grids: Sequence[str],

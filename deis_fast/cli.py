@@ -1,7 +1,9 @@
 """The ``deis-fast`` command line (also ``python -m deis_fast``).
 
     deis-fast demo                 # sample digits with several methods at NFE 5/10/20, PNGs + error table
+    deis-fast demo --model flow    # the same with the embedded rectified-flow digits model
     deis-fast sample --method tab3 --nfe 10 --num 16             # embedded digits model -> PNG files
+    deis-fast sample --model flow --nfe 10                       # embedded flow model -> PNG files
     deis-fast sample --model ./my-ddpm --nfe 10                  # a diffusers UNet2DModel directory
     deis-fast plan --method pfdiff --nfe 4 [--json]              # the compiled plan, with coefficients
     deis-fast bench yardstick --nfe 5 10 20                      # the public yardstick table
@@ -85,7 +87,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import deis_fast
-    from .digits import load_digits_model, to_image
+    from .cli_common import load_model
+    from .digits import to_image
     from .testing import relative_errors
 
     _require("matplotlib", "PIL")  # before computing anything
@@ -98,13 +101,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
-    sched = deis_fast.VPSchedule.discrete("linear")
-    model = load_digits_model()
-    noise = deis_fast.randn_per_sample((n_samples, 1, 8, 8), range(args.seed, args.seed + n_samples))
+    loaded = load_model(args.model)
+    model, sched, pred = loaded.model, loaded.schedule, loaded.prediction
+    noise = deis_fast.randn_per_sample((n_samples,) + loaded.shape, range(args.seed, args.seed + n_samples))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     with torch.no_grad():
         t0 = time.time()
-        ref = deis_fast.sample(model, noise, sched, ref_method, ref_nfe)
+        ref = deis_fast.sample(model, noise, sched, ref_method, ref_nfe, prediction=pred)
         t_ref = time.time() - t0
         log(f"reference: {ref_method} at {ref_nfe} NFE, {n_samples} samples, {t_ref:.1f} s")
         results: dict[str, dict[int, float]] = {}
@@ -112,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for m in methods:
             results[m] = {}
             for n in nfes:
-                x = deis_fast.sample(model, noise, sched, m, n)
+                x = deis_fast.sample(model, noise, sched, m, n, prediction=pred)
                 results[m][n] = float(relative_errors(x, ref).median())
                 images[(m, n)] = to_image(x[:DEMO_COLS, 0])
     # samples.png: reference row, then one row per (method, NFE)
@@ -138,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ax.loglog(nfes, [results[m][n] for n in nfes], "o-", label=m)
     ax.set_xlabel("NFE (network evaluations)")
     ax.set_ylabel("median relative error")
-    ax.set_title(f"Embedded digits model: error vs NFE\n(reference: {ref_method} at {ref_nfe} NFE, "
+    ax.set_title(f"Embedded {args.model} model: error vs NFE\n(reference: {ref_method} at {ref_nfe} NFE, "
                  f"{n_samples} samples)", fontsize=10)
     ax.set_xticks(nfes)
     ax.set_xticklabels([str(n) for n in nfes])
@@ -154,7 +157,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
              "|---|" + "---|" * len(nfes)]
     for m in methods:
         table.append(f"| {m} | " + " | ".join(f"{results[m][n]:.3g}" for n in nfes) + " |")
-    report = {"samples": n_samples, "seed": args.seed, "reference": {"method": ref_method, "nfe": ref_nfe},
+    report = {"model": args.model, "samples": n_samples, "seed": args.seed,
+              "reference": {"method": ref_method, "nfe": ref_nfe},
               "errors": {m: {str(n): results[m][n] for n in nfes} for m in methods},
               "files": {"samples": samples_png, "plot": plot_png}, "wall_seconds": round(wall, 2)}
     with open(os.path.join(args.outdir, "results.json"), "w") as f:
@@ -162,8 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\nMedian relative error to the reference ({ref_method}, {ref_nfe} NFE), {n_samples} digits, "
-              f"same noise:\n")
+        print(f"\nEmbedded {args.model} model: median relative error to the reference ({ref_method}, "
+              f"{ref_nfe} NFE), {n_samples} digits, same noise:\n")
         print("\n".join(table))
         print(f"\nwrote {samples_png} and {plot_png}  ({wall:.1f} s)")
     return 0
@@ -176,12 +180,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .cli_common import load_model
-    from .digits import to_image
+    from .digits import DIGITS_KINDS, to_image
     from .generate import make_sampler, sample_images
 
     loaded = load_model(args.model, prediction=args.prediction, schedule=args.schedule)
     sampler = make_sampler(loaded, args, args.model_batch)
-    upscale = args.upscale or (4 if args.model == "digits" else 1)
+    upscale = args.upscale or (4 if args.model in DIGITS_KINDS else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.outdir, exist_ok=True)
@@ -212,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     secs = time.time() - t0
     info = {"method": args.method, "nfe": sampler.nfe, "num": len(files), "seconds": round(secs, 3),
             "outdir": args.outdir, "grid": grid_png, "files": files,
-            "model": args.model if args.model != "digits" else "embedded digits model"}
+            "model": args.model if args.model not in DIGITS_KINDS else f"embedded {args.model} model"}
     if args.json:
         print(json.dumps(info))
     elif not args.quiet:
@@ -300,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and 20 from the same seeded noise, writes samples.png (the first 16 digits; "
                                    "rows = method x NFE), error_vs_nfe.png and results.json, and prints the error "
                                    "table. Error: median relative error to a high-accuracy reference (rho_rk4 at "
-                                   "800 NFE) from the same noise. Needs the [demo] extra (matplotlib, Pillow).")
+                                   "800 NFE) from the same noise. --model flow runs the embedded rectified-flow "
+                                   "model instead (from t = 1). Needs the [demo] extra (matplotlib, Pillow).")
+    d.add_argument("--model", choices=("digits", "flow"), default="digits",
+                   help="embedded model: digits (eps, VP) or flow (rectified flow, velocity)")
     d.add_argument("--outdir", default="./deis_fast_demo", help="output folder")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     d.add_argument("--seed", type=nonneg_int, default=0, help="first per-sample seed")
@@ -314,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sample", formatter_class=fmt,
-                       help="write sample images (PNG) from the embedded model or a diffusers model",
+                       help="write sample images (PNG) from an embedded model (digits, flow) or a diffusers model",
                        description="Samples images and writes one PNG per image plus grid.png. Image i depends "
                                    "only on seed+i, and equals what 'deis-fast generate' makes for that seed.")
     add_model_arguments(s)

@@ -137,14 +137,15 @@ PREDICTION_CHOICES = ("eps", "epsilon", "x0", "sample", "v", "v_prediction")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits", metavar="digits|PATH",
-                   help="'digits' (the embedded 8x8 model) or a diffusers UNet2DModel folder (or a pipeline "
-                        "folder with unet/ and scheduler/); a folder without a scheduler config needs --schedule")
+    p.add_argument("--model", default="digits", metavar="digits|flow|PATH",
+                   help="'digits' (the embedded 8x8 eps model), 'flow' (the embedded 8x8 rectified-flow model; "
+                        "a folder named flow: ./flow) or a diffusers UNet2DModel folder (or a pipeline folder with "
+                        "unet/ and scheduler/); a folder without a scheduler config needs --schedule")
     p.add_argument("--schedule", choices=MODEL_SCHEDULES, default=None,
                    help="beta schedule of a --model folder (default: read from its scheduler config)")
     p.add_argument("--prediction", choices=PREDICTION_CHOICES, default=None,
-                   help="what the model predicts (default: eps for digits, the scheduler config's prediction_type "
-                        "for a folder, else eps)")
+                   help="what the model predicts (default: eps for digits, flow (velocity) for flow, the scheduler "
+                        "config's prediction_type for a folder, else eps)")
 
 
 @dataclass
@@ -169,17 +170,24 @@ def _scheduler_config(root: str) -> dict | None:
 
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                prediction: str | None = None, schedule: str | None = None) -> LoadedModel:
-    """The embedded digits model (``spec='digits'``) or a diffusers ``UNet2DModel`` folder, frozen and in eval
-    mode, with its schedule, prediction type and sample shape."""
+    """An embedded digits model (``spec='digits'``: eps, ``'flow'``: rectified flow) or a diffusers
+    ``UNet2DModel`` folder, frozen and in eval mode, with its schedule, prediction type and sample shape."""
+    from .digits import DIGITS_KINDS
     from .schedules import VPSchedule, schedule_from_diffusers_config
-    if spec == "digits":
-        from .digits import DIGITS_SCHEDULE, DIGITS_SHAPE, load_digits_model
-        return LoadedModel(load_digits_model(device=device, dtype=dtype),
-                           VPSchedule.discrete(schedule or DIGITS_SCHEDULE), prediction or "eps",
-                           tuple(DIGITS_SHAPE), "digits")
+    if spec in DIGITS_KINDS:
+        from .digits import DIGITS_SHAPE, load_digits_model
+        kind = DIGITS_KINDS[spec]
+        sched = kind.schedule()
+        if schedule is not None:
+            if kind.objective != "eps":
+                raise UsageError(f"--schedule is for VP models; the embedded {spec!r} model is a rectified-flow "
+                                 "model (x_t = (1 - t) x0 + t eps): drop --schedule")
+            sched = VPSchedule.discrete(schedule)
+        return LoadedModel(load_digits_model(device=device, dtype=dtype, kind=spec), sched,
+                           prediction or kind.prediction, tuple(DIGITS_SHAPE), spec)
     root = os.path.abspath(spec)
     if not os.path.isdir(root):
-        raise UsageError(f"--model {spec!r}: not 'digits' and not a directory")
+        raise UsageError(f"--model {spec!r}: not one of {', '.join(map(repr, DIGITS_KINDS))} and not a directory")
     unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
     cfg = _scheduler_config(root)
     if cfg is None and schedule is None:

@@ -1,23 +1,28 @@
-"""Embedded default model: a small epsilon-prediction U-Net for scikit-learn's digits.
+"""Embedded models: two small U-Nets (same architecture) for scikit-learn's digits.
 
-The model is trained by ``scripts/train_digits.py`` (seeded) on the 1797 8x8 grayscale
-images of ``sklearn.datasets.load_digits`` and its weights ship with the package as
-``deis_fast/assets/digits_unet.safetensors`` (loaded with safetensors only, never pickle).
+Both are trained by ``scripts/train_digits.py`` (seeded; ``--objective eps|flow``) on the 1797 8x8
+grayscale images of ``sklearn.datasets.load_digits`` and ship with the package as safetensors
+(loaded with safetensors only, never pickle):
+
+* ``"digits"`` (objective ``eps``, ``assets/digits_unet.safetensors``): epsilon prediction under a
+  diffusers-style discrete VP schedule, ``betas = linspace(1e-4, 0.02, 1000)`` (``DIGITS_SCHEDULE =
+  "linear"``); the network time is the *discrete* timestep index 0..999 as a float.
+* ``"flow"`` (objective ``flow``, ``assets/digits_flow_unet.safetensors``): rectified flow,
+  ``x_t = (1 - t) x0 + t eps`` on t in [0, 1], velocity prediction ``v = eps - x0``; the network time
+  is ``1000 t`` (diffusers' FlowMatch convention, :class:`deis_fast.FlowSchedule` default).
 
 Conventions
 -----------
 * Data: pixel values 0..16 are mapped to [-1, 1] by ``x / 8 - 1``.
-* Noise schedule: diffusers-style discrete VP, ``betas = linspace(1e-4, 0.02, 1000)``,
-  ``alphas_cumprod = cumprod(1 - betas)``  (``DIGITS_SCHEDULE = "linear"``).
-* Forward: ``model(x[B,1,8,8], t[B]) -> eps[B,1,8,8]`` where ``t`` is the *discrete*
-  timestep index 0..999 as a float; non-integer values are fine (sinusoidal embedding of
-  the float ``t``). A 0-dim tensor or a python number is broadcast over the batch.
+* Forward: ``model(x[B,1,8,8], t[B]) -> [B,1,8,8]``; non-integer ``t`` is fine (sinusoidal embedding
+  of the float ``t``). A 0-dim tensor or a python number is broadcast over the batch.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +43,11 @@ __all__ = [
     "DIGITS_BETA_END",
     "DIGITS_WEIGHTS_PATH",
     "DEFAULT_CONFIG",
+    "DigitsKind",
+    "DIGITS_KINDS",
+    "DIGITS_FLOW_WEIGHTS_PATH",
+    "digits_kind",
+    "training_example",
 ]
 
 DIGITS_SCHEDULE = "linear"
@@ -45,7 +55,10 @@ DIGITS_SHAPE = (1, 8, 8)
 DIGITS_NUM_TRAIN_TIMESTEPS = 1000
 DIGITS_BETA_START = 1e-4
 DIGITS_BETA_END = 0.02
-DIGITS_WEIGHTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_unet.safetensors")
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DIGITS_WEIGHTS_PATH = os.path.join(_ASSETS, "digits_unet.safetensors")
+DIGITS_FLOW_WEIGHTS_PATH = os.path.join(_ASSETS, "digits_flow_unet.safetensors")
+FLOW_TIME_SCALE = 1000.0
 
 DEFAULT_CONFIG: Dict[str, int] = {
     "in_channels": 1,
@@ -63,6 +76,55 @@ def digits_betas(dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def digits_alphas_cumprod(dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.cumprod(1.0 - digits_betas(torch.float64), dim=0).to(dtype)
+
+
+@dataclass(frozen=True)
+class DigitsKind:
+    """One embedded digits model: its training objective, weights file and the prediction it makes."""
+
+    name: str          # CLI name: --model digits | flow
+    objective: str     # train_digits.py --objective
+    weights: str
+    prediction: str    # deis_fast prediction type
+
+    def schedule(self) -> Any:
+        """The :class:`deis_fast.Schedule` the model was trained under."""
+        from .schedules import FlowSchedule, VPSchedule
+        if self.objective == "flow":
+            return FlowSchedule(shift=1.0, time_scale=FLOW_TIME_SCALE)
+        return VPSchedule.discrete(DIGITS_SCHEDULE)
+
+
+DIGITS_KINDS: Dict[str, DigitsKind] = {
+    "digits": DigitsKind("digits", "eps", DIGITS_WEIGHTS_PATH, "eps"),
+    "flow": DigitsKind("flow", "flow", DIGITS_FLOW_WEIGHTS_PATH, "flow"),
+}
+
+
+def digits_kind(name_or_objective: str) -> DigitsKind:
+    """The :class:`DigitsKind` called ``name`` (``"digits"``/``"flow"``) or trained with that objective (``"eps"``)."""
+    for k in DIGITS_KINDS.values():
+        if name_or_objective in (k.name, k.objective):
+            return k
+    raise ValueError(f"unknown digits model {name_or_objective!r}; use one of {', '.join(DIGITS_KINDS)} "
+                     f"(objectives: {', '.join(k.objective for k in DIGITS_KINDS.values())})")
+
+
+def training_example(objective: str, x0: torch.Tensor, eps: torch.Tensor,
+                     t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, network time, regression target) of a training objective at per-sample times ``t``.
+
+    ``eps``: ``t`` = integer timesteps 0..999, target eps. ``flow``: ``t`` in [0, 1], x_t = (1 - t) x0 + t eps,
+    network time 1000 t, target the velocity eps - x0.
+    """
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    if objective == "eps":
+        ac = digits_alphas_cumprod(torch.float64)[t.long()].view(shape)
+        return ac.sqrt().to(x0.dtype) * x0 + (1.0 - ac).sqrt().to(x0.dtype) * eps, t.to(x0.dtype), eps
+    if objective == "flow":
+        tt = t.to(x0.dtype).view(shape)
+        return (1.0 - tt) * x0 + tt * eps, FLOW_TIME_SCALE * t.to(x0.dtype), eps - x0
+    raise ValueError(f"unknown objective {objective!r}; use eps or flow")
 
 
 # ----------------------------------------------------------------------------- model
@@ -158,15 +220,21 @@ def load_digits_model(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     path: Optional[str] = None,
+    kind: str = "digits",
 ) -> nn.Module:
-    """Build :class:`DigitsUNet` and load the shipped safetensors weights (eval mode)."""
+    """Build :class:`DigitsUNet` and load shipped safetensors weights (eval mode): ``kind="digits"`` the eps
+    model, ``kind="flow"`` the rectified-flow velocity model (or ``path``, whose metadata must match ``kind``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = path or DIGITS_WEIGHTS_PATH
+    k = digits_kind(kind)
+    path = path or k.weights
     config = dict(DEFAULT_CONFIG)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
+    if meta.get("prediction", "epsilon") not in (k.prediction, {"eps": "epsilon"}.get(k.prediction)):
+        raise ValueError(f"{path} holds a {meta.get('prediction')!r}-prediction model, not the {k.name!r} model "
+                         f"({k.prediction}); pass the matching kind=")
     for k in config:
         if k in meta:
             config[k] = int(meta[k])

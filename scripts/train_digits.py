@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""Train the embedded default model: DigitsUNet on scikit-learn digits (8x8), DDPM eps-MSE.
+"""Train an embedded model: DigitsUNet on scikit-learn digits (8x8).
+
+``--objective eps`` (default): DDPM eps-MSE under the discrete linear VP schedule (the ``digits`` model).
+``--objective flow``: rectified flow, x_t = (1 - t) x0 + t eps with t ~ U[0, 1], velocity-MSE on
+v = eps - x0, network time 1000 t (the ``flow`` model).
 
 Seeded and deterministic (single CPU thread, fixed data order, fixed noise stream):
 
-    python scripts/train_digits.py                 # default: 7000 steps, seed 0
+    python scripts/train_digits.py                                # eps model: 7000 steps, seed 0
+    python scripts/train_digits.py --objective flow               # flow model: 2500 steps, seed 0
     python scripts/train_digits.py --steps 200 --out /tmp/d.safetensors   # smoke test
 
-Writes the EMA weights as safetensors (weights + architecture metadata strings only),
-a smoothed loss curve ``scripts/digits_loss.png`` and ``scripts/digits_train_log.json``.
+Writes the EMA weights as safetensors (weights + architecture metadata strings only), a smoothed
+loss curve and a JSON log next to this script (``digits_loss.png`` / ``digits_train_log.json`` for
+eps, ``digits_flow_loss.png`` / ``digits_flow_train_log.json`` for flow).
 """
 from __future__ import annotations
 
@@ -32,28 +38,42 @@ from deis_fast.digits import (  # noqa: E402
     DIGITS_BETA_START,
     DIGITS_NUM_TRAIN_TIMESTEPS,
     DIGITS_SCHEDULE,
-    DIGITS_WEIGHTS_PATH,
+    FLOW_TIME_SCALE,
     DigitsUNet,
-    digits_alphas_cumprod,
+    digits_kind,
     load_digits_data,
+    training_example,
 )
+
+# per objective: time of the held-out MSE check, output-file suffix, default number of steps
+MID_TIME = {"eps": 500, "flow": 0.5}
+SUFFIX = {"eps": "", "flow": "_flow"}
+DEFAULT_STEPS = {"eps": 7000, "flow": 2500}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--objective", choices=tuple(MID_TIME), default="eps",
+                   help="eps: DDPM eps-prediction (the 'digits' model); flow: rectified-flow velocity ('flow')")
+    p.add_argument("--steps", type=int, default=None, help="default: 7000 (eps) or 2500 (flow), as shipped")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=str, default=DIGITS_WEIGHTS_PATH, help="output .safetensors path")
+    p.add_argument("--out", type=str, default=None, help="output .safetensors path (default: the shipped asset)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--plot", type=str, default=os.path.join(HERE, "digits_loss.png"))
-    p.add_argument("--log", type=str, default=os.path.join(HERE, "digits_train_log.json"))
+    p.add_argument("--plot", type=str, default=None, help="loss curve PNG (default: next to this script)")
+    p.add_argument("--log", type=str, default=None, help="JSON log (default: next to this script)")
     p.add_argument("--print-every", type=int, default=250)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    sfx = SUFFIX[args.objective]
+    args.steps = args.steps or DEFAULT_STEPS[args.objective]
+    args.out = args.out or digits_kind(args.objective).weights
+    args.plot = os.path.join(HERE, f"digits{sfx}_loss.png") if args.plot is None else args.plot
+    args.log = os.path.join(HERE, f"digits{sfx}_train_log.json") if args.log is None else args.log
+    return args
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -63,17 +83,32 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))  # cosine to 10 %
 
 
+def schedule_info(objective: str) -> dict:
+    """The training process, as stored in the weights' metadata and the log."""
+    if objective == "eps":
+        return {"schedule": DIGITS_SCHEDULE, "beta_start": DIGITS_BETA_START, "beta_end": DIGITS_BETA_END,
+                "num_train_timesteps": DIGITS_NUM_TRAIN_TIMESTEPS}
+    return {"schedule": "flow", "shift": 1.0, "time_scale": FLOW_TIME_SCALE}
+
+
+def draw_times(objective: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Training times: integer timesteps 0..999 (eps) or t ~ U[0, 1) (flow)."""
+    if objective == "eps":
+        return torch.randint(0, DIGITS_NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
+    return torch.rand((n,), generator=gen)
+
+
 @torch.no_grad()
-def eval_mse_ratio(model, data, sqrt_ac, sqrt_1mac, t_val=500, n=512, seed=1234):
-    """MSE(eps_hat, eps) / MSE(0, eps) on noised real digits at a fixed t (lower is better)."""
+def eval_mse_ratio(model, data, objective, n=512, seed=1234):
+    """MSE(pred, target) / MSE(0, target) on noised real digits at the mid time (lower is better)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(data.shape[0], generator=g)[:n]
     x0 = data[idx]
     eps = torch.randn(x0.shape, generator=g)
-    t = torch.full((n,), t_val, dtype=torch.long)
-    xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * eps
-    pred = model(xt, t.float())
-    return float(((pred - eps) ** 2).mean() / (eps**2).mean())
+    t = torch.full((n,), MID_TIME[objective], dtype=torch.long if objective == "eps" else torch.float32)
+    xt, model_t, target = training_example(objective, x0, eps, t)
+    pred = model(xt, model_t)
+    return float(((pred - target) ** 2).mean() / (target**2).mean())
 
 
 def main(argv=None):
@@ -85,9 +120,7 @@ def main(argv=None):
 
     data = load_digits_data()  # [1797, 1, 8, 8] in [-1, 1]
     N = data.shape[0]
-    ac = digits_alphas_cumprod(torch.float64)
-    sqrt_ac = ac.sqrt().float()
-    sqrt_1mac = (1.0 - ac).sqrt().float()
+    obj = args.objective
 
     config = dict(DEFAULT_CONFIG)
     model = DigitsUNet(**config)
@@ -111,13 +144,13 @@ def main(argv=None):
             pos = 0
         x0 = data[perm[pos : pos + B]]
         pos += B
-        t = torch.randint(0, DIGITS_NUM_TRAIN_TIMESTEPS, (B,), generator=gen)
+        t = draw_times(obj, B, gen)
         eps = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * eps
+        xt, model_t, target = training_example(obj, x0, eps, t)
 
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = torch.nn.functional.mse_loss(model(xt, t.float()), eps)
+        loss = torch.nn.functional.mse_loss(model(xt, model_t), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,10 +176,12 @@ def main(argv=None):
 
     wall = time.time() - t0
     final_loss = float(np.mean(losses[-500:]))
-    ratio_ema = eval_mse_ratio(ema, data, sqrt_ac, sqrt_1mac)
-    ratio_raw = eval_mse_ratio(model.eval(), data, sqrt_ac, sqrt_1mac)
+    ratio_ema = eval_mse_ratio(ema, data, obj)
+    ratio_raw = eval_mse_ratio(model.eval(), data, obj)
+    what = {"eps": "eps", "flow": "v"}[obj]
+    ratio_key = f"{what}_mse_ratio_t{MID_TIME[obj]}"
     print(f"done in {wall:.1f}s; final loss (mean of last 500) {final_loss:.4f}; "
-          f"eps-MSE ratio at t=500: ema {ratio_ema:.3f}, raw {ratio_raw:.3f}", flush=True)
+          f"{what}-MSE ratio at t={MID_TIME[obj]}: ema {ratio_ema:.3f}, raw {ratio_raw:.3f}", flush=True)
 
     # ---- weights (EMA) as safetensors, architecture config as metadata strings
     from safetensors.torch import save_file
@@ -154,19 +189,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     state = {k: v.detach().float().contiguous().clone() for k, v in ema.state_dict().items()}
     meta = {k: str(v) for k, v in config.items()}
-    meta.update(
-        {
-            "model": "DigitsUNet",
-            "prediction": "epsilon",
-            "schedule": DIGITS_SCHEDULE,
-            "beta_start": str(DIGITS_BETA_START),
-            "beta_end": str(DIGITS_BETA_END),
-            "num_train_timesteps": str(DIGITS_NUM_TRAIN_TIMESTEPS),
-            "data_scaling": "x/8-1",
-            "seed": str(args.seed),
-            "steps": str(args.steps),
-        }
-    )
+    schedule = schedule_info(obj)
+    meta.update({"model": "DigitsUNet", "prediction": {"eps": "epsilon", "flow": "flow"}[obj]})
+    meta.update({k: str(v) for k, v in schedule.items()})
+    meta.update({"data_scaling": "x/8-1", "seed": str(args.seed), "steps": str(args.steps)})
     save_file(state, args.out, metadata=meta)
     size = os.path.getsize(args.out)
     print(f"wrote {args.out} ({size / 1e6:.3f} MB)", flush=True)
@@ -182,13 +208,13 @@ def main(argv=None):
         "warmup": args.warmup,
         "ema": args.ema,
         "threads": args.threads,
-        "schedule": {"name": DIGITS_SCHEDULE, "beta_start": DIGITS_BETA_START, "beta_end": DIGITS_BETA_END,
-                     "num_train_timesteps": DIGITS_NUM_TRAIN_TIMESTEPS},
+        **({"objective": obj} if obj != "eps" else {}),
+        "schedule": {("name" if k == "schedule" else k): v for k, v in schedule.items()},
         "n_params": n_params,
         "file_bytes": size,
         "final_loss": final_loss,
-        "eps_mse_ratio_t500_ema": ratio_ema,
-        "eps_mse_ratio_t500_raw": ratio_raw,
+        f"{ratio_key}_ema": ratio_ema,
+        f"{ratio_key}_raw": ratio_raw,
         "wall_time_s": wall,
         "torch": torch.__version__,
     }
@@ -211,9 +237,9 @@ def main(argv=None):
         ax.plot(np.arange(len(arr)), arr, alpha=0.2, lw=0.5, label="per step")
         ax.plot(np.arange(k - 1, len(arr)), smooth, lw=1.5, label=f"moving avg ({k})")
         ax.set_xlabel("step")
-        ax.set_ylabel("eps MSE")
+        ax.set_ylabel(f"{what} MSE")
         ax.set_yscale("log")
-        ax.set_title(f"DigitsUNet training (seed {args.seed}, final {final_loss:.4f})")
+        ax.set_title(f"DigitsUNet {obj} training (seed {args.seed}, final {final_loss:.4f})")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)

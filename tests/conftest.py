@@ -25,3 +25,13 @@ def discrete_vp_problem():
 @pytest.fixture(scope="session")
 def small_noise():
     return torch.randn(32, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny networks (two are several times slower on a shared machine).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -47,6 +47,17 @@ def test_demo_table_output(tmp_path, capsys):
     assert "| method | NFE 5 | NFE 10 |" in text and "| tab3 |" in text
 
 
+def test_demo_flow_model(tmp_path, capsys):
+    """--model flow: the embedded rectified-flow model, sampled from t = 1; errors fall with NFE."""
+    assert main(["demo", "--model", "flow", "--quick", "--outdir", str(tmp_path), "--methods", "ddim", "tab3",
+                 "--nfe", "4", "8", "--samples", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "flow"
+    for m in ("ddim", "tab3"):
+        assert report["errors"][m]["4"] > report["errors"][m]["8"], report["errors"]
+    assert report["errors"]["tab3"]["8"] < report["errors"]["ddim"]["8"]
+
+
 def test_plan_text_and_json(capsys):
     assert main(["plan", "--method", "pfdiff", "--nfe", "4"]) == 0
     assert "springboard" in capsys.readouterr().out
@@ -164,15 +175,35 @@ def test_bench_dispatch(capsys, monkeypatch):
     assert "deis_fast ddim / time_quadratic" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["tab3", "ddim_eta"])
-def test_sample_and_generate_give_the_same_image_for_a_seed(method, tmp_path, capsys):
+@pytest.mark.parametrize("method,model", [("tab3", "digits"), ("ddim_eta", "digits"), ("tab3", "flow")])
+def test_sample_and_generate_give_the_same_image_for_a_seed(method, model, tmp_path, capsys):
     """One seeding scheme, one model batch, one PNG writer: image i of both commands is the same file."""
-    assert main(["sample", "--method", method, "--nfe", "4", "--num", "3", "--seed", "5", "--upscale", "1",
-                 "--threads", "1", "--outdir", str(tmp_path / "s"), "--quiet"]) == 0
-    assert main(["generate", "-n", "3", "--seed-offset", "5", "--method", method, "--nfe", "4", "--no-progress",
-                 "--outdir", str(tmp_path / "g")]) == 0
+    assert main(["sample", "--model", model, "--method", method, "--nfe", "4", "--num", "3", "--seed", "5",
+                 "--upscale", "1", "--threads", "1", "--outdir", str(tmp_path / "s"), "--quiet"]) == 0
+    assert main(["generate", "--model", model, "-n", "3", "--seed-offset", "5", "--method", method, "--nfe", "4",
+                 "--no-progress", "--outdir", str(tmp_path / "g")]) == 0
     for i in range(3):
         assert (tmp_path / "s" / f"{5 + i:06d}.png").read_bytes() == (tmp_path / "g" / f"{i:08d}.png").read_bytes()
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["model"] == model and config["prediction"] == {"digits": "eps", "flow": "flow"}[model]
+    if model == "flow":   # sampling starts at t = 1 (the FlowMatch grid), not at a VP t_max
+        assert config["times"][0] == 1.0 and config["times"][-1] == 0.0
+
+
+def test_sample_flow_model_images_differ_from_the_eps_model(tmp_path, capsys):
+    for model in ("digits", "flow"):
+        assert main(["sample", "--model", model, "--nfe", "4", "--num", "2", "--outdir", str(tmp_path / model),
+                     "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["model"] == f"embedded {model} model" and len(info["files"]) == 2
+    with Image.open(tmp_path / "flow" / "000000.png") as a, Image.open(tmp_path / "digits" / "000000.png") as b:
+        assert a.size == b.size == (32, 32) and a.tobytes() != b.tobytes()
+
+
+def test_flow_model_rejects_a_vp_schedule(tmp_path, capsys):
+    assert main(["sample", "--model", "flow", "--schedule", "linear", "--nfe", "2", "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "rectified-flow" in err and "drop --schedule" in err and err.count("\n") == 1
 
 
 def test_sample_list_grid_without_nfe(tmp_path, capsys):

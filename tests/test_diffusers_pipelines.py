@@ -22,13 +22,7 @@ KINDS = {"t2i": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeli
          "inpaint": StableDiffusionInpaintPipeline}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one thread is ~7x faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny networks: one thread is ~7x faster than two
 
 
 @pytest.fixture(scope="module")

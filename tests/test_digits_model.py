@@ -1,4 +1,5 @@
-"""Fast tests for the embedded default model (deis_fast.digits)."""
+"""Fast tests for the embedded models (deis_fast.digits): the eps U-Net ('digits') and the rectified-flow
+U-Net ('flow'), same architecture, both shipped as safetensors."""
 import json
 import os
 import pickle
@@ -30,8 +31,9 @@ def test_constants():
     torch.testing.assert_close(ac, torch.cumprod(1 - betas, 0))
 
 
-def test_weights_file_is_safetensors_not_pickle():
-    path = D.DIGITS_WEIGHTS_PATH
+@pytest.mark.parametrize("kind", list(D.DIGITS_KINDS))
+def test_weights_file_is_safetensors_not_pickle(kind):
+    path = D.DIGITS_KINDS[kind].weights
     assert os.path.isfile(path)
     size = os.path.getsize(path)
     assert size <= 5 * 1024 * 1024
@@ -42,21 +44,55 @@ def test_weights_file_is_safetensors_not_pickle():
         header = json.loads(f.read(n).decode("utf-8"))
     assert "__metadata__" in header
     assert header["__metadata__"]["model"] == "DigitsUNet"
+    assert header["__metadata__"]["prediction"] == {"digits": "epsilon", "flow": "flow"}[kind]
     assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
     # pickle/zip files start with b"\x80" or b"PK"; safetensors starts with the header length
     assert head[:1] != b"\x80" and head[:2] != b"PK"
 
 
-def test_load_does_not_use_pickle(monkeypatch):
+@pytest.mark.parametrize("kind", list(D.DIGITS_KINDS))
+def test_load_does_not_use_pickle(kind, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("pickle-based loading used")
 
     monkeypatch.setattr(torch, "load", boom)
     monkeypatch.setattr(pickle, "load", boom)
     monkeypatch.setattr(pickle, "loads", boom)
-    m = D.load_digits_model()
+    m = D.load_digits_model(kind=kind)
     assert not m.training
     assert all(not p.requires_grad for p in m.parameters())
+
+
+def test_kinds_and_a_mismatched_weights_file():
+    assert D.digits_kind("eps") is D.DIGITS_KINDS["digits"] and D.digits_kind("flow").prediction == "flow"
+    assert D.DIGITS_KINDS["flow"].schedule().model_time(1.0) == 1000.0   # network time 1000 t, as FlowMatch
+    with pytest.raises(ValueError, match="unknown digits model 've'"):
+        D.digits_kind("ve")
+    with pytest.raises(ValueError, match="pass the matching kind="):
+        D.load_digits_model(path=D.DIGITS_FLOW_WEIGHTS_PATH)          # flow weights loaded as the eps model
+    fm, em = D.load_digits_model(kind="flow"), D.load_digits_model()
+    assert any(not torch.equal(a, b) for a, b in zip(fm.parameters(), em.parameters()))
+
+
+def test_training_example_flow_is_the_rectified_flow_interpolation():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0])
+    xt, mt, target = D.training_example("flow", x0, eps, t)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(xt[i], (1 - ti) * x0[i] + ti * eps[i])
+    torch.testing.assert_close(mt, 1000 * t)
+    torch.testing.assert_close(target, eps - x0)
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[-1], eps[-1])
+    # eps objective: the DDPM marginal at integer timesteps
+    ti = torch.tensor([0, 10, 500, 999, 999])
+    xt, mt, target = D.training_example("eps", x0, eps, ti)
+    ac = D.digits_alphas_cumprod()[ti].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(xt, ac.sqrt() * x0 + (1 - ac).sqrt() * eps)
+    assert torch.equal(target, eps) and mt.tolist() == ti.float().tolist()
+    with pytest.raises(ValueError, match="unknown objective"):
+        D.training_example("v", x0, eps, t)
 
 
 def test_param_count_and_size(model):
@@ -138,6 +174,21 @@ def test_eps_prediction_beats_zero(model):
     assert ratio < 0.5, ratio
 
 
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_flow_velocity_prediction_beats_zero(t):
+    """The flow model predicts v = eps - x0 on noised real digits far better than 0 does."""
+    pytest.importorskip("sklearn")
+    data = D.load_digits_data()
+    g = torch.Generator().manual_seed(0)
+    x0 = data[torch.randperm(data.shape[0], generator=g)[:256]]
+    eps = torch.randn(x0.shape, generator=g)
+    xt, mt, v = D.training_example("flow", x0, eps, torch.full((256,), t))
+    with torch.no_grad():
+        pred = D.load_digits_model(kind="flow")(xt, mt)
+    ratio = float(((pred - v) ** 2).mean() / (v**2).mean())
+    assert ratio < 0.3, ratio
+
+
 # ---------------------------------------------------------------- no pickle anywhere
 PKG = os.path.dirname(deis_fast.__file__)
 
@@ -180,6 +231,7 @@ def test_embedded_weights_are_safetensors_and_load_without_torch_load(monkeypatc
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
-    from deis_fast.digits import load_digits_model
-    m = load_digits_model()
-    assert sum(p.numel() for p in m.parameters()) > 1000
+    from deis_fast.digits import DIGITS_KINDS, load_digits_model
+    for kind in DIGITS_KINDS:
+        m = load_digits_model(kind=kind)
+        assert sum(p.numel() for p in m.parameters()) > 1000
