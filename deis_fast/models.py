@@ -19,7 +19,7 @@ _PRED_ALIASES = {"epsilon": "eps", "noise": "eps", "sample": "x0", "data": "x0",
                  "const": "flow"}
 
 __all__ = ["PREDICTIONS", "normalize_prediction", "ModelAdapter", "denoiser_to_model", "dynamic_threshold",
-           "convert_output", "check_threshold"]
+           "convert_output", "check_threshold", "check_prediction"]
 
 
 def normalize_prediction(p: str) -> str:
@@ -84,6 +84,13 @@ def _to_x0(pred: str, alpha: float, sigma: float, variance_preserving: bool) -> 
 CONVERSIONS.update(eps=_to_eps, x0=_to_x0)
 
 
+def check_prediction(plan: Any, prediction: str, variance_preserving: bool = True) -> None:
+    """Raise a clear error when one of the plan's Eval targets cannot be computed from ``prediction``
+    (e.g. an eps model at alpha = 0)."""
+    for op in plan.evals:
+        CONVERSIONS[op.target](prediction, op.alpha, op.sigma, variance_preserving)
+
+
 class ModelAdapter:
     """Calls the network for one ``Eval`` and returns the solver's target quantity.
 
@@ -131,8 +138,7 @@ class ModelAdapter:
 
     def check_plan(self, plan: Any) -> None:
         """Raise a clear error when an Eval's target cannot be computed from this model's prediction."""
-        for op in plan.evals:
-            CONVERSIONS[op.target](self.prediction, op.alpha, op.sigma, self.vp)
+        check_prediction(plan, self.prediction, self.vp)
         if self.classifier_grad is not None and any(op.target == "flow" or op.alpha == 0.0 for op in plan.evals):
             raise ValueError("classifier guidance corrects eps (eps - scale * sigma * grad), which cannot be turned "
                              "into x0 at alpha = 0 nor into a buffered velocity (PFDiff on flow); start at "

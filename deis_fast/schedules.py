@@ -437,7 +437,17 @@ def flow_schedule_from_diffusers_config(config: Mapping[str, Any], mu: float | N
     if mu is not None:
         raise ValueError("mu was given but use_dynamic_shifting=False: the config's static shift applies; pass "
                          "use_dynamic_shifting=True or drop mu")
-    return FlowSchedule(float(cfg.get("shift", cfg.get("flow_shift", 1.0))), scale)
+    return FlowSchedule(_static_shift(cfg), scale)
+
+
+def _static_shift(cfg: Mapping[str, Any]) -> float:
+    """The SD3 shift of a config: FlowMatch's ``shift`` or the multistep schedulers' ``flow_shift`` (one name each;
+    a config carrying both must not disagree)."""
+    shift, flow_shift = float(cfg.get("shift", 1.0)), float(cfg.get("flow_shift", 1.0))
+    if shift != 1.0 and flow_shift != 1.0 and shift != flow_shift:
+        raise ValueError(f"shift={shift} and flow_shift={flow_shift} both set the SD3 time shift (FlowMatch and "
+                         "multistep schedulers name it differently); give one of them")
+    return shift if shift != 1.0 else flow_shift
 
 
 def _betas_preset(preset: str, n: int, beta_start: float | None, beta_end: float | None) -> np.ndarray:

@@ -181,12 +181,14 @@ def test_interface_bits():
         DEISFastScheduler(method="rho_heun").set_timesteps(5)
 
 
-def test_schedule_changing_config_keys_are_refused_not_ignored():
+def test_schedule_changing_config_keys_are_honored_not_ignored():
     import diffusers
     from deis_fast.integrations.diffusers import DEISFastScheduler
     cfg = dict(diffusers.DDIMScheduler(rescale_betas_zero_snr=True).config)
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        DEISFastScheduler.from_config(cfg)
+    s = DEISFastScheduler.from_config(cfg)   # zero terminal SNR: the process starts at alpha = 0
+    assert s.schedule.zero_terminal_snr and float(s.alphas_cumprod[-1]) == 0.0
+    with pytest.raises(ValueError, match="alpha = 0"):   # ... where an eps model says nothing about x0
+        s.set_timesteps(6)
     cfg = dict(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True).config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a key it honours: nothing to warn about

@@ -326,7 +326,7 @@ def test_config_round_trips_and_subfolder(tmp_path):
     sch = DEISFastScheduler(method="dpmpp3", grid="logsnr", use_beta_sigmas=True, thresholding=True,
                             final_sigmas_type="zero", pfdiff=None, trained_betas=np.linspace(1e-4, 0.02, 1000))
     assert "kwargs" not in sch.config and "kwargs" not in sch.config.get("_use_default_values", [])
-    assert DEISFastScheduler._deprecated_kwargs and "rescale_betas_zero_snr" in DEISFastScheduler._deprecated_kwargs
+    assert DEISFastScheduler._deprecated_kwargs and "stochastic_sampling" in DEISFastScheduler._deprecated_kwargs
     sch.save_config(tmp_path / "scheduler")
     back = DEISFastScheduler.from_pretrained(tmp_path, subfolder="scheduler")
     assert {k: v for k, v in back.config.items() if not k.startswith("_")} == \
@@ -339,12 +339,11 @@ def test_config_round_trips_and_subfolder(tmp_path):
     assert "EDMEulerScheduler" not in DEISFastScheduler._compatibles
 
 
-@pytest.mark.parametrize("key", ["rescale_betas_zero_snr", "use_flow_sigmas", "use_dynamic_shifting"])
-def test_noise_process_keys_stay_refused(key):
+@pytest.mark.parametrize("key", ["invert_sigmas", "stochastic_sampling"])
+def test_process_changing_flow_keys_stay_refused(key):
+    """FlowMatch's invert_sigmas / stochastic_sampling change the sampling process: refused, never ignored."""
     with pytest.raises(ValueError, match=key):
         DEISFastScheduler(**{key: True})
-    cfg = dict(DEISMultistepScheduler().config)
-    cfg[key] = True  # set by the user: no longer among the source's defaults
-    cfg["_use_default_values"] = [k for k in cfg.get("_use_default_values", []) if k != key]
+    cfg = dict(diffusers.FlowMatchEulerDiscreteScheduler(**{key: True}).config)
     with pytest.raises(ValueError, match=key):
         DEISFastScheduler.from_config(cfg)

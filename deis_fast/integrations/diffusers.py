@@ -54,11 +54,11 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("deis_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
 
 from ..grids import GRIDS, grid_rho, make_grid
-from ..models import check_threshold, convert_output, normalize_prediction
+from ..models import check_prediction, check_threshold, convert_output, normalize_prediction
 from ..executor import run_plan, segments
 from ..plan import Eval, Plan
 from ..sampler import build_plan, default_grid
-from ..schedules import schedule_from_diffusers_config
+from ..schedules import FlowSchedule, Schedule, flow_schedule_from_diffusers_config, schedule_from_diffusers_config
 from ..solvers import PlanOptions, check_method, resolve
 
 __all__ = ["DEISFastScheduler"]
@@ -66,25 +66,28 @@ __all__ = ["DEISFastScheduler"]
 _TIMESTEP_TYPES = ("auto", "int", "float")
 _SPACINGS = ("linspace", "leading", "trailing")
 _FINAL_SIGMAS = ("sigma_min", "zero")
-# keys that, when set, change the noise schedule or the sampling process: ignoring them would sample the wrong
-# process silently, so they are refused instead (flow matching: another mapping, not here yet)
-_SCHEDULE_CHANGING = ("rescale_betas_zero_snr", "use_flow_sigmas", "use_dynamic_shifting")
+# FlowMatch keys that, when set, change the sampling process in a way deis_fast does not model: ignoring them
+# would sample the wrong process silently, so they are refused instead
+_SCHEDULE_CHANGING = ("invert_sigmas", "stochastic_sampling")
+_TIME_SHIFTS = ("exponential", "linear")
+# the keys only FlowMatchEuler/Heun configs carry (they have no betas and no prediction_type)
+_FLOWMATCH_KEYS = ("shift", "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "stochastic_sampling")
 # diffusers' grid-spacing switches (honored when grid="auto") and the deis_fast grid each one means
 _SPACING_KEYS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "logsnr", "use_beta_sigmas": "beta"}
 
 
 class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any deis_fast method (tAB/ρAB/log-ρ DEIS, iPNDM, DPM-Solver++-style,
-    ρRK, stochastic DDIM, PFDiff) on a discrete VP (DDPM-beta) model.
+    ρRK, stochastic DDIM, PFDiff) on a discrete VP (DDPM-beta) model or a flow-matching model (SD3, FLUX).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training noise
             schedule, as in every diffusers scheduler (taken over by ``from_config``).
-        prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        prediction_type: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` or ``"flow_prediction"`` (flow matching).
         method: a deis_fast method name (``deis_fast.METHODS``), e.g. ``"tab3"``, ``"logrho3"``,
             ``"dpmpp3"``, ``"ipndm4"``, ``"pfdiff"``, ``"rho_heun"``.
         grid: ``"auto"``, ``"diffusers"``, a deis_fast grid name or a list of model times (see module doc).
-        timestep_type: ``"auto"``, ``"int"`` or ``"float"`` (see module doc).
+        timestep_type: ``"auto"``, ``"int"`` or ``"float"`` (see module doc; flow models take float times).
         lower_order_final: use lower orders on the last steps when there are fewer than 15 (diffusers'
             rule); ``None`` = on for the diffusers grid, off for deis_fast grids.
         pfdiff: ``(k, h)`` for PFDiff (``method="pfdiff"`` defaults to (2, 1) on DDIM; with another
@@ -96,11 +99,19 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         final_sigmas_type: ``"sigma_min"`` (end at t = 0) or ``"zero"`` (end at sigma = 0).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of
             the x0 prediction (pixel-space models such as DeepFloyd IF), as in diffusers.
+        rescale_betas_zero_snr: zero terminal SNR (alphas_cumprod[-1] = 0); needs a ``v_prediction`` or
+            ``sample`` model, since an eps model says nothing about x0 at pure noise.
+        use_flow_sigmas, flow_shift, shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
+            max_image_seq_len, time_shift_type, shift_terminal: flow matching, x_t = (1 - t) x0 + t noise, as
+            FlowMatchEulerDiscreteScheduler (``shift``) and the multistep schedulers (``use_flow_sigmas``,
+            ``flow_shift``) describe it; ``set_timesteps(..., mu=)`` gives FLUX's dynamic shift.
     """
 
-    # VP schedulers whose configs (betas, prediction type, spacing) this one takes over; not the VE/EDM ones
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]
-    # the noise-process keys other schedulers may pass: accepted by __init__ only to be refused with a message
+    # VP schedulers whose configs (betas, prediction type, spacing) this one takes over, not the VE/EDM ones;
+    # and the flow-matching ones
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")] + \
+        ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    # FlowMatch keys other schedulers may pass: accepted by __init__ only to be refused with a message
     _deprecated_kwargs = list(_SCHEDULE_CHANGING)
     ignore_for_config = ["kwargs"]
     order = 1
@@ -114,19 +125,21 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  steps_offset: int = 0, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, beta_alpha: float = 0.6, beta_beta: float = 0.6,
                  final_sigmas_type: str = "sigma_min", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, **kwargs: Any):
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 rescale_betas_zero_snr: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None, **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
             _warn_ignored(kwargs, stacklevel=4)
         if isinstance(trained_betas, np.ndarray):
             self.register_to_config(trained_betas=trained_betas.tolist())
-        self.schedule = schedule_from_diffusers_config(dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas))
         self.prediction = normalize_prediction(prediction_type)
-        if self.prediction not in ("eps", "x0", "v"):
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon', 'sample' or "
-                             "'v_prediction'")
+        if self.prediction == "flow" and not use_flow_sigmas:
+            self.register_to_config(use_flow_sigmas=True)  # one switch for flow, read by FLUX-style pipelines
+        _check_process_keys(self.config)
+        self.schedule = _noise_schedule(self.config)
         check_method(method)  # validates the name with a helpful message
         if timestep_type not in _TIMESTEP_TYPES:
             raise ValueError(f"timestep_type must be one of {_TIMESTEP_TYPES}, got {timestep_type!r}")
@@ -146,30 +159,39 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.plan: Plan | None = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self.sigmas = torch.from_numpy(self.schedule.rho(np.arange(num_train_timesteps, dtype=np.float64))).float()
+        self.timesteps, self.sigmas = _training_times(self.schedule, num_train_timesteps)
         self._build_kw: dict[str, Any] = {}
         self._run_plan: Plan | None = None   # the plan being run: self.plan, or its tail after a mid start
         self._segments: list[tuple[int, int]] = []  # op ranges of the plan being run, one per Eval
         self._slots: list[torch.Tensor | None] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._warned_mu = False
+
+    @property
+    def is_flow(self) -> bool:
+        """True for a flow-matching config (x_t = (1 - t) x0 + t noise, velocity model, float timesteps 1000 t)."""
+        return isinstance(self.schedule, FlowSchedule)
 
     # --- config carried over from other schedulers ----------------------------------
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """Build from any diffusers scheduler config; keys this scheduler does not use (e.g. DEIS'
-        ``solver_order``) are dropped with one warning."""
+        ``solver_order``) are dropped with one warning. A FlowMatchEuler/Heun config gives a flow-matching
+        scheduler (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``)."""
         if config is not None and hasattr(config, "config") and not isinstance(config, dict):
             config = config.config  # a scheduler instance
         cfg = dict(config or {})
         source_class = cfg.get("_class_name")
         _refuse_ve_config(cfg)  # judged on the whole config: its sigma range may be all defaults
+        flow_match = _is_flowmatch_config(cfg)  # judged before the keys at their defaults are dropped
         # as diffusers' own from_config: keys the source scheduler only had at their defaults are not carried
         # over (a default DDPMScheduler's timestep_spacing="leading" must not replace ours)
         for k in cfg.pop("_use_default_values", None) or ():
             cfg.pop(k, None)
         _refuse_schedule_changing_keys(cfg)
+        if flow_match:  # FlowMatch configs have no prediction_type: their models predict the velocity
+            cfg.update(use_flow_sigmas=True, prediction_type=cfg.get("prediction_type", "flow_prediction"))
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
         if not ours and "lower_order_final" not in kwargs:
             # other schedulers default it to True; for deis_fast grids it costs accuracy (tab3 at NFE 10 on the
@@ -213,42 +235,59 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = int(begin_index)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: Sequence[float] | None = None, mu: float | None = None,
                       timesteps: Sequence[float] | None = None, **kwargs: Any) -> None:
         """Compile the plan for ``num_inference_steps`` network evaluations and set ``timesteps``
         (the model times of the plan's Evals). ``timesteps`` may instead give the model times of the
-        solver grid explicitly (then NFE = len(timesteps) x stages, with a final step to the end)."""
-        if timesteps is not None:
-            n = None
-        elif isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        else:
-            n = int(num_inference_steps)
-        self.plan = self._build(n, timesteps)
+        solver grid explicitly (then NFE = len(timesteps) x stages, with a final step to the end).
+        Flow configs: ``sigmas`` (FlowMatch's unshifted list, as FLUX pipelines pass it) gives
+        NFE = len(sigmas) and the spacing of the grid; ``mu`` is FLUX's dynamic shift."""
+        n = _inference_steps(num_inference_steps, sigmas, timesteps)
+        if self.is_flow:
+            self.schedule = _noise_schedule(self.config, self._dynamic_mu(mu))
+        elif sigmas is not None or mu is not None:
+            raise ValueError("sigmas= and mu= are flow-matching options (FlowMatch / use_flow_sigmas=True configs); "
+                             "this scheduler has a VP config: pass num_inference_steps or timesteps")
+        self.plan = self._build(n, timesteps, sigmas)
+        check_prediction(self.plan, self.prediction, self.schedule.variance_preserving)
         mt = np.array([e.model_t for e in self.plan.evals], dtype=np.float64)
-        if np.all(np.abs(mt - np.round(mt)) < 1e-6):
+        if not self.is_flow and np.all(np.abs(mt - np.round(mt)) < 1e-6):
             ts = torch.from_numpy(np.round(mt).astype(np.int64))
         else:
-            # float64 keeps the exact model times the coefficients assume (UNets cast their time input);
+            # float64 keeps the exact model times the coefficients assume (networks cast their time input);
             # mps has no float64
             mps = device is not None and torch.device(device).type == "mps"
             ts = torch.from_numpy(mt.astype(np.float32 if mps else np.float64))
         self.timesteps = ts.to(device) if device is not None else ts
-        rho = grid_rho(self.schedule, np.asarray(self.plan.times))
-        self.sigmas = torch.from_numpy(np.append([e.sigma / e.alpha for e in self.plan.evals], rho[-1])).float()
+        self.sigmas = torch.from_numpy(_sigmas_attribute(self.schedule, self.plan)).float()
         self.num_inference_steps = self.plan.nfe
         self._run_plan = None
         self._slots = []
         self._step_index = None
         self._begin_index = None
 
-    def _build(self, n: int | None, timesteps: Sequence[float] | None) -> Plan:
+    def _dynamic_mu(self, mu: float | None) -> float | None:
+        """The mu that applies: required with ``use_dynamic_shifting``; otherwise ignored (FLUX pipelines pass one
+        for every config, FlowMatchEuler ignores it too), with one warning."""
+        if self.config.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("use_dynamic_shifting=True needs set_timesteps(..., mu=): FLUX-style pipelines pass "
+                                 "it; deis_fast.schedules.flux_mu(image_seq_len) computes it")
+            return float(mu)
+        if mu is not None and not self._warned_mu:
+            self._warned_mu = True
+            warnings.warn(f"mu={mu} is ignored: this config has use_dynamic_shifting=False, so its static shift "
+                          f"applies (FLUX pipelines pass mu for every config; set use_dynamic_shifting=True to use it)",
+                          UserWarning, stacklevel=3)
+        return None
+
+    def _build(self, n: int | None, timesteps: Sequence[float] | None, sigmas: Sequence[float] | None = None) -> Plan:
         """The full plan; remembers the options that re-planning a mid start needs."""
         cfg = self.config
         spec, o = resolve(cfg.method, PlanOptions(pfdiff=tuple(cfg.pfdiff) if cfg.pfdiff is not None else None))
         pf = o.pfdiff  # a base PFDiff cannot wrap is refused by build_plan
         is_pf = pf is not None
-        times, kind = self._grid_times(n, timesteps, spec, pf)
+        times, kind = self._grid_times(n, timesteps, spec, pf, sigmas)
         lof = cfg.lower_order_final
         if lof is None:
             lof = kind != "named"
@@ -259,35 +298,41 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         return build_plan(self.schedule, grid=list(times), **self._build_kw)
 
     def _grid_times(self, n: int | None, timesteps: Sequence[float] | None, spec: Any,
-                    pf: tuple[int, int] | None) -> tuple[np.ndarray, str]:
-        """The solver grid (model times, decreasing, ending at t_end) and its kind: 'diffusers', 'list', 'named'.
+                    pf: tuple[int, int] | None, sigmas: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
+        """The solver grid (schedule times, decreasing, ending at t_end) and its kind: 'diffusers', 'list', 'named'.
         The one place where config keys become a grid."""
-        cfg = self.config
-        t_end = float(self.schedule.t_from_rho(0.0)) if cfg.final_sigmas_type == "zero" else 0.0
+        cfg, sched = self.config, self.schedule
+        t_end = float(sched.t_from_rho(0.0)) if cfg.final_sigmas_type == "zero" else 0.0  # flow: 0 either way
         if timesteps is not None:
-            return np.array([float(t) for t in timesteps] + [t_end]), "list"
+            return np.append(_schedule_times(sched, timesteps, "timesteps"), t_end), "list"
         grid = cfg.grid
         if not isinstance(grid, str):
-            return np.array([float(t) for t in grid]), "list"
+            t = _schedule_times(sched, grid, "grid")
+            if self.is_flow and t[-1] != 0.0:
+                raise ValueError(f"a flow grid must end at model time 0 (t = 0) to return a clean sample; the given "
+                                 f"grid ends at {float(grid[-1])}: append 0")
+            return t, "list"
         if grid == "auto":
             spacing = [g for k, g in _SPACING_KEYS.items() if cfg[k]]
             if spacing:
                 grid = spacing[0]
-            elif spec.name.startswith("logrho") and pf is None:
+            elif spec.name.startswith("logrho") and pf is None and not self.is_flow:
                 grid = "diffusers"
             else:
-                grid = default_grid(self.schedule, spec.name)
+                grid = default_grid(sched, spec.name)
         if n % spec.stages:
             raise ValueError(f"method {cfg.method!r} uses {spec.stages} NFE per step; num_inference_steps={n} "
                              f"is not a multiple of {spec.stages}")
+        if grid == "diffusers" and pf is not None:
+            raise ValueError("grid='diffusers' is not available with PFDiff (it needs its own grid of "
+                             "nfe*(k+1)-k intervals); use a named grid")
+        steps = n * (pf[0] + 1) - pf[0] if pf is not None else n // spec.stages
+        if self.is_flow:
+            return self._flow_grid(grid, steps, sigmas), "diffusers" if grid == "diffusers" else "named"
         if grid == "diffusers":
-            if pf is not None:
-                raise ValueError("grid='diffusers' is not available with PFDiff (it needs its own grid of "
-                                 "nfe*(k+1)-k intervals); use a named grid")
             ts = _dedupe(self._diffusers_timesteps(n // spec.stages).astype(np.float64), t_end, n)
             return np.append(ts, t_end), "diffusers"
-        steps = n * (pf[0] + 1) - pf[0] if pf is not None else n // spec.stages
-        t = make_grid(self.schedule, grid, steps, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
+        t = make_grid(sched, grid, steps, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
         if cfg.timestep_type != "float":
             r = np.round(t)
             if np.all(np.diff(r) < 0):
@@ -300,6 +345,28 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                     t = np.append(_dedupe(r[:-1], r[-1], n), r[-1])
         t[-1] = t_end
         return t, "named"
+
+    def _flow_grid(self, grid: str, steps: int, sigmas: Sequence[float] | None) -> np.ndarray:
+        """A flow grid of ``steps`` intervals from t = 1 to 0: the pipeline's ``sigmas`` (resampled when the method
+        needs another number of intervals), FlowMatchEuler's own spacing (``"diffusers"``) or a named grid; then
+        the config's shift / mu and ``shift_terminal``, as FlowMatchEulerDiscreteScheduler applies them."""
+        cfg, sched = self.config, self.schedule
+        if sigmas is not None:
+            t = sched.grid_transform(_resample(np.append(np.asarray(sigmas, dtype=np.float64), 0.0), steps))
+        elif grid == "diffusers":
+            # FlowMatchEuler: linspace(1, sigma_min, n), then shifted, where a static shift was already applied
+            # to its training sigma_min = 1 / num_train_timesteps
+            lo = 1.0 / cfg.num_train_timesteps
+            lo = lo if cfg.use_dynamic_shifting else float(sched.grid_transform(lo))
+            t = np.append(sched.grid_transform(np.linspace(1.0, lo, steps)), 0.0)
+        else:
+            t = make_grid(sched, grid, steps, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
+        if cfg.shift_terminal:
+            t[:-1] = _stretch_to_terminal(t[:-1], float(cfg.shift_terminal))
+        if abs(t[0] - 1.0) < 1e-12:
+            t[0] = 1.0  # exactly pure noise (the shift maps 1 to 1 up to round-off)
+        t[-1] = 0.0
+        return t
 
     def _diffusers_timesteps(self, n: int) -> np.ndarray:
         """diffusers' integer timesteps for ``n`` steps under ``timestep_spacing`` (as DEIS/DPM-Solver do)."""
@@ -387,12 +454,21 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         return prev
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``alpha_t * x0 + sigma_t * noise`` at (possibly fractional) model timesteps, exact in float64."""
-        t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        """``alpha_t * x0 + sigma_t * noise`` at (possibly fractional) model timesteps, exact in float64
+        (flow: ``(1 - t) x0 + t noise`` with t = timestep / 1000)."""
+        mt = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        t = self.schedule.t_from_model_time(mt)
         alpha = torch.as_tensor(self.schedule.alpha(t), dtype=original_samples.dtype, device=original_samples.device)
         sigma = torch.as_tensor(self.schedule.sigma(t), dtype=original_samples.dtype, device=original_samples.device)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         return alpha.reshape(shape) * original_samples + sigma.reshape(shape) * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+        """FlowMatch's name for the forward process (img2img pipelines): :meth:`add_noise` at ``timestep``."""
+        if noise is None:
+            raise ValueError("scale_noise(sample, timestep, noise) needs the noise tensor")
+        return self.add_noise(sample, noise, torch.as_tensor(timestep))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -420,18 +496,126 @@ def _dedupe(ts: np.ndarray, t_end: float, n: int) -> np.ndarray:
     return ts[keep]
 
 
-def _training_arrays(schedule: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(betas, alphas, alphas_cumprod) over the training timesteps, float32 as diffusers keeps them."""
+def _training_arrays(schedule: Schedule) -> tuple[torch.Tensor | None, ...]:
+    """(betas, alphas, alphas_cumprod) over the training timesteps, float32 as diffusers keeps them (None for flow
+    matching, which has no betas)."""
+    if isinstance(schedule, FlowSchedule):
+        return None, None, None
     ac = schedule.alphas_cumprod
     alphas = ac / np.concatenate([[1.0], ac[:-1]])
     return (torch.from_numpy(1.0 - alphas).float(), torch.from_numpy(alphas).float(), torch.from_numpy(ac).float())
+
+
+def _training_times(schedule: Schedule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``timesteps`` and ``sigmas`` before set_timesteps: every training step (flow: FlowMatch's shifted sigmas)."""
+    if isinstance(schedule, FlowSchedule):
+        t = schedule.grid_transform(np.linspace(1.0, 1.0 / n, n))
+        return torch.from_numpy(schedule.model_time(t)), torch.from_numpy(t).float()
+    rho = schedule.rho(np.arange(n, dtype=np.float64))
+    return torch.arange(n - 1, -1, -1, dtype=torch.int64), torch.from_numpy(rho).float()
+
+
+def _sigmas_attribute(schedule: Schedule, plan: Plan) -> np.ndarray:
+    """diffusers' ``sigmas`` after set_timesteps, one per Eval plus the end: sigma / alpha for VP, t for flow
+    (FlowMatch's sigma)."""
+    if isinstance(schedule, FlowSchedule):
+        return np.append([e.t for e in plan.evals], plan.times[-1])
+    rho = grid_rho(schedule, np.asarray(plan.times))
+    return np.append([e.sigma / e.alpha for e in plan.evals], rho[-1])
+
+
+def _inference_steps(n: Any, sigmas: Sequence[float] | None, timesteps: Sequence[float] | None) -> int | None:
+    """The NFE set_timesteps was asked for (None: explicit timesteps), validated."""
+    if sigmas is not None and timesteps is not None:
+        raise ValueError("pass sigmas or timesteps, not both (timesteps are the model times of the solver grid, "
+                         "sigmas the FlowMatch list the config's shift is applied to)")
+    if timesteps is not None:
+        return None
+    if sigmas is not None:
+        sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        sig = sig[:-1] if sig.size > 1 and sig[-1] == 0.0 else sig  # a trailing 0 is the end, not a call
+        if sig.size < 1 or not np.all(np.isfinite(sig)) or sig[0] > 1.0 or sig[-1] <= 0.0 or np.any(np.diff(sig) >= 0):
+            raise ValueError(f"sigmas must decrease within (0, 1] (FlowMatch's unshifted times), got {list(sigmas)[:6]}")
+        if n is not None and n != sig.size:
+            raise ValueError(f"num_inference_steps={n} but {sig.size} sigmas were given; give one of them")
+        return int(sig.size)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
+    return int(n)
+
+
+def _schedule_times(schedule: Schedule, model_times: Sequence[float], what: str) -> np.ndarray:
+    """Model times (a user's ``timesteps`` / ``grid``) as schedule times (flow: divided by 1000)."""
+    mt = np.array([float(v) for v in model_times], dtype=np.float64)
+    if mt.ndim != 1 or mt.size < 1:
+        raise ValueError(f"{what} must be a non-empty list of model times")
+    return schedule.t_from_model_time(mt)
+
+
+def _resample(t: np.ndarray, steps: int) -> np.ndarray:
+    """A decreasing list of times at another number of intervals, linear in the index (the pipelines' uniform
+    ``linspace(1, 1/n, n)`` stays uniform); unchanged when it already has ``steps`` intervals."""
+    if t.size - 1 == steps:
+        return t
+    return np.interp(np.linspace(0.0, t.size - 1.0, steps + 1), np.arange(t.size, dtype=np.float64), t)
+
+
+def _stretch_to_terminal(t: np.ndarray, terminal: float) -> np.ndarray:
+    """diffusers' ``shift_terminal``: stretch 1 - t so that the last time (before the final 0) is ``terminal``."""
+    one_minus = 1.0 - t
+    return 1.0 - one_minus * ((1.0 - terminal) / one_minus[-1])
+
+
+def _is_flowmatch_config(cfg: dict) -> bool:
+    """A FlowMatchEuler/Heun config: named so, or (in-memory configs carry no class name) FlowMatch's own keys
+    and no betas."""
+    name = str(cfg.get("_class_name") or "")
+    if name:
+        return name.startswith("FlowMatch")
+    return any(k in cfg for k in _FLOWMATCH_KEYS) and "beta_start" not in cfg and "trained_betas" not in cfg
+
+
+def _check_process_keys(cfg: Any) -> None:
+    """Refuse config keys that contradict the noise process the config describes (VP or flow matching)."""
+    pred = normalize_prediction(cfg.prediction_type)
+    flow_keys = [k for k in ("use_dynamic_shifting", "shift_terminal") if cfg[k]]
+    if cfg.use_flow_sigmas:
+        if pred != "flow":
+            raise ValueError(f"a flow-matching config (use_flow_sigmas=True, or a FlowMatch scheduler's config) needs "
+                             f"prediction_type='flow_prediction', got {cfg.prediction_type!r}: flow models predict the "
+                             "velocity noise - x0")
+        if cfg.rescale_betas_zero_snr:
+            raise ValueError("rescale_betas_zero_snr is a VP option; a flow-matching config has no betas to rescale")
+        if cfg.time_shift_type not in _TIME_SHIFTS:
+            raise ValueError(f"time_shift_type must be one of {_TIME_SHIFTS}, got {cfg.time_shift_type!r}")
+        if cfg.shift_terminal is not None and not 0.0 < float(cfg.shift_terminal) < 1.0:
+            raise ValueError(f"shift_terminal must be in (0, 1) (the last time before 0), got {cfg.shift_terminal}")
+        if cfg.timestep_type == "int":
+            raise ValueError("timestep_type='int' does not apply to flow models: they take float timesteps 1000 t")
+    elif pred not in ("eps", "x0", "v"):
+        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported; use 'epsilon', 'sample', "
+                         "'v_prediction' or 'flow_prediction'")
+    elif flow_keys:
+        raise ValueError(f"{', '.join(flow_keys)} only apply to flow-matching configs: set use_flow_sigmas=True and "
+                         "prediction_type='flow_prediction' for a flow model")
+
+
+def _noise_schedule(cfg: Any, mu: float | None = None) -> Schedule:
+    """The noise process a config describes: a FlowSchedule (its shift, or FLUX's ``mu``, as the grid transform;
+    without mu a dynamic-shift config has none until set_timesteps) or the discrete VP schedule."""
+    if not cfg.use_flow_sigmas:
+        return schedule_from_diffusers_config(cfg)
+    if cfg.use_dynamic_shifting and mu is None:
+        return FlowSchedule(time_scale=float(cfg.num_train_timesteps))
+    # shift_terminal stretches the grid (DEISFastScheduler._flow_grid), not the process
+    return flow_schedule_from_diffusers_config(dict(cfg, prediction_type="flow_prediction", shift_terminal=None), mu)
 
 
 def _refuse_schedule_changing_keys(cfg: dict) -> None:
     bad = sorted(k for k in _SCHEDULE_CHANGING if cfg.get(k))
     if bad:
         raise ValueError(f"DEISFastScheduler does not support {', '.join(f'{k}=True' for k in bad)}: it would change "
-                         "the noise schedule or the sampling process. Set them to False (or use the original scheduler)")
+                         "the sampling process. Set them to False (or use the original scheduler)")
 
 
 def _refuse_ve_config(cfg: dict) -> None:
