@@ -17,6 +17,17 @@ class DEIS64(DEISMultistepScheduler):
         self.sigmas = self.sigmas.double()
 
 
+def scheduler_loop(sch, model, x, start=0, blend=None):
+    """What a pipeline does: call the model at timesteps[start:], step, optionally blend the state after each step
+    (``blend(x, next_timestep)``, the inpainting pipelines' known-region update)."""
+    ts = sch.timesteps[start:]
+    for i, t in enumerate(ts):
+        x = sch.step(model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype)), t, x).prev_sample
+        if blend is not None:
+            x = blend(x, ts[i + 1] if i + 1 < len(ts) else None)
+    return x
+
+
 def tiny_tokenizer(folder: str):
     """A CLIPTokenizer from a 12-word vocabulary written to ``folder`` (no download)."""
     from transformers import CLIPTokenizer

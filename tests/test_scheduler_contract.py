@@ -17,7 +17,7 @@ from deis_fast.models import convert_output, dynamic_threshold  # noqa: E402
 from deis_fast.plan import Eval  # noqa: E402
 from deis_fast.testing import GaussianMixture, reference_solution  # noqa: E402
 
-from _diffusers_common import DEIS64  # noqa: E402
+from _diffusers_common import DEIS64, scheduler_loop as _loop  # noqa: E402
 
 SCHED = deis_fast.VPSchedule.discrete("linear")
 ALL_METHODS = [m for m in deis_fast.METHOD_SPECS] + ["pfdiff"]
@@ -30,17 +30,6 @@ def mix():
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def _loop(sch, model, x, start=0, blend=None):
-    """What a pipeline does: call the model at timesteps[start:], step, optionally blend the state after each step
-    (``blend(x, next_timestep)``, the inpainting pipelines' known-region update)."""
-    ts = sch.timesteps[start:]
-    for i, t in enumerate(ts):
-        x = sch.step(model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype)), t, x).prev_sample
-        if blend is not None:
-            x = blend(x, ts[i + 1] if i + 1 < len(ts) else None)
-    return x
 
 
 def _stages(method):

@@ -521,7 +521,9 @@ def _sigmas_attribute(schedule: Schedule, plan: Plan) -> np.ndarray:
     if isinstance(schedule, FlowSchedule):
         return np.append([e.t for e in plan.evals], plan.times[-1])
     rho = grid_rho(schedule, np.asarray(plan.times))
-    return np.append([e.sigma / e.alpha for e in plan.evals], rho[-1])
+    with np.errstate(divide="ignore"):   # inf at alpha = 0 (zero terminal SNR), as diffusers' sigmas
+        at_evals = np.array([e.sigma for e in plan.evals]) / np.array([e.alpha for e in plan.evals])
+    return np.append(at_evals, rho[-1])
 
 
 def _inference_steps(n: Any, sigmas: Sequence[float] | None, timesteps: Sequence[float] | None) -> int | None:
