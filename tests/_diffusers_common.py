@@ -1,4 +1,5 @@
-"""Shared pieces of the diffusers tests: a float64 DEIS reference and tiny Stable Diffusion components."""
+"""Shared pieces of the diffusers tests: a float64 DEIS reference, a pipeline-style scheduler loop, and tiny
+Stable Diffusion, SD3 and FLUX components (random weights, created locally: no download)."""
 from __future__ import annotations
 
 import json
@@ -59,3 +60,39 @@ def tiny_sd_components(folder: str, dtype: torch.dtype = torch.float64, seed: in
     return dict(unet=unet.to(dtype).eval(), vae=vae.to(dtype).eval(), text_encoder=text.to(dtype).eval(),
                 tokenizer=tiny_tokenizer(folder), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
+
+
+def _tiny_vae(latent_channels: int, dtype: torch.dtype, **kw):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=latent_channels,
+                         norm_num_groups=latent_channels, sample_size=8, shift_factor=0.06, scaling_factor=1.5,
+                         **kw).to(dtype).eval()
+
+
+def tiny_sd3_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """SD3Transformer2DModel (1 joint block, 4 latent channels, 8x8) and AutoencoderKL; no text encoders: the
+    tests pass prompt embeddings. One transformer call costs ~2 ms on one CPU thread."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                        pooled_projection_dim=16, out_channels=4)
+    return dict(transformer=transformer.to(dtype).eval(), vae=_tiny_vae(4, dtype),
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None, tokenizer=None,
+                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def tiny_flux_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """FluxTransformer2DModel (1 double + 1 single block; 1 latent channel packed 2x2 into 4) and AutoencoderKL,
+    with FLUX.1-dev's dynamic-shift scheduler config; no text encoders: the tests pass prompt embeddings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer.to(dtype).eval(), scheduler=scheduler,
+                vae=_tiny_vae(1, dtype, use_quant_conv=False, use_post_quant_conv=False), text_encoder=None,
+                tokenizer=None, text_encoder_2=None, tokenizer_2=None)
