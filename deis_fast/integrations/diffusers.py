@@ -35,7 +35,20 @@ timesteps, ``"float"`` keeps exact float times (UNets accept float timesteps), `
 rounding keeps every step distinct and falls back to float times otherwise. Timesteps that round to the
 same integer (dense step counts under ``"int"`` or the diffusers spacing) are removed with one warning.
 ``thresholding`` applies Imagen's dynamic thresholding to the x0 prediction where the model output is
-converted (every method).
+converted (every method). ``rescale_betas_zero_snr=True`` (zero terminal SNR) starts every method at
+alpha = 0; it needs a ``v_prediction`` or ``sample`` model.
+
+Flow matching (SD3, FLUX, ...): a FlowMatchEuler/Heun config, or a DEIS / DPM-Solver++ / UniPC config with
+``use_flow_sigmas=True`` and ``prediction_type="flow_prediction"``, gives x_t = (1 - t) x0 + t noise with a
+velocity model called at float timesteps 1000 t; ``shift`` / ``flow_shift`` (SD3) or ``mu`` in
+``set_timesteps`` (FLUX, ``use_dynamic_shifting``, ``time_shift_type``) and ``shift_terminal`` transform the
+grid as FlowMatchEuler does. ``grid="auto"`` is FLUX's grid (t uniform from 1 to 1/n, shifted, then 0),
+``grid="diffusers"`` FlowMatchEuler's own ``set_timesteps(n)`` spacing; ``set_timesteps(sigmas=...)`` (what
+FLUX pipelines pass) uses those sigmas, shifted, with NFE = len(sigmas): a method that needs another number
+of grid intervals (Runge-Kutta, PFDiff) gets the list resampled linearly in its index. A ``mu`` given to a
+config without dynamic shifting is ignored with one warning (FluxPipeline passes one for every config, as
+FlowMatchEuler ignores it). ``scale_noise`` is img2img's forward process; ``sigmas`` holds t (FlowMatch's
+sigma) for flow configs.
 """
 from __future__ import annotations
 
