@@ -184,7 +184,7 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
         raise ValueError("every starting grid failed; check the model and the time range")
     best_e, best_name, best_t = starts[0]
     start_e, out_of_time = best_e, False
-    if n >= 2 and math.isfinite(float(schedule.lam(best_t[-1]))):
+    if n >= 2:
         def times_of(theta: np.ndarray) -> np.ndarray:
             return grid_from_theta(schedule, best_t[0], best_t[-1], theta)
 
@@ -248,21 +248,33 @@ def _rows(cond: dict, rows: slice, batch: int) -> dict:
             for k, v in cond.items()}
 
 
+def _coordinate(schedule: Schedule, t_start: float, t_end: float):
+    """(u(t), t(u)): the variable whose increments the optimizer parametrizes. lambda (half log-SNR) where it is
+    finite at both ends; else (flow matching at t = 1, a grid ending at sigma = 0) the angle
+    arctan(rho) = atan2(sigma, alpha), which is finite on the whole process."""
+    if np.isfinite(schedule.lam(np.array([t_start, t_end], dtype=np.float64))).all():
+        return schedule.lam, schedule.t_from_lambda
+    return (lambda t: np.arctan(schedule.rho(t))), (lambda u: schedule.t_from_rho(np.tan(u)))
+
+
 def grid_from_theta(schedule: Schedule, t_start: float, t_end: float, theta: np.ndarray) -> np.ndarray:
-    """The grid whose lambda increments are softmax([0, *theta]) of lambda(t_end) - lambda(t_start)."""
-    lam0, lam1 = float(schedule.lam(t_start)), float(schedule.lam(t_end))
+    """The grid whose increments in u (lambda, or the angle where lambda is infinite at an end) are
+    softmax([0, *theta]) of u(t_end) - u(t_start)."""
+    u_of, t_of = _coordinate(schedule, t_start, t_end)
+    u0, u1 = float(u_of(np.float64(t_start))), float(u_of(np.float64(t_end)))
     z = np.concatenate([[0.0], np.asarray(theta, dtype=np.float64)])
     w = np.exp(z - z.max())
     w /= w.sum()
-    t = schedule.t_from_lambda(lam0 + (lam1 - lam0) * np.concatenate([[0.0], np.cumsum(w)]))
+    t = np.asarray(t_of(u0 + (u1 - u0) * np.concatenate([[0.0], np.cumsum(w)])), dtype=np.float64)
     t[0], t[-1] = t_start, t_end
     return t
 
 
 def theta_from_grid(schedule: Schedule, times: Sequence[float]) -> np.ndarray:
     """Inverse of :func:`grid_from_theta` (increments floored at 1e-12 of the total)."""
-    lam = schedule.lam(np.asarray(times, dtype=np.float64))
-    th = np.log(np.maximum(np.diff(lam) / (lam[-1] - lam[0]), 1e-12))
+    times = np.asarray(times, dtype=np.float64)
+    u = np.asarray(_coordinate(schedule, times[0], times[-1])[0](times), dtype=np.float64)
+    th = np.log(np.maximum(np.diff(u) / (u[-1] - u[0]), 1e-12))
     return th[1:] - th[0]
 
 

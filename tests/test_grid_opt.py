@@ -153,3 +153,18 @@ def test_held_out_noises_veto_a_grid_that_only_wins_on_the_fit(problem):
     assert honest.validation_error < honest.start_validation_error  # on true references it generalizes
     with pytest.raises(ValueError, match="validation_fraction"):
         optimize_grid(model, VP, "ddim", 3, cal, reference=cref, validation_fraction=1.0)
+
+
+def test_flow_schedules_are_optimized_too():
+    """lambda is infinite at both ends of a flow process (t = 1 and t = 0): the optimizer then parametrizes the
+    angle atan2(sigma, alpha) instead of silently returning the fixed grid."""
+    flow = deis_fast.FlowSchedule(shift=3.0)
+    mix = GaussianMixture.random(4, 8, 0.5, seed=3)
+    model = mix.model(flow, "flow")
+    cal = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = reference_solution(mix, flow, cal, 1.0, 0.0)
+    g = optimize_grid(model, flow, "tab2", 4, cal, reference=ref, prediction="flow", min_gain=0.0,
+                      validation_fraction=0.0, max_evals=40, max_restarts=0, time_budget=None)
+    assert g.evaluations > 4 * 4  # Nelder-Mead ran from every start grid
+    assert g.calibration_error < g.start_error
+    assert g.times[0] == 1.0 and g.times[-1] == 0.0 and all(np.diff(g.times) < 0)
