@@ -15,7 +15,7 @@ import time
 import torch
 
 import deis_fast
-from deis_fast.benchmarking import (Result, deis_runner, digits_problem, evaluate, markdown_table, mixture_problem,
+from deis_fast.benchmarking import (report, Result, deis_runner, digits_problem, evaluate, markdown_table, mixture_problem,
                                     nfe_to_reach)
 from deis_fast.grid_opt import optimize_grid
 from deis_fast.testing import GaussianMixture
@@ -107,11 +107,7 @@ def main(argv=None) -> int:
                  + f". Fewest NFE to 1%: {reach[0] if reach[0] < 10 ** 9 else 'not reached'} ({reach[1]}).", ""]
     text += ["### SDE solvers: distribution error on a 2-d mixture (20000 samples)", "", sde_table([10, 20, 50, 100]), ""]
     text.append(f"(total wall time {time.time() - t0:.0f} s)")
-    out = "\n".join(text)
-    print(out)
-    with open(args.out_md, "w") as f:
-        f.write(out + "\n")
-    return 0
+    return report(text, args.out_md)
 
 
 if __name__ == "__main__":

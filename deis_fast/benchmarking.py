@@ -17,7 +17,7 @@ from .sampler import sample
 from .schedules import Schedule
 from .testing import relative_errors
 
-__all__ = ["quality_main", "yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach"]
+__all__ = ["quality_main", "yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach", "report"]
 
 # name -> (diffusers class, constructor kwargs); every one starts at t=999 and ends at t=0 (alpha_cumprod[0])
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -387,6 +387,16 @@ def optimized_gain_table(results: Sequence[Result], nfe: int) -> str:
     return "\n".join(lines)
 
 
+def report(lines: Sequence[str], path: str | None) -> int:
+    """Print a benchmark's markdown report and write it to ``path`` (when given); returns exit code 0."""
+    out = "\n".join(lines)
+    print(out)
+    if path:
+        with open(path, "w") as f:
+            f.write(out + "\n")
+    return 0
+
+
 def quality_main(argv: Sequence[str] | None = None) -> int:
     """deis_fast vs diffusers on the mixture and the digits model, fixed and optimized grids."""
     ap = ArgumentParser(prog="deis-fast bench quality", description=quality_main.__doc__)
@@ -430,8 +440,4 @@ def quality_main(argv: Sequence[str] | None = None) -> int:
         print(f"[{name}] done in {time.time() - t1:.0f}s", flush=True)
     plot_quality(panels, args.nfe, args.out_png)
     text.append(f"(total wall time {time.time() - t0:.0f} s; plot: {args.out_png})")
-    out = "\n".join(text)
-    print(out)
-    with open(args.out_md, "w") as f:
-        f.write(out + "\n")
-    return 0
+    return report(text, args.out_md)

@@ -150,12 +150,17 @@ def test_sample_embedded(tmp_path, capsys):
     assert a == b
 
 
-def test_sample_diffusers_model_dir(tmp_path, capsys):
+def _save_tiny_unet(path, channels: int):
+    """A tiny random-weight diffusers UNet2DModel (8x8) saved to ``path``; returns the diffusers module."""
     diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    unet.save_pretrained(tmp_path / "m")
+    diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
+                          layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).save_pretrained(path)
+    return diffusers
+
+
+def test_sample_diffusers_model_dir(tmp_path, capsys):
+    diffusers = _save_tiny_unet(tmp_path / "m", 3)
     diffusers.DDPMScheduler(prediction_type="v_prediction").save_config(tmp_path / "m")
     out = tmp_path / "out"
     assert main(["sample", "--model", str(tmp_path / "m"), "--method", "dpmpp2", "--nfe", "3", "--num", "2",
@@ -212,11 +217,7 @@ def test_sample_list_grid_without_nfe(tmp_path, capsys):
 
 
 def test_sample_bare_unet_folder_needs_and_takes_schedule(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    unet.save_pretrained(tmp_path / "m")
+    _save_tiny_unet(tmp_path / "m", 1)
     argv = ["sample", "--model", str(tmp_path / "m"), "--nfe", "2", "--num", "1", "--outdir", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "--schedule" in capsys.readouterr().err
