@@ -158,6 +158,47 @@ def test_diffusers_scheduler_runs_the_same_plan(problem, method):
     assert _rel(x, ref) < 1e-12
 
 
+@pytest.mark.parametrize("method,keys", [
+    ("unipc2", dict(variant="bh1")),
+    ("unipc3", dict(variant="bh2", corrector=False)),
+    ("unipc3", dict(disable_corrector=[1, 3])),
+    ("tab3", dict(corrector=True)),
+    ("dpmpp_2m_sde", dict(variant="heun", s_noise=0.5, eta=0.7)),
+])
+def test_diffusers_scheduler_solver_keys_reach_the_plan(problem, method, keys):
+    """variant / corrector / disable_corrector / s_noise given to the scheduler (also through from_config and a
+    saved config) build the same plan as the same options in the core API, and that plan differs from the
+    default one."""
+    pytest.importorskip("diffusers")
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    sch = DEISFastScheduler(method=method, timestep_type="float", **keys)
+    sch.set_timesteps(6)
+    again = DEISFastScheduler.from_config(sch.config)
+    again.set_timesteps(6)
+    plain = DEISFastScheduler(method=method, timestep_type="float")
+    plain.set_timesteps(6)
+    core = dict(keys)
+    core.setdefault("eta", 1.0) if method == "dpmpp_2m_sde" else None
+    ref = deis_fast.build_plan(SCHED, method, None, list(sch.plan.times), **core)
+    assert sch.plan.ops == ref.ops and again.plan.ops == ref.ops
+    assert plain.plan.ops != ref.ops
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="rho_heun", corrector=True), "corrector=True"),
+    (dict(method="unipc2", variant="bh3"), "unknown variant 'bh3'"),
+    (dict(method="tab3", variant="bh1"), "has no variants"),
+    (dict(method="dpmpp_2m_sde", s_noise=-1.0), "must be >= 0"),
+    (dict(method="tab3", s_noise=0.5), "s_noise applies to the SDE methods"),
+    (dict(method="pfdiff", corrector=True), "PFDiff wraps a plain first-order step"),
+])
+def test_diffusers_scheduler_refuses_bad_solver_keys_at_construction(kwargs, match):
+    pytest.importorskip("diffusers")
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    with pytest.raises(ValueError, match=match):
+        DEISFastScheduler(**kwargs)
+
+
 @pytest.mark.slow
 def test_corrector_helps_tab3_on_the_digits_model():
     """The eps-form corrector refreshes eps from the corrected state; with a stale eps it made tab3 100x

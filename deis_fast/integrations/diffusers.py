@@ -73,6 +73,7 @@ from ..plan import Eval, Plan
 from ..sampler import build_plan, default_grid
 from ..schedules import FlowSchedule, Schedule, flow_schedule_from_diffusers_config, schedule_from_diffusers_config
 from ..solvers import PlanOptions, check_method, resolve
+from ..solvers.build import builder_options
 
 __all__ = ["DEISFastScheduler"]
 
@@ -105,7 +106,13 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             rule); ``None`` = on for the diffusers grid, off for deis_fast grids.
         pfdiff: ``(k, h)`` for PFDiff (``method="pfdiff"`` defaults to (2, 1) on DDIM; with another
             first-order method it wraps that method).
-        eta: noise level of ``method="ddim_eta"`` (1 = ancestral DDPM).
+        eta: noise level of ``method="ddim_eta"`` (1 = ancestral DDPM) and of the SDE methods.
+        corrector: UniC corrector after every network call (``None``: the method's default, on for ``unipc*``);
+            ``corrector=True`` works on every multistep method (tab*, rhoab*, logrho*, dpmpp*, ipndm*).
+        disable_corrector: step indices left uncorrected (UniPCMultistepScheduler's key of the same name).
+        variant: ``"bh1"`` / ``"bh2"`` for ``unipc*`` (UniPC's ``solver_type``), ``"midpoint"`` / ``"heun"`` for
+            ``dpmpp_2m_sde``.
+        s_noise: scale of the step noise of the SDE methods (k-diffusion's ``s_noise``).
         timestep_spacing, steps_offset: diffusers' spacing of the ``grid="diffusers"`` timesteps.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, beta_alpha, beta_beta: diffusers'
             spacing switches, honored as the ``karras``, ``logsnr`` and ``beta`` grids when ``grid="auto"``.
@@ -142,7 +149,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  rescale_betas_zero_snr: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
-                 time_shift_type: str = "exponential", shift_terminal: float | None = None, **kwargs: Any):
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                 corrector: bool | None = None, disable_corrector: Sequence[int] = (), variant: str | None = None,
+                 s_noise: float = 1.0, **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
             _warn_ignored(kwargs, stacklevel=4)
@@ -154,6 +163,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         _check_process_keys(self.config)
         self.schedule = _noise_schedule(self.config)
         check_method(method)  # validates the name with a helpful message
+        _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)
         if timestep_type not in _TIMESTEP_TYPES:
             raise ValueError(f"timestep_type must be one of {_TIMESTEP_TYPES}, got {timestep_type!r}")
         if timestep_spacing not in _SPACINGS:
@@ -307,7 +317,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         lof = bool(lof) and len(times) - 1 < 15 and spec.multistep_options and not is_pf
         stochastic = "eta" in spec.options  # the noise level of ddim_eta (also as a PFDiff base) and the SDE methods
         self._build_kw = dict(method=cfg.method, nfe=n if is_pf else None, eta=float(cfg.eta) if stochastic else None,
-                              lower_order_final=lof, pfdiff=pf)
+                              lower_order_final=lof, pfdiff=pf, **_solver_options(cfg))
         return build_plan(self.schedule, grid=list(times), **self._build_kw)
 
     def _grid_times(self, n: int | None, timesteps: Sequence[float] | None, spec: Any,
@@ -624,6 +634,40 @@ def _noise_schedule(cfg: Any, mu: float | None = None) -> Schedule:
         return FlowSchedule(time_scale=float(cfg.num_train_timesteps))
     # shift_terminal stretches the grid (DEISFastScheduler._flow_grid), not the process
     return flow_schedule_from_diffusers_config(dict(cfg, prediction_type="flow_prediction", shift_terminal=None), mu)
+
+
+def _solver_options(cfg: Any) -> dict:
+    """The corrector / variant / s_noise plan options a config sets (only those away from their defaults, so that
+    a method without them is never handed one)."""
+    out: dict = {}
+    if cfg.get("corrector") is not None:
+        out["corrector"] = bool(cfg["corrector"])
+    if cfg.get("disable_corrector"):
+        out["disable_corrector"] = tuple(int(i) for i in cfg["disable_corrector"])
+    if cfg.get("variant") is not None:
+        out["variant"] = str(cfg["variant"])
+    if float(cfg.get("s_noise", 1.0)) != 1.0:
+        out["s_noise"] = float(cfg["s_noise"])
+    return out
+
+
+def _check_solver_options(method: str, pfdiff: Any, corrector: bool | None, disable_corrector: Sequence[int],
+                          variant: str | None, s_noise: float, eta: float) -> None:
+    """Refuse at construction what build_plan would refuse at set_timesteps: a corrector on a method without one,
+    an unknown variant, a negative noise scale."""
+    if float(eta) < 0 or float(s_noise) < 0:
+        raise ValueError(f"eta and s_noise are noise scales and must be >= 0, got eta={eta}, s_noise={s_noise}")
+    opts = _solver_options(dict(corrector=corrector, disable_corrector=disable_corrector, variant=variant,
+                                s_noise=s_noise))
+    if not opts:
+        return
+    spec, o = resolve(method, PlanOptions(pfdiff=tuple(pfdiff) if pfdiff is not None else None, **opts))
+    if o.pfdiff is not None:
+        raise ValueError(f"PFDiff wraps a plain first-order step: {', '.join(sorted(opts))} do(es) not apply "
+                         f"(method={method!r}, pfdiff={o.pfdiff})")
+    builder_options(spec, o)
+    if o.variant is not None and o.variant not in spec.variants:
+        raise ValueError(f"unknown variant {o.variant!r} for {spec.name!r}; valid variants: {', '.join(spec.variants)}")
 
 
 def _refuse_schedule_changing_keys(cfg: dict) -> None:

@@ -72,9 +72,10 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
     disable = check_disable_corrector(disable_corrector)
     n = len(rows)
     alpha = schedule.alpha_from_rho(rho)
-    if alpha[0] == 0.0:
-        raise ValueError(f"corrector=True on the eps-form method {name!r} needs alpha > 0 at the start; this schedule "
-                         "starts at pure noise (flow matching / zero terminal SNR): use dpmpp* or unipc* instead")
+    # out of alpha = 0 (flow matching, zero terminal SNR) the first Eval is the data prediction D_0 itself and the
+    # first step is the data-form limit (rows[0] is coefficients.pure_noise_row); eps_0 = x_0 / sigma_0 exactly;
+    # the step out of rho = inf has no corrector (corr[0] is None)
+    pure_noise = alpha[0] == 0.0
     corr = data_ab_rows(schedule, rho, pts[:-1], implicit=True)
     de, dd = max(len(r.coefs) for r in rows), max(pts) + 1
     state = [j % 2 for j in range(n)] + [0]
@@ -87,11 +88,17 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
 
     b = PlanBuilder(schedule, "eps")
     for j, row in enumerate(rows):
+        c = corr[j - 1] if j >= 1 and j - 1 not in disable else None
+        if j == 0 and pure_noise:
+            b.eval(state[0], dat(0), t[0], "x0")
+            b.combine(state[1], [(row.state_coef, state[0]), (row.coefs[0], dat(0))])
+            if n > 1:
+                b.combine(eps(0), [(1.0 / float(schedule.sigma_from_rho(rho[0])), state[0])])
+            continue
         b.eval(state[j], eps(j), t[j])
-        if j < n - 1 or (j >= 1 and j - 1 not in disable):
+        if j < n - 1 or c is not None:
             b.combine(dat(j), [(1.0 / alpha[j], state[j]), (-rho[j], eps(j))])
-        if j >= 1 and j - 1 not in disable:
-            c = corr[j - 1]
+        if c is not None:
             b.combine(state[j], [(c.state_coef, state[j - 1])] + [(e, dat(j - k)) for k, e in enumerate(c.coefs)])
             # keep D_j, make eps_j consistent with the corrected state (a stale eps would not decay like x - D)
             b.combine(eps(j), [(1.0 / (alpha[j] * rho[j]), state[j]), (-1.0 / rho[j], dat(j))])
