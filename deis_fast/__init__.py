@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from . import ops
+from .gaussian_start import GaussianStart
 from .grid_opt import OptimizedGrid, load_grid, optimize_grid, save_grid
 from .grids import GRIDS, make_grid
 from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
 
-__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "ModelAdapter",
+__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "ModelAdapter",
            "NonFiniteError",
            "OptimizedGrid", "Plan", "Sampler", "load_grid", "optimize_grid", "save_grid", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]
