@@ -150,8 +150,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
-                 corrector: bool | None = None, disable_corrector: Sequence[int] = (), variant: str | None = None,
-                 s_noise: float = 1.0, **kwargs: Any):
+                 corrector: bool | None = None, disable_corrector: Sequence[int] | None = None,
+                 variant: str | None = None, s_noise: float = 1.0, **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
             _warn_ignored(kwargs, stacklevel=4)
@@ -651,7 +651,7 @@ def _solver_options(cfg: Any) -> dict:
     return out
 
 
-def _check_solver_options(method: str, pfdiff: Any, corrector: bool | None, disable_corrector: Sequence[int],
+def _check_solver_options(method: str, pfdiff: Any, corrector: bool | None, disable_corrector: Sequence[int] | None,
                           variant: str | None, s_noise: float, eta: float) -> None:
     """Refuse at construction what build_plan would refuse at set_timesteps: a corrector on a method without one,
     an unknown variant, a negative noise scale."""
