@@ -16,7 +16,7 @@ import sys
 import torch
 
 from deis_fast import GaussianStart
-from deis_fast.benchmarking import Result, deis_runner, digits_problem, evaluate, mixture_problem, report
+from deis_fast.benchmarking import deis_runner, digits_problem, evaluate, mixture_problem, report
 from deis_fast.testing import relative_errors
 
 METHODS = [("tab3", {"corrector": True}), ("tab2", {"corrector": True}), ("ipndm4", {"corrector": True}),

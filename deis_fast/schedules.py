@@ -7,7 +7,7 @@ time input the network was trained with (discrete index units, continuous t, or 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 

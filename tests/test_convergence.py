@@ -6,7 +6,6 @@ on non-uniform grids, so it is tested on a grid uniform in rho, where its weight
 """
 import numpy as np
 import pytest
-import torch
 
 import deis_fast
 from deis_fast.schedules import VESchedule, VPSchedule

@@ -8,7 +8,7 @@ import deis_fast
 from deis_fast.grids import GRIDS, make_grid
 from deis_fast.schedules import (FlowSchedule, VPSchedule, flow_schedule_from_diffusers_config, flux_mu,
                                  schedule_from_diffusers_config, shift_times)
-from deis_fast.testing import GaussianMixture, reference_solution, relative_errors
+from deis_fast.testing import reference_solution, relative_errors
 
 ALL = [m for m in deis_fast.METHOD_SPECS]
 

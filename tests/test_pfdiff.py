@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import deis_fast
-from deis_fast.plan import Combine, Eval
+from deis_fast.plan import Combine
 
 VP = deis_fast.VPSchedule.discrete("linear")
 KH = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)]
