@@ -65,9 +65,11 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
                   disable_corrector: Sequence[int] = ()) -> Plan:
     """An eps-form multistep predictor (``rows``) with the data-form lambda corrector after each Eval.
 
-    Per Eval j: ``D[j] = x_j / alpha_j - rho_j eps_j``; then (j >= 1) ``x_j <- s_j/s_{j-1} x_{j-1} +
-    a_j sum_k E_k D[j-k]`` from the previous corrected state, which lives in the other of two state slots
-    (the states alternate between slots 0 and 1; the last step writes slot 0); then the predictor step.
+    Slot 0 holds the (corrected) state, as in every plan; a prediction that will be corrected goes to slot 1
+    (``x'``) and is evaluated there. Per Eval j: ``D[j] = x'_j / alpha_j - rho_j eps_j``; then (corrected steps)
+    ``x_j <- s_j/s_{j-1} x_{j-1} + a_j sum_k E_k D[j-k]`` in slot 0 from the previous state, and eps_j is
+    made consistent with it; then the predictor writes x_{j+1} (to slot 1 when step j+1 will be corrected, else
+    to slot 0, where it is final).
     """
     disable = check_disable_corrector(disable_corrector)
     n = len(rows)
@@ -78,7 +80,9 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
     pure_noise = alpha[0] == 0.0
     corr = data_ab_rows(schedule, rho, pts[:-1], implicit=True)
     de, dd = max(len(r.coefs) for r in rows), max(pts) + 1
-    state = [j % 2 for j in range(n)] + [0]
+
+    def corrected(j: int) -> bool:
+        return 1 <= j < n and j - 1 not in disable and corr[j - 1] is not None
 
     def eps(k: int) -> int:
         return 2 + k % de
@@ -88,21 +92,23 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
 
     b = PlanBuilder(schedule, "eps")
     for j, row in enumerate(rows):
-        c = corr[j - 1] if j >= 1 and j - 1 not in disable else None
+        dst = 1 if corrected(j + 1) else 0
         if j == 0 and pure_noise:
-            b.eval(state[0], dat(0), t[0], "x0")
-            b.combine(state[1], [(row.state_coef, state[0]), (row.coefs[0], dat(0))])
+            b.eval(0, dat(0), t[0], "x0")
             if n > 1:
-                b.combine(eps(0), [(1.0 / float(schedule.sigma_from_rho(rho[0])), state[0])])
+                b.combine(eps(0), [(1.0 / float(schedule.sigma_from_rho(rho[0])), 0)])
+            b.combine(dst, [(row.state_coef, 0), (row.coefs[0], dat(0))])
             continue
-        b.eval(state[j], eps(j), t[j])
-        if j < n - 1 or c is not None:
-            b.combine(dat(j), [(1.0 / alpha[j], state[j]), (-rho[j], eps(j))])
-        if c is not None:
-            b.combine(state[j], [(c.state_coef, state[j - 1])] + [(e, dat(j - k)) for k, e in enumerate(c.coefs)])
+        src = 1 if corrected(j) else 0
+        b.eval(src, eps(j), t[j])
+        if j < n - 1 or corrected(j):
+            b.combine(dat(j), [(1.0 / alpha[j], src), (-rho[j], eps(j))])
+        if corrected(j):
+            c = corr[j - 1]
+            b.combine(0, [(c.state_coef, 0)] + [(e, dat(j - k)) for k, e in enumerate(c.coefs)])
             # keep D_j, make eps_j consistent with the corrected state (a stale eps would not decay like x - D)
-            b.combine(eps(j), [(1.0 / (alpha[j] * rho[j]), state[j]), (-1.0 / rho[j], dat(j))])
-        b.combine(state[j + 1], [(row.state_coef, state[j])] + [(c, eps(j - k)) for k, c in enumerate(row.coefs)])
+            b.combine(eps(j), [(1.0 / (alpha[j] * rho[j]), 0), (-1.0 / rho[j], dat(j))])
+        b.combine(dst, [(row.state_coef, 0)] + [(c, eps(j - k)) for k, c in enumerate(row.coefs)])
     names = ["x", "x'"] + [f"eps[{k}]" for k in range(de)] + [f"D[{k}]" for k in range(dd)]
     return b.build(name, 2 + de + dd, t, names)
 
