@@ -4,7 +4,8 @@ Every run starts from the same pure noise at t = 999 as benchmarks/quality.py an
 reference endpoint (digits: rho_rk4 @ 800 NFE from that noise; mixture: the exact ODE endpoint). With the Gaussian
 start the state is first moved from t = 999 to t_skip along the exact ODE of a Gaussian with the data's mean and
 covariance (digits: the 1797 training images; mixture: its analytic moments), at zero NFE, and the solver spends
-its whole budget from t_skip (time_quadratic grid from t_skip). t_skip and the method are chosen per NFE on the
+its whole budget from t_skip (time_quadratic grid from t_skip). ``flow``: the embedded rectified-flow digits model
+from t = 1 (diffusers' FlowMatch grid from t_skip, shift 1; the same training-image statistics). t_skip and the method are chosen per NFE on the
 calibration noises (seed 100) only; the table reports the held-out seeds (mean over 4 seeds of the median
 per-sample relative error).
 
@@ -21,8 +22,10 @@ from deis_fast.testing import relative_errors
 
 METHODS = [("tab3", {"corrector": True}), ("tab2", {"corrector": True}), ("ipndm4", {"corrector": True}),
            ("logrho3", {"corrector": True}), ("pfdiff", {"pfdiff": (1, 1)})]
-T_SKIP = [999.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0]
-T_START = 999.0
+# per problem: (start time, the t_skip candidates (the first: no Gaussian start), the solver's grid from t_skip)
+TIMES = {"digits": (999.0, [999.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0], "time_quadratic"),
+         "mixture": (999.0, [999.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0], "time_quadratic"),
+         "flow": (1.0, [1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6], "time_uniform")}
 
 
 def label(method, kw):
@@ -31,7 +34,7 @@ def label(method, kw):
 
 
 def start_for(name, prob):
-    if name == "digits":
+    if name in ("digits", "flow"):
         from deis_fast.digits import load_digits_data
         return GaussianStart.from_samples(load_digits_data())
     mix = prob.mixture
@@ -40,30 +43,33 @@ def start_for(name, prob):
     return GaussianStart(mean, cov)
 
 
-def runner(prob, start, method, kw, t_skip):
-    run = deis_runner(prob.model, prob.schedule, method, "time_quadratic", t_start=t_skip, prediction=prob.prediction,
-                      **kw)
-    if t_skip == T_START:
+def runner(prob, start, method, kw, t_skip, t_start, grid):
+    run = deis_runner(prob.model, prob.schedule, method, grid, t_start=t_skip, prediction=prob.prediction, **kw)
+    if t_skip == t_start:
         return run
-    return lambda noise, n: run(start(noise, prob.schedule, T_START, t_skip), n)
+    return lambda noise, n: run(start(noise, prob.schedule, t_start, t_skip), n)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["digits", "mixture"], choices=["digits", "mixture"])
+    ap.add_argument("--models", nargs="+", default=["digits", "mixture", "flow"], choices=tuple(TIMES))
     ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 7, 8, 10])
     ap.add_argument("--out-md", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     lines = []
     for name in args.models:
-        prob = digits_problem() if name == "digits" else mixture_problem()
+        prob = {"digits": digits_problem, "mixture": mixture_problem,
+                "flow": lambda: digits_problem(kind="flow")}[name]()
         start = start_for(name, prob)
+        t_start, t_skips, grid = TIMES[name]
         cal_noise, cal_ref = prob.calibration
         rows = []   # (label, t_skip, calibration error per nfe, held-out Result)
         for method, kw in METHODS:
-            for t_skip in T_SKIP:
-                run = runner(prob, start, method, kw, t_skip)
+            for t_skip in t_skips:
+                if name == "flow" and method in ("ipndm4", "logrho3"):
+                    continue
+                run = runner(prob, start, method, kw, t_skip, t_start, grid)
                 cal = {}
                 for n in args.nfe:
                     try:
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
                      "(chosen on calibration) | held-out | gain |")
         lines.append("|---|---|---|---|---|---|")
         for n in args.nfe:
-            plain = min((r for r in rows if r[1] == T_START), key=lambda r: r[2][n])
+            plain = min((r for r in rows if r[1] == t_start), key=lambda r: r[2][n])
             best = min(rows, key=lambda r: r[2][n])
             a, b = plain[3].mean(n), best[3].mean(n)
             lines.append(f"| {n} | {plain[0]} | {a:.3g} | {best[0]}, t_skip {best[1]:g} | {b:.3g} | {a / b:.2f}x |")
