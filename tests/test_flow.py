@@ -234,6 +234,23 @@ def test_corrector_starts_at_pure_noise(zero_snr, small_mixture, small_noise):
         assert e[1] < (1.3 if method == "ipndm4" else 0.9) * e[0], (method, e)
 
 
+def test_multistep_order_on_flow_is_set_by_the_warm_start(small_mixture, small_noise):
+    """Why multistep methods measure ~2 on the flow mixture: away from t = 1 too (0.9 -> 0.1, uniform grid) tab2
+    and tab3 have the same error (the common first-order first step dominates it) and it falls 4x per halving."""
+    s = FlowSchedule()
+    x = 0.9 * small_noise
+    ref = reference_solution(small_mixture, s, x, 0.9, 0.1, rtol=1e-12, atol=1e-12)
+    m = small_mixture.model(s, "flow")
+
+    def err(method, n):
+        y = deis_fast.sample(m, x, schedule=s, method=method, nfe=n, grid="time_uniform", prediction="flow",
+                             t_start=0.9, t_end=0.1)
+        return float(relative_errors(y, ref).mean())
+    e2, e3, e3_fine = err("tab2", 80), err("tab3", 80), err("tab3", 160)
+    assert abs(e3 / e2 - 1.0) < 0.05, (e2, e3)
+    assert 3.5 < e3 / e3_fine < 4.5, (e3, e3_fine)
+
+
 # --- PFDiff on flow -------------------------------------------------------------------------------------------------
 def _official_pfdiff_flow(v_model, x, sigmas, k, h):
     """PFDiff-k_h as the official FLUX code: plain Euler first step, then springboard with the buffered v,
