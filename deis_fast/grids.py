@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from .schedules import Schedule
+from .schedules import FlowSchedule, Schedule
 
 GRIDS = ("time_uniform", "time_quadratic", "logsnr", "karras", "beta", "ays", "ays_sdxl", "ays_svd", "kl_optimal",
          "linear_quadratic")
@@ -104,6 +104,7 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
         if steps is not None and len(t) - 1 != int(steps):
             raise ValueError(f"the given grid has {len(t) - 1} steps but {steps} steps were asked for; "
                              "pass nfe=None with an explicit grid")
+        _check_flow_grid_end(schedule, t, t_end)
     if integer_timesteps:
         if not schedule.discrete:
             raise ValueError("integer_timesteps applies only to discrete schedules")
@@ -149,6 +150,19 @@ def _named_grid(schedule: Schedule, grid: str, n: int, ts: float, te: float, kar
         t = schedule.t_from_rho((ra ** p + u * (rb ** p - ra ** p)) ** karras_rho)
     t[0], t[-1] = ts, te  # exact endpoints despite round-off of the inverse maps
     return t
+
+
+def _check_flow_grid_end(schedule: Schedule, t: np.ndarray, t_end: float | None) -> None:
+    """A flow sample is clean only at t = 0 (x_t = (1 - t) x0 + t eps); an explicit grid that stops short returns a
+    noisy state. diffusers' FlowMatch ``sigmas`` leave the final 0 out (the scheduler appends it), so a copied list
+    is the usual cause: refuse it unless ``t_end`` says the early stop is meant."""
+    if not isinstance(schedule, FlowSchedule) or t.size == 0 or t[-1] == 0.0:
+        return
+    if t_end is not None and np.isclose(t[-1], float(t_end), rtol=1e-12, atol=1e-15):
+        return
+    raise ValueError(f"this flow grid ends at t = {t[-1]:.6g}: the result would be (1 - t) x0 + t noise there, not a "
+                     "clean sample. Append 0 to the grid (diffusers' FlowMatch sigmas leave it out), or pass "
+                     f"t_end={t[-1]:.6g} to stop there on purpose")
 
 
 def _check_beta_ab(beta_ab: Any) -> None:

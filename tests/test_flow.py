@@ -324,6 +324,26 @@ def test_zero_terminal_snr_every_method_from_t_max(small_mixture, small_noise):
 
 
 # --- k-diffusion / ComfyUI CONST ----------------------------------------------------------------------------------
+def test_flow_grid_that_stops_short_needs_t_end(small_mixture, small_noise):
+    """diffusers' FlowMatch sigmas without the final 0 would return (1 - t) x0 + t noise: refused with a message
+    naming both fixes; t_end says the early stop is meant (k-diffusion sigmas ending above 0 pass it)."""
+    s = FlowSchedule()
+    m = small_mixture.model(s, "flow")
+    sigmas = list(np.linspace(1.0, 0.25, 13))
+    with pytest.raises(ValueError, match=r"ends at t = 0.25.*Append 0.*t_end=0.25"):
+        deis_fast.sample(m, small_noise, schedule=s, method="tab2", nfe=None, grid=sigmas, prediction="flow")
+    part = deis_fast.sample(m, small_noise, schedule=s, method="tab2", nfe=None, grid=sigmas, prediction="flow",
+                            t_end=0.25)
+    ref = reference_solution(small_mixture, s, small_noise, 1.0, 0.25)
+    assert float(relative_errors(part, ref).mean()) < 0.05
+    full = deis_fast.sample(m, small_noise, schedule=s, method="tab2", nfe=None, grid=sigmas + [0.0], prediction="flow")
+    assert torch.isfinite(full).all()
+    from deis_fast.integrations.k_diffusion import sample_deis
+    xk = sample_deis(lambda x, sg: x - sg.reshape(-1, 1) * m(x, 1000 * sg), small_noise, torch.tensor(sigmas),
+                     disable=True, model_type="const", method="tab2")
+    torch.testing.assert_close(xk, part, rtol=1e-10, atol=1e-10)
+
+
 def test_k_diffusion_const_convention(small_mixture, small_noise):
     from deis_fast.integrations.k_diffusion import sample_deis, sample_pfdiff, sample_rho_rk
     s = FlowSchedule(time_scale=1.0)
@@ -336,7 +356,7 @@ def test_k_diffusion_const_convention(small_mixture, small_noise):
     grid = sig.tolist()
     cases = [(sample_deis, {}, dict(method="tab3", nfe=None, grid=grid)),
              (sample_pfdiff, {"k": 1, "h": 1}, dict(method="ddim", nfe=6, grid=grid, pfdiff=(1, 1))),
-             (sample_rho_rk, {}, dict(method="rho_heun", nfe=None, grid=grid[:-1]))]
+             (sample_rho_rk, {}, dict(method="rho_heun", nfe=None, grid=grid[:-1], t_end=grid[-2]))]
     for fn, kw, direct_kw in cases:
         x = fn(denoiser, small_noise.clone(), sig, disable=True, model_type="const", **kw)
         direct = deis_fast.sample(model, small_noise, schedule=s, prediction="x0", **direct_kw)

@@ -124,8 +124,11 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         return out
 
     nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts)
+    # k-diffusion sigmas end where the caller wants to stop (ComfyUI splits a run across samplers), so a CONST
+    # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
+    t_end = float(grid[-1]) if model_type == "const" else None
     sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
-                      progress=disable is not True, **options)
+                      t_end=t_end, progress=disable is not True, **options)
     evals = sampler.plan.evals
 
     def cb(info: dict) -> None:
