@@ -240,7 +240,7 @@ def plan_to_dict(plan) -> dict:
                 d.update(noise_coef=op.noise_coef, noise_index=op.noise_index)
             ops.append(d)
     return {"method": plan.method, "nfe": plan.nfe, "num_slots": plan.num_slots, "slot_names": list(plan.slot_names),
-            "num_noise": plan.num_noise, "times": list(plan.times), "ops": ops}
+            "num_noise": plan.num_noise, "times": list(plan.times), "state_slots": list(plan.state_slots), "ops": ops}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -134,6 +134,10 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
     ``fin`` sums (input, one per NFE, result) and their total feed the deferred finite check
     (:func:`finish_finite_check`). ``step_noise`` is indexed by a Combine's ``noise_index``.
     ``inpaint`` keeps the known region on the forward process in every Eval's input and in the result.
+    ``callback({"x", "i", "t"})`` runs once per segment that advanced the solution (wrote one of
+    ``plan.state_slots``), before the next Eval, with the state written last, ``i`` the number of network calls so
+    far and ``t`` the time of the last one: once per step for every method (Runge-Kutta stages and PFDiff
+    springboards are not reported).
     """
     bufs = bufs if bufs is not None else [None] * len(slots)
     lo, hi = span if span is not None else (0, len(plan.ops))
@@ -149,8 +153,13 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.nfe, desc=f"deis_fast {plan.method}", leave=False)
     k = first_eval
+    state_slots = plan.state_slots
+    advanced = -1  # the state slot written last in this segment (-1: none), for the callback
     for op in plan.ops[lo:hi]:
         if type(op) is Eval:
+            if advanced >= 0:
+                _report(callback, plan, slots, advanced, k)
+                advanced = -1
             if inpaint is not None:
                 slots[op.src] = inpaint.blend(slots[op.src], op.alpha, op.sigma, inplace=in_place)
             buf = bufs[op.dst]
@@ -175,8 +184,10 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
                 bar.update(1)
         else:
             _run_combine(op, slots, step_noise, in_place)
-            if callback is not None and op.dst == 0:
-                callback({"x": slots[0], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
+            if callback is not None and op.dst in state_slots:
+                advanced = op.dst
+    if advanced >= 0:
+        _report(callback, plan, slots, advanced, k)
     if bar is not None:
         bar.close()
     if inpaint is not None and hi == len(plan.ops):
@@ -186,6 +197,10 @@ def run_plan(plan: Plan, slots: list, evaluate: Evaluate, *, bufs: Sequence[torc
         torch.sum(x if in_place else x.detach(), dim=None, dtype=fin[-1].dtype, out=fin[-1])
         torch.sum(finite.fin, dim=None, out=finite.fin_total)
     return x
+
+
+def _report(callback: Callable[[dict[str, Any]], None], plan: Plan, slots: list, slot: int, k: int) -> None:
+    callback({"x": slots[slot], "i": k, "t": plan.evals[k - 1].t if k else plan.times[0]})
 
 
 def _run_combine(op: Combine, slots: list, step_noise: Sequence[torch.Tensor] | None, in_place: bool) -> None:

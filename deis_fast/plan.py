@@ -54,6 +54,9 @@ class Plan:
     times: tuple[float, ...]
     slot_names: tuple[str, ...] = field(default=())
     num_noise: int = 0
+    # the slots that hold the solution (slot 0; a predictor-corrector plan also evaluates its prediction in
+    # another one): what ``run_plan``'s callback reports, as opposed to stage, springboard or history slots
+    state_slots: tuple[int, ...] = (0,)
 
     @property
     def nfe(self) -> int:
@@ -118,5 +121,7 @@ class PlanBuilder:
         self.ops.append(Combine(dst, tuple(c for c, _ in terms), tuple(k for _, k in terms), float(noise_coef),
                                 noise_index))
 
-    def build(self, method: str, num_slots: int, times: Sequence[float], slot_names: Sequence[str]) -> Plan:
-        return Plan(method, tuple(self.ops), num_slots, tuple(float(x) for x in times), tuple(slot_names), self.n_noise)
+    def build(self, method: str, num_slots: int, times: Sequence[float], slot_names: Sequence[str],
+              state_slots: Sequence[int] = (0,)) -> Plan:
+        return Plan(method, tuple(self.ops), num_slots, tuple(float(x) for x in times), tuple(slot_names), self.n_noise,
+                    tuple(int(k) for k in state_slots))

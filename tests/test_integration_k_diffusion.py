@@ -106,6 +106,37 @@ def test_pfdiff_and_dpmpp_run(problem):
         sample_pfdiff(model, x0, get_sigmas_karras(12, SMIN, SMAX), disable=True)
 
 
+@pytest.mark.parametrize("name,kw", [("sample_deis", {}), ("sample_deis", {"corrector": True}),
+                                     ("sample_unipc", {}), ("sample_rho_rk", {}), ("sample_dpmpp_2m_sde", {}),
+                                     ("sample_ipndm", {})])
+def test_callback_once_per_step_with_k_diffusion_indices(problem, name, kw):
+    """k-diffusion's contract: one callback per step, i = 0, 1, ..., sigma = sigmas[i] — also for predictor-corrector
+    plans (UniPC used to report each step twice) and Runge-Kutta (it reported NFE indices and stage sigmas)."""
+    import deis_fast.integrations.k_diffusion as dk
+    model, x0, _, _ = problem
+    sig = get_sigmas_karras(6, SMIN, SMAX, dtype=torch.float64)
+    seen = []
+    out = getattr(dk, name)(model, x0, sig, callback=seen.append, disable=True, **kw)
+    assert [d["i"] for d in seen] == list(range(6)), [d["i"] for d in seen]
+    assert [d["sigma"] for d in seen] == pytest.approx(sig[:6].tolist())
+    torch.testing.assert_close(seen[-1]["x"], out)
+
+
+def test_sampler_callback_reports_each_step_once():
+    """Sampler's callback: once per step for every plan shape (multistep, predictor-corrector in one or two state
+    slots, Runge-Kutta stages, PFDiff springboards), the last one being the result."""
+    mix = GaussianMixture.random(4, 8, 0.3, 0)
+    sched = deis_fast.VPSchedule.discrete("linear")
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for method, kw, calls in [("tab3", {}, 6), ("tab3", {"corrector": True}, 6), ("dpmpp3", {"corrector": True}, 6),
+                              ("unipc2", {}, 6), ("rho_heun", {}, 3), ("pfdiff", {}, 6)]:
+        seen = []
+        out = deis_fast.Sampler(mix.model(sched), sched, method, 6, **kw)(z, callback=seen.append)
+        assert len(seen) == calls, (method, kw, [d["i"] for d in seen])
+        torch.testing.assert_close(seen[-1]["x"], out)
+        assert [d["i"] for d in seen] == sorted(d["i"] for d in seen)
+
+
 def test_callback_extra_args_and_rk_final_euler(problem):
     model, x0, _, calls = problem
     sig = get_sigmas_karras(6, SMIN, SMAX, dtype=torch.float64)

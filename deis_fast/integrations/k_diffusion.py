@@ -131,10 +131,15 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
                       t_end=t_end, progress=disable is not True, **options)
     evals = sampler.plan.evals
 
+    steps = [0]
+
     def cb(info: dict) -> None:
-        k = max(info["i"] - 1, 0)
-        sig = float(evals[k].model_t)
-        callback({"x": info["x"], "i": k, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
+        # once per step (the executor reports each step once, Runge-Kutta stages included): k-diffusion's i is the
+        # step index and sigma that step's sigmas[i]; a PFDiff step spans k+1 sigmas, so it reports its call's sigma
+        i = steps[0]
+        steps[0] += 1
+        sig = float(grid[i]) if plan_opts.pfdiff is None else float(evals[max(info["i"] - 1, 0)].model_t)
+        callback({"x": info["x"], "i": i, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
     step_noise = None
     if noise_sampler is not None and sampler.plan.num_noise:
         if plan_opts.pfdiff is not None:
@@ -146,7 +151,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         sig = float(s[-2])
         out = model(out, out.new_full((out.shape[0],), sig), **extra_args)
         if callback is not None:
-            callback({"x": out, "i": len(evals), "sigma": sig, "sigma_hat": sig, "denoised": out})
+            callback({"x": out, "i": len(grid) - 1, "sigma": sig, "sigma_hat": sig, "denoised": out})
     return out
 
 

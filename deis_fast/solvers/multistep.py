@@ -110,7 +110,7 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
             b.combine(eps(j), [(1.0 / (alpha[j] * rho[j]), 0), (-1.0 / rho[j], dat(j))])
         b.combine(dst, [(row.state_coef, 0)] + [(c, eps(j - k)) for k, c in enumerate(row.coefs)])
     names = ["x", "x'"] + [f"eps[{k}]" for k in range(de)] + [f"D[{k}]" for k in range(dd)]
-    return b.build(name, 2 + de + dd, t, names)
+    return b.build(name, 2 + de + dd, t, names, state_slots=(0, 1))
 
 
 def eps_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, variable: str,

@@ -86,4 +86,4 @@ def _concat(a: Plan, b: Plan) -> Plan:
         ops.append(op)
     names = b.slot_names if len(b.slot_names) >= len(a.slot_names) else a.slot_names
     return Plan(b.method, tuple(ops), max(a.num_slots, b.num_slots), (a.times[0],) + tuple(b.times), names,
-                a.num_noise + b.num_noise)
+                a.num_noise + b.num_noise, tuple(sorted(set(a.state_slots) | set(b.state_slots))))
