@@ -10,8 +10,8 @@ scaled by the ratio of the marginal standard deviations,
 
 So the solver can start at an intermediate t with the whole NFE budget spent where the data is not Gaussian.
 The start is exact for Gaussian data and approximate otherwise; how far it may go is a property of the model and
-data (benchmarks/unipc_corrector.py measures it on the digits model). Works for any schedule (VP, VE, flow), from
-pure noise (alpha = 0) too.
+data (benchmarks/gaussian_start.py measures it on the digits models and the mixture). Works for any schedule
+(VP, VE, flow), from pure noise (alpha = 0) too.
 """
 from __future__ import annotations
 
