@@ -46,6 +46,12 @@ class GaussianStart:
         if float(var.min()) < -1e-8 * max(float(var.max()), 1e-300):
             raise ValueError(f"cov must be positive semi-definite; its smallest eigenvalue is {float(var.min()):.3g}")
         self.mean, self.var = mean, var.clamp_min(0.0)
+        self._on: dict = {}  # device -> (mean, var, basis) there, moved once
+
+    def _stats_on(self, dev: torch.device) -> tuple:
+        if dev not in self._on:
+            self._on[dev] = (self.mean.to(dev), self.var.to(dev), None if self.basis is None else self.basis.to(dev))
+        return self._on[dev]
 
     @classmethod
     def from_samples(cls, x: torch.Tensor, diagonal: bool = False) -> "GaussianStart":
@@ -69,13 +75,8 @@ class GaussianStart:
             raise ValueError(f"the schedule has no finite alpha/sigma at t_from={t_from} or t_to={t_to}")
         if s_t > s_s:
             raise ValueError(f"t_to={t_to} is noisier than t_from={t_from}: the Gaussian start moves towards the data")
-        dev = x.device
-        mean, var = self.mean.to(dev), self.var.to(dev)
+        mean, var, u = self._stats_on(x.device)
         scale = torch.sqrt((a_t ** 2 * var + s_t ** 2) / (a_s ** 2 * var + s_s ** 2))
         y = x.detach().reshape(x.shape[0], -1).to(torch.float64) - a_s * mean
-        if self.basis is None:
-            y = y * scale
-        else:
-            u = self.basis.to(dev)
-            y = ((y @ u) * scale) @ u.T
+        y = y * scale if u is None else ((y @ u) * scale) @ u.T
         return (y + a_t * mean).reshape(x.shape).to(x.dtype)
