@@ -665,9 +665,7 @@ def _check_solver_options(method: str, pfdiff: Any, corrector: bool | None, disa
     if o.pfdiff is not None:
         raise ValueError(f"PFDiff wraps a plain first-order step: {', '.join(sorted(opts))} do(es) not apply "
                          f"(method={method!r}, pfdiff={o.pfdiff})")
-    builder_options(spec, o)
-    if o.variant is not None and o.variant not in spec.variants:
-        raise ValueError(f"unknown variant {o.variant!r} for {spec.name!r}; valid variants: {', '.join(spec.variants)}")
+    builder_options(spec, o)  # raises for an option the method lacks and for an unknown variant
 
 
 def _refuse_schedule_changing_keys(cfg: dict) -> None:

@@ -15,6 +15,7 @@ from ..schedules import FlowSchedule, Schedule
 from . import METHOD_SPECS, MethodSpec, get_method
 from .pfdiff import DEFAULT_KH, check_kh, pfdiff_plan
 from .restart import eval_at_time, tail_plan
+from .unipc import check_variant
 
 __all__ = ["PlanOptions", "build_plan", "default_grid", "resolve", "grid_intervals", "nfe_for_intervals",
            "check_method", "describe_methods", "MAX_NFE"]
@@ -241,7 +242,7 @@ def builder_options(spec: MethodSpec, o: PlanOptions) -> dict:
             with_variants = ", ".join(f"{m.name} ({'|'.join(m.variants)})" for m in METHOD_SPECS.values() if m.variants)
             raise ValueError(f"method {spec.name!r} has no variants (got variant={o.variant!r}); methods with "
                              f"variants: {with_variants}")
-        out["variant"] = o.variant
+        out["variant"] = check_variant(o.variant, spec.variants, spec.name)
     if "eta" in spec.options:
         out["eta"] = 1.0 if o.eta is None else o.eta
     elif o.eta is not None:
