@@ -17,6 +17,12 @@ __all__ = ["Schedule", "VPSchedule", "VESchedule", "FlowSchedule", "schedule_fro
            "flux_mu", "flow_schedule_from_diffusers_config", "rescale_zero_terminal_snr"]
 
 
+def _sqrt_roundoff(v: np.ndarray) -> np.ndarray:
+    """sqrt of a variance-like quantity; a rounding-level negative (log alpha = +1e-20 at the rho = 0 end,
+    reached by inverting rho) is 0, a real negative stays NaN."""
+    return np.sqrt(np.where((v < 0.0) & (v > -1e-12), 0.0, v))
+
+
 def _f64(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
@@ -215,12 +221,10 @@ class VPSchedule(Schedule):
         return np.log(np.cos((t + s) / (1.0 + s) * math.pi / 2.0)) - self._log_alpha_0
 
     def rho(self, t: ArrayLike) -> np.ndarray:
-        la = self.log_alpha(t)
-        return np.sqrt(np.expm1(-2.0 * la))
+        return _sqrt_roundoff(np.expm1(-2.0 * self.log_alpha(t)))
 
     def sigma(self, t: ArrayLike) -> np.ndarray:
-        la = self.log_alpha(t)
-        return np.sqrt(-np.expm1(2.0 * la))
+        return _sqrt_roundoff(-np.expm1(2.0 * self.log_alpha(t)))
 
     def t_from_log_alpha(self, la: ArrayLike) -> np.ndarray:
         la = _f64(la)

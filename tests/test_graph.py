@@ -74,8 +74,15 @@ def test_compile_inductor_reduce_overhead(net):
     x = _noise()
     with torch.no_grad():
         ref = deis_fast.Sampler(net, method="tab3", nfe=10)(x)
+        exact = deis_fast.Sampler(copy.deepcopy(net).double(), method="tab3", nfe=10)(x.double())
         c = torch.compile(deis_fast.Sampler(net, method="tab3", nfe=10), fullgraph=True, mode="reduce-overhead")
-        torch.testing.assert_close(c(x), ref, rtol=1e-6, atol=1e-6)
+        got = c(x)
+    # inductor fuses and reorders float32 arithmetic (the rounding differs by CPU: ~2e-5 relative after 10 steps
+    # on an AVX2 machine), so it is held to the float64 result like any fast path: at most 2x eager's error
+    err_eager = float((ref.double() - exact).abs().max())
+    err_compiled = float((got.double() - exact).abs().max())
+    assert err_compiled <= 2.0 * err_eager, (err_compiled, err_eager)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_compile_rejects_model_reusing_its_output_buffer(net):

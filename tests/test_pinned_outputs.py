@@ -1,10 +1,13 @@
-"""Sampling results are pinned bit for bit: a refactor of the registry, the plan builders or the executor must
-not change any method's output on a fixed seed. The hashes in ``data/pinned_outputs.json`` were written by
-``python tests/test_pinned_outputs.py --write`` before the one-core refactor (issue 12); rewrite them only for a
-change that is meant to alter results, and say so in the commit."""
+"""Sampling results are pinned: a refactor of the registry, the plan builders or the executor must not change any
+method's output on a fixed seed. ``data/pinned_outputs.json`` holds the outputs themselves (written by ``python
+tests/test_pinned_outputs.py --write``); they must hold to 1e-10 relative. Not bit for bit: the same code gives
+different last bits on another CPU (the model's matmuls and the kernels' vector paths differ between AVX2 and
+AVX-512 machines), while any change of a coefficient or of an update rule moves the output by far more. The
+first pins (sha256 hashes, written before the one-core refactor of issue 12) were replaced by these values when
+the suite moved to an AVX2 machine, from the code that had passed the hashes. Rewrite them only for a change that
+is meant to alter results, and say so in the commit."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -52,10 +55,6 @@ def _output(schedule: str, opts: dict) -> torch.Tensor:
     return deis_fast.sample(model, noise, schedule=sched, nfe=12, generator=gens, prediction=pred, **opts)
 
 
-def _digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:24]
-
-
 @pytest.fixture(scope="module")
 def pins() -> dict:
     with open(PINS) as f:
@@ -71,15 +70,17 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("case", sorted(_cases()))
-def test_output_is_bitwise_pinned(case, pins):
+def test_output_is_pinned(case, pins):
     schedule, opts = _cases()[case]
     assert case in pins, f"no pin for {case}; add it with `python tests/test_pinned_outputs.py --write`"
-    assert _digest(_output(schedule, opts)) == pins[case], f"{case}: the output changed bitwise"
+    pinned = torch.tensor(pins[case], dtype=torch.float64)
+    torch.testing.assert_close(_output(schedule, opts), pinned, rtol=1e-10, atol=1e-10 * float(pinned.abs().max()),
+                               msg=lambda m: f"{case}: the output changed\n{m}")
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
     torch.set_num_threads(1)
     with open(PINS, "w") as f:
-        json.dump({k: _digest(_output(s, o)) for k, (s, o) in sorted(_cases().items())}, f, indent=1, sort_keys=True)
+        json.dump({k: _output(s, o).tolist() for k, (s, o) in sorted(_cases().items())}, f, indent=1, sort_keys=True)
         f.write("\n")
     print(f"wrote {PINS}")

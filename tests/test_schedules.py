@@ -24,6 +24,17 @@ def test_inverses_round_trip(s):
         np.testing.assert_allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("s", [x for x in ALL if x.variance_preserving], ids=repr)
+def test_rho_zero_end_is_exactly_zero_not_nan(s):
+    # inverting rho = 0 may land a rounding error past alpha = 1 (log alpha = +1e-20 with numpy 2.4); that is
+    # the denoised endpoint, rho = sigma = 0; a point really past it stays NaN
+    t0 = s.t_from_rho(np.array([0.0]))
+    assert 0.0 <= s.rho(t0)[0] < 1e-9 and 0.0 <= s.sigma(t0)[0] < 1e-9
+    if s.kind == "discrete":  # extrapolated linearly in log alpha: far past the end alpha > 1
+        with np.errstate(invalid="ignore"):
+            assert np.isnan(s.rho(np.array([t0[0] - 0.5 * (s.t_max - s.t_min)]))[0])
+
+
 @pytest.mark.parametrize("preset", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_discrete_matches_diffusers_alphas_cumprod(preset):
     diffusers = pytest.importorskip("diffusers")
