@@ -51,10 +51,14 @@ def start_for(name, prob):
 def exact_start(prob, nfe=200):
     """The diagnostic start: the model's own ODE solved accurately from t_from to t_to (rho_rk4, ``nfe`` calls)."""
     from deis_fast.sampler import Sampler
+    cache = {}   # (id(x), t_from, t_to) -> (x, moved): the same noise set is moved once, not once per NFE
 
     def move(x, schedule, t_from, t_to):
-        return Sampler(prob.model, schedule, "rho_rk4", nfe, "logsnr", prob.prediction, t_start=t_from, t_end=t_to,
-                       check_finite=False)(x)
+        key = (id(x), t_from, t_to)
+        if key not in cache or cache[key][0] is not x:
+            cache[key] = (x, Sampler(prob.model, schedule, "rho_rk4", nfe, "logsnr", prob.prediction, t_start=t_from,
+                                     t_end=t_to, check_finite=False)(x))
+        return cache[key][1]
     return move
 
 

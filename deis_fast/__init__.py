@@ -10,6 +10,7 @@ from . import ops
 from .gaussian_start import GaussianStart
 from .grid_opt import OptimizedGrid, load_grid, optimize_grid, save_grid
 from .grids import GRIDS, make_grid
+from .learned import LearnedPlan, learn_plan, load_plan, save_plan
 from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
 from .plan import Combine, Eval, Plan
 from .sampler import NonFiniteError, Sampler, build_plan, randn_per_sample, sample
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 
 ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
 
-__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "ModelAdapter",
-           "NonFiniteError",
-           "OptimizedGrid", "Plan", "Sampler", "load_grid", "optimize_grid", "save_grid", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
+__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "LearnedPlan",
+           "ModelAdapter", "NonFiniteError",
+           "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_plan", "optimize_grid", "save_grid",
+           "save_plan", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -1,0 +1,195 @@
+"""Learned plans: every Combine coefficient and every network time input of a plan fitted to one model.
+
+A few-step solver's coefficients come from a local model of the trajectory (a polynomial in some variable); at 5-8
+NFE that model is coarse, and the best linear combination of the same network outputs for *this* network is
+different. :func:`learn_plan` fits it end to end, S4S-style (Frankel et al. 2025, "S4S: Solving for a diffusion
+model solver"): Adam on multiplicative changes of the Combine coefficients and log-changes of the time each Eval
+feeds the network, through the unrolled solve, against a fine reference solution of calibration noises, keeping the
+iterate that does best on a held-out part of them. The result is a :class:`~deis_fast.plan.Plan` like any other:
+the same executor, fused combines, CUDA graphs and ``torch.compile``. The fit needs a model that autograd can run
+through (a plain ``nn.Module``); a model whose time input is not differentiable keeps its Eval times.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .models import ModelAdapter
+from .plan import Combine, Eval, Plan
+from .schedules import Schedule
+
+__all__ = ["LearnedPlan", "learn_plan", "save_plan", "load_plan"]
+
+
+@dataclass
+class LearnedPlan:
+    """What :func:`learn_plan` returns: the fitted ``plan`` (pass it as ``Sampler(..., plan=...)``) and the median
+    per-sample relative errors on the held-out calibration noises before (``start_validation_error``) and after."""
+
+    plan: Plan
+    validation_error: float
+    start_validation_error: float
+    iteration: int      # the Adam step whose iterate was kept (0: the plan as built)
+    seconds: float
+
+
+def _eval_time(op: Eval, scale: torch.Tensor, like: torch.Tensor, time_dtype: torch.dtype | None) -> torch.Tensor:
+    dt = time_dtype or (torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return (op.model_t * scale).to(dt).expand(like.shape[0])
+
+
+def unroll(plan: Plan, adapter: ModelAdapter, x: torch.Tensor, coef_scales: list[torch.Tensor],
+           time_scales: torch.Tensor, cond: Mapping[str, Any], time_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run ``plan`` with Combine ``k``'s coefficients multiplied by ``coef_scales[k]`` and Eval ``k``'s network time
+    by ``time_scales[k]``, in plain differentiable torch ops (the executor's kernels take the coefficients as floats)."""
+    slots: list[torch.Tensor | None] = [None] * plan.num_slots
+    slots[0] = x
+    ci = ei = 0
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            t = _eval_time(op, time_scales[ei], x, time_dtype)
+            slots[op.dst] = adapter(slots[op.src], op, t, cond, None)
+            ei += 1
+        else:
+            c = torch.tensor(op.coefs, dtype=torch.float64) * coef_scales[ci]
+            ci += 1
+            out = c[0].to(x.dtype) * slots[op.srcs[0]]
+            for j in range(1, len(op.srcs)):
+                out = out + c[j].to(x.dtype) * slots[op.srcs[j]]
+            slots[op.dst] = out
+    return slots[0]
+
+
+def _with(plan: Plan, coef_scales: list[torch.Tensor], time_scales: torch.Tensor) -> Plan:
+    """The plan with the scaled coefficients and network times baked in as floats."""
+    ops, ci, ei = [], 0, 0
+    for op in plan.ops:
+        if isinstance(op, Eval):
+            ops.append(dataclasses.replace(op, model_t=float(op.model_t * time_scales[ei])))
+            ei += 1
+        else:
+            s = coef_scales[ci].detach().tolist()
+            ops.append(dataclasses.replace(op, coefs=tuple(float(c * k) for c, k in zip(op.coefs, s))))
+            ci += 1
+    return dataclasses.replace(plan, ops=tuple(ops), method=plan.method if plan.method.startswith("learned:")
+                               else f"learned:{plan.method}")
+
+
+def _median_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    d = (x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    return float(d.median())
+
+
+def _rows(cond: Mapping[str, Any], idx: torch.Tensor | slice, n: int) -> dict[str, Any]:
+    """The calibration conditioning of the chosen samples: tensors with one row per noise are indexed, the rest shared."""
+    return {k: v[idx] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v for k, v in cond.items()}
+
+
+def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Plan, noise: torch.Tensor,
+               reference: torch.Tensor, *, prediction: str = "eps", iters: int = 1000, batch: int = 64,
+               lr: float = 4e-3, validation_fraction: float = 0.25, learn_times: bool = True, seed: int = 0,
+               check_every: int = 25, time_dtype: torch.dtype | None = None,
+               log: Callable[[str], None] | None = None, **cond: Any) -> LearnedPlan:
+    """Fit ``plan``'s Combine coefficients (and, with ``learn_times``, its Eval network times) to ``model``.
+
+    noise: calibration states at the plan's first time (e.g. noise, or a :class:`GaussianStart` of it);
+    reference: the accurate endpoint of each (e.g. ``Sampler(model, schedule, "rho_rk4", 400, "logsnr")(noise)``,
+    from where the noise was drawn). The last ``validation_fraction`` of the rows are held out: the returned plan
+    is the Adam iterate (checked every ``check_every`` steps, the plan as built included) with the lowest median
+    relative error on them, so it is never worse there than the plan it started from. The loss is the mean log
+    relative error of a minibatch of ``batch`` training rows; the learning rate decays from ``lr`` to zero (cosine).
+    ``cond``: the model's keyword arguments; tensors with one row per noise are indexed with it. Stochastic plans
+    (noise draws) are refused.
+    """
+    if plan.num_noise:
+        raise ValueError(f"learn_plan fits deterministic plans; {plan.method!r} draws noise at every step "
+                         "(use its eta=0 / ODE form)")
+    if not isinstance(noise, torch.Tensor) or not isinstance(reference, torch.Tensor) or noise.shape != reference.shape:
+        raise ValueError("noise and reference must be tensors of the same shape [N, ...] (reference: the accurate "
+                         f"endpoint of each noise), got {getattr(noise, 'shape', type(noise))} and "
+                         f"{getattr(reference, 'shape', type(reference))}")
+    n = noise.shape[0]
+    n_val = int(round(n * validation_fraction))
+    if not 0.0 < validation_fraction < 1.0 or n_val < 1 or n - n_val < 1:
+        raise ValueError(f"validation_fraction={validation_fraction} of {n} calibration noises leaves no training or "
+                         "no validation rows: pass more noises (a few hundred is typical) or another fraction")
+    if iters < 0 or batch < 1 or not lr > 0 or check_every < 1:
+        raise ValueError(f"need iters >= 0, batch >= 1, lr > 0 and check_every >= 1, got {iters}, {batch}, {lr}, "
+                         f"{check_every}")
+    adapter = ModelAdapter(model, prediction, variance_preserving=schedule.variance_preserving, time_dtype=time_dtype)
+    adapter.check_plan(plan)
+    log = log or (lambda s: None)
+    began = time.time()
+    tr, va = slice(0, n - n_val), slice(n - n_val, n)
+    val_cond = _rows(cond, va, n)
+    d_coef = [torch.zeros(len(op.coefs), dtype=torch.float64, requires_grad=True) for op in plan.combines]
+    d_time = torch.zeros(plan.nfe, dtype=torch.float64, requires_grad=learn_times)
+    t_hi = float(schedule.model_time(schedule.t_max))   # never ask the network for a time beyond its range
+
+    def scales() -> tuple[list[torch.Tensor], torch.Tensor]:
+        ts = torch.exp(d_time)
+        ts = torch.minimum(ts, torch.tensor([t_hi / op.model_t if op.model_t > 0 else math.inf for op in plan.evals],
+                                            dtype=torch.float64))
+        return [1 + d for d in d_coef], ts
+
+    def validation() -> float:
+        with torch.no_grad():
+            c, t = scales()
+            return _median_error(unroll(plan, adapter, noise[va], c, t, val_cond, time_dtype), reference[va])
+
+    start = validation()
+    best = (start, scales(), 0)
+    log(f"learn_plan {plan.method} (NFE {plan.nfe}): validation {start:.4g}")
+    params = d_coef + ([d_time] if learn_times else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    # cosine decay to zero: the late steps settle instead of hopping around the minimum at the minibatch noise level
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
+    gen = torch.Generator().manual_seed(seed)
+    n_tr = n - n_val
+    for it in range(1, iters + 1):
+        idx = torch.randperm(n_tr, generator=gen)[:batch]
+        c, t = scales()
+        with torch.enable_grad():
+            x = unroll(plan, adapter, noise[tr][idx], c, t, _rows(_rows(cond, tr, n), idx, n_tr), time_dtype)
+            ref = reference[tr][idx]
+            err = (x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+            loss = err.log().mean()   # the median is the metric; a plain mean is ruled by a few hard samples
+            opt.zero_grad()
+            loss.backward()
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+            raise FloatingPointError(f"learn_plan: non-finite gradient at step {it}; lower lr (now {lr})")
+        opt.step()
+        decay.step()
+        if it % check_every == 0 or it == iters:
+            v = validation()
+            if v < best[0]:
+                c, t = scales()
+                best = (v, ([x.detach().clone() for x in c], t.detach().clone()), it)
+            log(f"  step {it}: loss {loss.item():.4g}, validation {v:.4g} (best {best[0]:.4g} at step {best[2]})")
+    (c, t), it = best[1], best[2]
+    return LearnedPlan(_with(plan, [x.detach() for x in c], t.detach()), best[0], start, it, time.time() - began)
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    """Write a plan (e.g. a learned one) as JSON; :func:`load_plan` reads it back exactly (floats round-trip)."""
+    ops = [{"eval": dataclasses.asdict(op)} if isinstance(op, Eval) else {"combine": dataclasses.asdict(op)}
+           for op in plan.ops]
+    d = dataclasses.asdict(plan)
+    d["ops"] = ops
+    Path(path).write_text(json.dumps(d, indent=1))
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by :func:`save_plan`."""
+    d = json.loads(Path(path).read_text())
+    ops = tuple(Eval(**o["eval"]) if "eval" in o else Combine(**{k: tuple(v) if isinstance(v, list) else v
+                                                                  for k, v in o["combine"].items()})
+                for o in d.pop("ops"))
+    return Plan(ops=ops, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
