@@ -39,6 +39,7 @@ def test_unroll_with_random_scales_matches_the_executor_on_the_baked_plan(model,
     torch.testing.assert_close(plain, Sampler(model, SCHED, plan=plan, check_finite=False)(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_learned_plan_beats_its_start_on_fresh_noise(model):
     """NFE 4 tab2: a short fit (40 steps) lowers the median error on noises neither the fit nor its validation saw."""
     plan = build_plan(SCHED, "tab2", 4, "time_quadratic")
@@ -76,6 +77,7 @@ def test_learn_plan_refuses_bad_input(model):
         learn_plan(model, SCHED, build_plan(SCHED, "ddim_eta", 4, "time_quadratic", eta=1.0), z, z)
 
 
+@pytest.mark.slow
 def test_shipped_digits_plan_reaches_one_percent_at_nfe7_on_fresh_noise(model):
     """benchmarks/plans: the NFE-7 plan learned for the digits U-Net (Gaussian start to t = 800), on a noise seed
     used neither by its fit nor by the benchmark: about 1 % median error, where tab3 + corrector gives 2 %."""
