@@ -48,7 +48,8 @@ def _eval_time(op: Eval, scale: torch.Tensor, like: torch.Tensor, time_dtype: to
 def unroll(plan: Plan, adapter: ModelAdapter, x: torch.Tensor, coef_scales: list[torch.Tensor],
            time_scales: torch.Tensor, cond: Mapping[str, Any], time_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run ``plan`` with Combine ``k``'s coefficients multiplied by ``coef_scales[k]`` and Eval ``k``'s network time
-    by ``time_scales[k]``, in plain differentiable torch ops (the executor's kernels take the coefficients as floats)."""
+    by ``time_scales[k]``, in plain differentiable torch ops (the executor's kernels take the coefficients as
+    floats)."""
     slots: list[torch.Tensor | None] = [None] * plan.num_slots
     slots[0] = x
     ci = ei = 0
@@ -72,23 +73,22 @@ def _with(plan: Plan, coef_scales: list[torch.Tensor], time_scales: torch.Tensor
     ops, ci, ei = [], 0, 0
     for op in plan.ops:
         if isinstance(op, Eval):
-            ops.append(dataclasses.replace(op, model_t=float(op.model_t * time_scales[ei])))
+            ops.append(dataclasses.replace(op, model_t=float(op.model_t * time_scales[ei].detach())))
             ei += 1
         else:
             s = coef_scales[ci].detach().tolist()
             ops.append(dataclasses.replace(op, coefs=tuple(float(c * k) for c, k in zip(op.coefs, s))))
             ci += 1
-    return dataclasses.replace(plan, ops=tuple(ops), method=plan.method if plan.method.startswith("learned:")
-                               else f"learned:{plan.method}")
+    return dataclasses.replace(plan, ops=tuple(ops), method=_learned_name(plan.method))
 
 
-def _median_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    d = (x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
-    return float(d.median())
+def _learned_name(method: str) -> str:
+    return method if method.startswith("learned:") else f"learned:{method}"
 
 
 def _rows(cond: Mapping[str, Any], idx: torch.Tensor | slice, n: int) -> dict[str, Any]:
-    """The calibration conditioning of the chosen samples: tensors with one row per noise are indexed, the rest shared."""
+    """The calibration conditioning of the chosen samples: tensors with one row per noise are indexed, the rest
+    shared."""
     return {k: v[idx] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v for k, v in cond.items()}
 
 
@@ -108,6 +108,8 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     ``cond``: the model's keyword arguments; tensors with one row per noise are indexed with it. Stochastic plans
     (noise draws) are refused.
     """
+    from .testing import relative_errors  # here, not at import: it pulls in scipy
+
     if plan.num_noise:
         raise ValueError(f"learn_plan fits deterministic plans; {plan.method!r} draws noise at every step "
                          "(use its eta=0 / ODE form)")
@@ -127,40 +129,36 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     adapter.check_plan(plan)
     log = log or (lambda s: None)
     began = time.time()
-    tr, va = slice(0, n - n_val), slice(n - n_val, n)
-    val_cond = _rows(cond, va, n)
+    n_tr = n - n_val
+    x_tr, ref_tr, cond_tr = noise[:n_tr], reference[:n_tr], _rows(cond, slice(0, n_tr), n)
+    x_va, ref_va, cond_va = noise[n_tr:], reference[n_tr:], _rows(cond, slice(n_tr, n), n)
     d_coef = [torch.zeros(len(op.coefs), dtype=torch.float64, requires_grad=True) for op in plan.combines]
     d_time = torch.zeros(plan.nfe, dtype=torch.float64, requires_grad=learn_times)
     t_hi = float(schedule.model_time(schedule.t_max))   # never ask the network for a time beyond its range
+    time_cap = torch.tensor([t_hi / op.model_t if op.model_t > 0 else math.inf for op in plan.evals],
+                            dtype=torch.float64)
 
     def scales() -> tuple[list[torch.Tensor], torch.Tensor]:
-        ts = torch.exp(d_time)
-        ts = torch.minimum(ts, torch.tensor([t_hi / op.model_t if op.model_t > 0 else math.inf for op in plan.evals],
-                                            dtype=torch.float64))
-        return [1 + d for d in d_coef], ts
+        return [1 + d for d in d_coef], torch.minimum(torch.exp(d_time), time_cap)
 
     def validation() -> float:
         with torch.no_grad():
-            c, t = scales()
-            return _median_error(unroll(plan, adapter, noise[va], c, t, val_cond, time_dtype), reference[va])
+            return float(relative_errors(unroll(plan, adapter, x_va, *scales(), cond_va, time_dtype), ref_va).median())
 
     start = validation()
-    best = (start, scales(), 0)
+    best = (start, _with(plan, *scales()), 0)   # (validation error, baked plan, step); step 0: the plan as built
     log(f"learn_plan {plan.method} (NFE {plan.nfe}): validation {start:.4g}")
     params = d_coef + ([d_time] if learn_times else [])
     opt = torch.optim.Adam(params, lr=lr)
     # cosine decay to zero: the late steps settle instead of hopping around the minimum at the minibatch noise level
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
     gen = torch.Generator().manual_seed(seed)
-    n_tr = n - n_val
     for it in range(1, iters + 1):
         idx = torch.randperm(n_tr, generator=gen)[:batch]
-        c, t = scales()
         with torch.enable_grad():
-            x = unroll(plan, adapter, noise[tr][idx], c, t, _rows(_rows(cond, tr, n), idx, n_tr), time_dtype)
-            ref = reference[tr][idx]
-            err = (x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
-            loss = err.log().mean()   # the median is the metric; a plain mean is ruled by a few hard samples
+            x = unroll(plan, adapter, x_tr[idx], *scales(), _rows(cond_tr, idx, n_tr), time_dtype)
+            # the mean log error: the median is the metric, and a plain mean is ruled by a few hard samples
+            loss = relative_errors(x, ref_tr[idx]).log().mean()
             opt.zero_grad()
             loss.backward()
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
@@ -170,11 +168,9 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
         if it % check_every == 0 or it == iters:
             v = validation()
             if v < best[0]:
-                c, t = scales()
-                best = (v, ([x.detach().clone() for x in c], t.detach().clone()), it)
+                best = (v, _with(plan, *scales()), it)
             log(f"  step {it}: loss {loss.item():.4g}, validation {v:.4g} (best {best[0]:.4g} at step {best[2]})")
-    (c, t), it = best[1], best[2]
-    return LearnedPlan(_with(plan, [x.detach() for x in c], t.detach()), best[0], start, it, time.time() - began)
+    return LearnedPlan(best[1], best[0], start, best[2], time.time() - began)
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
