@@ -14,7 +14,8 @@ from .learned import LearnedPlan, learn_plan, load_plan, save_plan
 from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
 from .plan import Combine, Eval, Plan
 from .sampler import NonFiniteError, Sampler, build_plan, randn_per_sample, sample
-from .schedules import FlowSchedule, Schedule, VESchedule, VPSchedule, schedule_from_diffusers_config
+from .schedules import (FlowSchedule, Schedule, VESchedule, VPSchedule, schedule_fingerprint,
+                        schedule_from_diffusers_config)
 from .solvers import METHOD_SPECS, METHODS
 
 __version__ = "0.1.0"
@@ -24,5 +25,5 @@ ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (wh
 __all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "LearnedPlan",
            "ModelAdapter", "NonFiniteError",
            "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_plan", "optimize_grid", "save_grid",
-           "save_plan", "Schedule", "VESchedule", "VPSchedule", "build_plan", "denoiser_to_model",
+           "save_plan", "Schedule", "VESchedule", "VPSchedule", "build_plan", "schedule_fingerprint", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -496,3 +496,18 @@ def rescale_zero_terminal_snr(alphas_cumprod: ArrayLike) -> np.ndarray:
 
 
 VPSchedule.from_diffusers_config = staticmethod(schedule_from_diffusers_config)  # type: ignore[attr-defined]
+
+
+def schedule_fingerprint(schedule: Schedule) -> str:
+    """A short, stable id of a schedule's process: its class, range, network-time map, shift and log-alpha.
+
+    Saved grids, plans and tuned files carry it, so that loading one for another schedule is refused
+    instead of silently mis-sampling (12 hex digits of a SHA-256 over values rounded to 10 digits).
+    """
+    import hashlib
+    t = np.linspace(schedule.t_min, schedule.t_max, 65)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = np.concatenate([schedule.log_alpha(t[:-1]), schedule.rho(t[:-1]), schedule.model_time(t),
+                               [schedule.t_min, schedule.t_max, float(schedule.grid_transform(0.5))]])
+    text = type(schedule).__name__ + ":" + ",".join(f"{v:.10g}" for v in vals)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

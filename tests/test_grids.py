@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import deis_fast
 
 from deis_fast.grids import GRIDS, make_grid
 from deis_fast.schedules import VESchedule, VPSchedule
@@ -52,3 +53,13 @@ def test_integer_rounding_removes_duplicates_with_warning():
     with pytest.warns(UserWarning, match="duplicate"):
         t = make_grid(VP, [999, 10.2, 10.4, 0], None, integer_timesteps=True)
     assert t.tolist() == [999, 10, 0]
+
+
+def test_schedule_fingerprint_tells_schedules_apart():
+    """Equal schedules share a fingerprint; another beta schedule, shift or sigma range does not."""
+    fp = deis_fast.schedule_fingerprint
+    assert fp(deis_fast.VPSchedule.discrete("linear")) == fp(deis_fast.VPSchedule.discrete("linear"))
+    prints = {fp(s) for s in (deis_fast.VPSchedule.discrete("linear"), deis_fast.VPSchedule.discrete("scaled_linear"),
+                              deis_fast.VPSchedule.linear(), deis_fast.VESchedule(), deis_fast.VESchedule(0.002, 40.0),
+                              deis_fast.FlowSchedule(), deis_fast.FlowSchedule(shift=3.0))}
+    assert len(prints) == 7
