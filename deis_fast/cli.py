@@ -9,7 +9,8 @@
     deis-fast bench yardstick --nfe 5 10 20                      # the public yardstick table
     deis-fast bench quality ...                                  # when deis_fast.benchmarking has it
 
-Exit codes: 0 success, 2 bad usage or input (one-line message), 1 runtime failure.
+Exit codes: 0 success, 2 bad usage, input, environment variable or output folder (one-line message),
+1 internal failure (with the traceback), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, method_arg, nonneg_int, png_bytes,
-                         positive_int, solver_options)
+from .cli_common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_output_arguments,
+                         add_solver_arguments, check_backend_env, claim_outdir, method_arg, nonneg_int, png_bytes,
+                         positive_int, quiet_third_party, solver_options)
 
 __all__ = ["main", "build_parser"]
 
@@ -43,13 +45,24 @@ def _schedule(name: str):
     raise UsageError(f"unknown --schedule {name!r}; use one of {', '.join(SCHEDULES)}")
 
 
+def _write(path: str, save: Any) -> None:
+    """``save(path)`` (or the bytes ``save``) into a file of a claimed --outdir; an OSError there is bad output."""
+    try:
+        if isinstance(save, (bytes, str)):
+            with open(path, "wb" if isinstance(save, bytes) else "w") as f:
+                f.write(save)
+        else:
+            save(path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _save_png(arr, path: str) -> None:
     """uint8 [H, W] or [H, W, C] -> PNG file."""
     import numpy as np
     a = np.asarray(arr)
     a = a[None] if a.ndim == 2 else np.transpose(a, (2, 0, 1))
-    with open(path, "wb") as f:
-        f.write(png_bytes(np.ascontiguousarray(a)))
+    _write(path, png_bytes(np.ascontiguousarray(a)))
 
 
 def _tile(images, cols: int, scale: int, pad: int = 2, fill: int = 255):
@@ -70,6 +83,7 @@ def _tile(images, cols: int, scale: int, pad: int = 2, fill: int = 255):
 # ----------------------------------------------------------------------------- demo
 
 DEMO_COLS, DEMO_SCALE, DEMO_PAD, DEMO_LABEL_W = 16, 4, 2, 150
+DEMO_FILES = ("samples.png", "error_vs_nfe.png", "results.json")
 
 
 def _require(*modules: str) -> None:
@@ -92,6 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .testing import relative_errors
 
     _require("matplotlib", "PIL")  # before computing anything
+    check_backend_env("cpu")
     t_wall = time.time()
     quick = args.quick
     n_samples = args.samples or (16 if quick else 64)
@@ -100,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     nfes = args.nfe or list(DEMO_NFES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.outdir, exist_ok=True)
+    claim_outdir(args.outdir, "demo", DEMO_FILES, args.overwrite)
     loaded = load_model(args.model)
     model, sched, pred = loaded.model, loaded.schedule, loaded.prediction
     noise = deis_fast.randn_per_sample((n_samples,) + loaded.shape, range(args.seed, args.seed + n_samples))
@@ -130,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i, (label, _) in enumerate(rows):
         draw.text((6, DEMO_PAD + i * cell + 10), label, fill=0)
     samples_png = os.path.join(args.outdir, "samples.png")
-    canvas.save(samples_png)
+    _write(samples_png, canvas.save)
     # error_vs_nfe.png
     import matplotlib
     import matplotlib.ticker
@@ -150,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     plot_png = os.path.join(args.outdir, "error_vs_nfe.png")
-    fig.savefig(plot_png)
+    _write(plot_png, fig.savefig)
     plt.close(fig)
     wall = time.time() - t_wall
     table = ["| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
@@ -161,8 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "reference": {"method": ref_method, "nfe": ref_nfe},
               "errors": {m: {str(n): results[m][n] for n in nfes} for m in methods},
               "files": {"samples": samples_png, "plot": plot_png}, "wall_seconds": round(wall, 2)}
-    with open(os.path.join(args.outdir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    _write(os.path.join(args.outdir, "results.json"), json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report))
     else:
@@ -183,12 +197,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .digits import DIGITS_KINDS, to_image
     from .generate import make_sampler, sample_images
 
-    loaded = load_model(args.model, prediction=args.prediction, schedule=args.schedule)
-    sampler = make_sampler(loaded, args, args.model_batch)
+    check_backend_env("cpu")
+    with quiet_third_party(args.quiet or args.json):
+        loaded = load_model(args.model, prediction=args.prediction, schedule=args.schedule)
+        sampler = make_sampler(loaded, args, args.model_batch)
     upscale = args.upscale or (4 if args.model in DIGITS_KINDS else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.outdir, exist_ok=True)
+    names = {seed: f"{seed:06d}.png" for seed in range(args.seed, args.seed + args.num)}
+    claim_outdir(args.outdir, "sample", list(names.values()) + ["grid.png"], args.overwrite)
     from tqdm.auto import tqdm
     files: list[str] = []
     t0 = time.time()
@@ -204,9 +221,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             all_imgs.append(img)
             if upscale > 1:
                 img = img.repeat(upscale, axis=1).repeat(upscale, axis=2)
-            p = os.path.join(args.outdir, f"{seed:06d}.png")
-            with open(p, "wb") as f:
-                f.write(png_bytes(img))
+            p = os.path.join(args.outdir, names[seed])
+            _write(p, png_bytes(img))
             files.append(p)
         bar.update(b)
     bar.close()
@@ -289,12 +305,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import generate
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = ArgumentParser(
         prog="deis-fast",
         description="Few-step diffusion sampling (DEIS family, iPNDM, DPM-Solver++-style, PFDiff) with fused updates.",
         epilog="Run 'deis-fast COMMAND --help' for the options of a command, 'deis-fast methods' for the solvers. "
-               "Exit codes: 0 ok, 2 bad usage or input, 1 runtime failure.")
+               "Exit codes: 0 ok; 2 bad usage, input, environment variable or output folder (one line); "
+               "1 internal failure (traceback); 130 interrupted (Ctrl-C).")
     p.add_argument("--version", action="version", version=f"deis_fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -308,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model instead (from t = 1). Needs the [demo] extra (matplotlib, Pillow).")
     d.add_argument("--model", choices=("digits", "flow"), default="digits",
                    help="embedded model: digits (eps, VP) or flow (rectified flow, velocity)")
-    d.add_argument("--outdir", default="./deis_fast_demo", help="output folder")
+    add_output_arguments(d, "./deis_fast_demo")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     d.add_argument("--seed", type=nonneg_int, default=0, help="first per-sample seed")
     d.add_argument("--samples", type=positive_int, default=None, help="number of digits (default 64)")
@@ -322,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", formatter_class=fmt,
                        help="write sample images (PNG) from an embedded model (digits, flow) or a diffusers model",
-                       description="Samples images and writes one PNG per image plus grid.png. Image i depends "
-                                   "only on seed+i, and equals what 'deis-fast generate' makes for that seed.")
+                       description="Samples images and writes one PNG per image ({seed:06d}.png) plus grid.png "
+                                   "into a new or empty --outdir. Image i depends only on seed+i and has the pixels "
+                                   "'deis-fast generate' makes for that seed (the same PNG bytes with --upscale 1; "
+                                   "generate names its files {index:08d}.png).")
     add_model_arguments(s)
     add_solver_arguments(s)
     s.add_argument("--seed", type=nonneg_int, default=0, help="first per-sample seed")
@@ -334,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     s.add_argument("--upscale", type=positive_int, default=None,
                    help="nearest-neighbour upscaling of the PNGs (default: 4 for the 8x8 digits, else 1)")
-    s.add_argument("--outdir", default="./deis_fast_samples", help="output folder")
+    add_output_arguments(s, "./deis_fast_samples")
     s.add_argument("--json", action="store_true", help="print a JSON summary (file list, timing) on stdout")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     s.set_defaults(func=cmd_sample)
@@ -348,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "ve (EDM sigma 0.002..80)")
     pl.add_argument("--t-start", type=float, default=None, help="first time (default: the schedule's t_max)")
     pl.add_argument("--t-end", type=float, default=None, help="last time (default: the schedule's t_min)")
-    pl.add_argument("--lower-order-final", action="store_true")
+    pl.add_argument("--lower-order-final", action="store_true",
+                    help="lower the order on the last steps of a multistep method (diffusers' lower_order_final)")
     pl.add_argument("--integer-timesteps", action="store_true", help="round a discrete grid to training timesteps")
     pl.add_argument("--json", action="store_true", help="machine-readable plan (ops with coefficients)")
     pl.set_defaults(func=cmd_plan)

@@ -4,22 +4,25 @@ both commands."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = ["ArgumentParser", "UsageError", "int_at_least", "positive_int", "nonneg_int", "finite_float", "nonneg_float", "grid_arg",
            "pfdiff_arg", "method_arg", "resolve_nfe", "DEFAULT_NFE", "LoadedModel", "load_model", "MODEL_SCHEDULES", "PREDICTION_CHOICES",
-           "initial_noise", "png_bytes", "add_model_arguments", "add_solver_arguments"]
+           "initial_noise", "png_bytes", "add_model_arguments", "add_solver_arguments", "HelpFormatter", "OUTPUT_MARKER",
+           "claim_outdir", "check_outdir", "add_output_arguments", "check_backend_env",
+           "quiet_third_party"]
 
 
-DEFAULT_NFE = 10
+from .solvers import DEFAULT_NFE  # noqa: E402  (one default NFE for the API and the CLI)
 
 
 class UsageError(ValueError):
@@ -31,6 +34,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' only where the help text does not already name its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------------------- argparse types
@@ -78,11 +91,15 @@ def pfdiff_arg(s: str) -> tuple[int, int]:
 
 def grid_arg(s: str) -> str | list[float]:
     """A grid name, or comma-separated times."""
-    from .grids import GRIDS
+    from .grids import GRIDS, check_grid_name
     if "," not in s:
+        try:
+            check_grid_name(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         if s not in GRIDS:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or comma-separated times, "
-                                             f"got {s!r}")
+            raise argparse.ArgumentTypeError(f"grid {s!r} needs calibration noise: use deis_fast.optimize_grid in "
+                                             f"Python; here one of {', '.join(GRIDS)} or comma-separated times")
         return s
     try:
         return [float(p) for p in s.split(",") if p.strip()]
@@ -104,9 +121,10 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=method_arg, default="tab3", help="solver; 'deis-fast methods' lists them")
     p.add_argument("--nfe", type=positive_int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_NFE}; with a list --grid: from the grid)")
+    from .grids import GRIDS
     p.add_argument("--grid", type=grid_arg, default=None,
-                   help="time_uniform | time_quadratic | logsnr | karras | ays | ays_sdxl | ays_svd | kl_optimal | "
-                        "linear_quadratic, or comma-separated times (default: the method's recommended grid)")
+                   help=" | ".join(GRIDS) + ", or comma-separated times, which also set the NFE (default: the "
+                        "method's recommended grid)")
     p.add_argument("--eta", type=nonneg_float, default=None,
                    help="noise level of ddim_eta and the SDE methods (default 1: ancestral)")
     p.add_argument("--pfdiff", type=pfdiff_arg, default=None, metavar="K,H",
@@ -129,6 +147,116 @@ def resolve_nfe(args: argparse.Namespace) -> int | None:
     if args.nfe is not None:
         return args.nfe
     return None if isinstance(args.grid, list) else DEFAULT_NFE
+
+
+# ----------------------------------------------------------------------------------------- output folders
+OUTPUT_MARKER = ".deis-fast-output.json"   # what sample and demo write first: the files they own in a folder
+
+
+def _owned_files(outdir: str) -> list[str] | None:
+    """The files an earlier ``sample``/``demo`` run recorded in ``outdir``'s marker (None: no marker)."""
+    path = os.path.join(outdir, OUTPUT_MARKER)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        return [str(x) for x in files]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--outdir {outdir}: unreadable {OUTPUT_MARKER} ({e}); pick a new or empty folder") from None
+
+
+def check_outdir(outdir: str, files: Sequence[str], overwrite: bool) -> list[str]:
+    """Refuse an ``outdir`` that ``sample``/``demo`` may not write ``files`` into; return the files it owns there
+    already. Allowed: a new or empty folder, or, with ``overwrite``, a folder holding only files its marker lists
+    (an earlier run's output). Writes nothing."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"--outdir {outdir} exists and is not a folder; pick a new folder")
+    if not os.path.isdir(outdir):
+        return []
+    try:
+        present = sorted(n for n in os.listdir(outdir) if n != OUTPUT_MARKER)
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: cannot list it ({e.strerror or e})") from None
+    owned = _owned_files(outdir)
+    if owned is None:
+        if present:
+            raise UsageError(f"--outdir {outdir} holds files deis-fast did not write (e.g. {present[0]!r}); "
+                             "pick a new or empty folder")
+        return []
+    foreign = [n for n in present if n not in set(owned)]
+    if foreign:
+        raise UsageError(f"--outdir {outdir} holds files deis-fast did not write (e.g. {foreign[0]!r}); "
+                         "pick a new or empty folder")
+    if present and not overwrite:
+        raise UsageError(f"--outdir {outdir} holds an earlier deis-fast output (e.g. {present[0]!r}); pass "
+                         "--overwrite to replace it, or pick a new folder")
+    return owned
+
+
+def claim_outdir(outdir: str, command: str, files: Sequence[str], overwrite: bool) -> None:
+    """Check ``outdir`` (:func:`check_outdir`), create it and write the marker listing ``files`` (and the files
+    earlier runs own there) before any of them is written; an unusable path is a :class:`UsageError`."""
+    owned = check_outdir(outdir, files, overwrite)
+    body = json.dumps({"written_by": f"deis-fast {command}", "files": sorted(set(owned) | set(files))}, indent=1)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, OUTPUT_MARKER), "w") as f:
+            f.write(body + "\n")
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: cannot write there ({e.strerror or e})") from None
+
+
+def add_output_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """--outdir and --overwrite of ``sample`` and ``demo``."""
+    p.add_argument("--outdir", default=default,
+                   help=f"output folder: new or empty (default {default}); a folder holding other files is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an earlier output of deis-fast in --outdir (the files its {OUTPUT_MARKER} lists)")
+
+
+# ----------------------------------------------------------------------------------------- environment
+def check_backend_env(device_type: str = "cpu") -> None:
+    """A bad ``DEIS_FAST_BACKEND`` (unknown, or unusable on ``device_type``) as a :class:`UsageError`, before any
+    work is done."""
+    from .kernels import dispatch
+    name = os.environ.get(dispatch.ENV_VAR) or None
+    if name is None:
+        return
+    if name not in dispatch.BACKENDS:
+        raise UsageError(f"{dispatch.ENV_VAR}={name!r} is not a backend; use one of {', '.join(dispatch.BACKENDS)} "
+                         "or unset it")
+    why = dispatch.available(name, device_type)
+    if why is not None:
+        raise UsageError(f"{dispatch.ENV_VAR}={name}: {why}; unset it or pick another backend")
+
+
+@contextlib.contextmanager
+def quiet_third_party(enabled: bool = True) -> Iterator[None]:
+    """``--quiet``: no Python warnings and no diffusers / transformers log lines inside the block (restored after)."""
+    if not enabled:
+        yield
+        return
+    import logging
+    import warnings
+    names = ("diffusers", "transformers", "huggingface_hub")
+    env = {f"{n.upper()}_VERBOSITY": os.environ.get(f"{n.upper()}_VERBOSITY") for n in names[:2]}
+    levels = {n: logging.getLogger(n).level for n in names}
+    os.environ.update({k: "error" for k in env})  # read when diffusers / transformers set up their loggers
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in levels.items():
+            logging.getLogger(n).setLevel(lvl)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -46,8 +46,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cli_common import (ArgumentParser, UsageError, add_model_arguments, add_solver_arguments, initial_noise, load_model,
-                         nonneg_int, png_bytes, positive_int, resolve_nfe, solver_options)
+from .cli_common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_solver_arguments,
+                         check_backend_env, initial_noise, load_model, nonneg_int, png_bytes, positive_int, resolve_nfe,
+                         solver_options)
 from .sampler import NonFiniteError
 
 __all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise", "make_sampler",
@@ -86,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-offset", type=nonneg_int, default=0, help="sample i uses seed seed_offset + i")
     parser.add_argument("--format", choices=FORMATS, default="png", help="png (one file per sample) or npz")
     add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+                        help="precision of the model weights, the noise and the samples")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--model-batch", type=positive_int, default=MODEL_BATCH,
                         help="the network always sees exactly this many samples per call (batch invariance)")
@@ -103,7 +105,7 @@ def _outdir_arg(s: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="deis-fast generate", description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     add_arguments(p)
     return p
 
@@ -380,6 +382,7 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
         torch.set_num_threads(args.threads or 1)
     elif args.threads:
         torch.set_num_threads(args.threads)
+    check_backend_env(device.type)
     outdir = os.path.abspath(args.outdir)
     _check_outdir(outdir)
 
@@ -419,6 +422,31 @@ def _check_outdir(outdir: str) -> None:
                             f"{CONFIG_FILE}); pick a new or empty folder")
 
 
+def _setup_outdir(outdir: str, config: dict) -> list[str]:
+    """Create the folder, its config (when new) and records/; returns what was created, innermost last."""
+    created = [] if os.path.isdir(outdir) else [outdir]
+    os.makedirs(outdir, exist_ok=True)
+    cfg_path = os.path.join(outdir, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        _atomic_write(cfg_path, lambda f: f.write(json.dumps(config, indent=1, sort_keys=True) + "\n"), "w")
+        created.append(cfg_path)
+    rdir = os.path.join(outdir, RECORDS_DIR)
+    if not os.path.isdir(rdir):
+        os.makedirs(rdir)
+        created.append(rdir)
+    return created
+
+
+def _undo(created: list[str]) -> None:
+    """Remove what :func:`_setup_outdir` created (a failed start leaves the folder as it was); never a folder
+    that has since got other files."""
+    for path in reversed(created):
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+            pass
+
+
 def _barrier(dist) -> None:
     if dist is not None:
         dist.barrier()
@@ -455,34 +483,11 @@ def _write_batch(outdir: str, fmt: str, idx: list[int], seeds: list[int], x: tor
     os.remove(pending)
 
 
-def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist) -> int:
+def _generate_batches(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist, load_cfg,
+                      created: list[str]) -> None:
+    """Check the folder's config, then sample and write this rank's missing indices (``created`` is emptied once the
+    first batch is written: from then on the folder is a resumable run)."""
     cfg_path = os.path.join(outdir, CONFIG_FILE)
-
-    def load_cfg() -> dict | None:
-        try:
-            with open(cfg_path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise GenerateError(f"cannot read {cfg_path}: {e}") from None
-
-    # ---- rank 0 sets the directory up (only when the config matches); everyone then checks the config
-    if rank == 0:
-        os.makedirs(outdir, exist_ok=True)
-        try:
-            old = load_cfg()
-        except GenerateError:
-            old = {"unreadable": True}
-        if old is None:
-            _atomic_write(cfg_path, lambda f: f.write(json.dumps(config, indent=1, sort_keys=True) + "\n"), "w")
-        os.makedirs(os.path.join(outdir, RECORDS_DIR), exist_ok=True)
-        if old is None or old == config:
-            recs, bad = read_records(outdir)
-            recs = [r for r in recs if r.get("config_sha") == sha]
-            n = _cleanup(outdir, recs, bad)
-            if n:
-                _print(rank, f"removed {n} temporary/unrecorded files of an interrupted run of this folder")
     _barrier(dist)
     old = load_cfg()
     if old != config:
@@ -512,6 +517,7 @@ def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, r
         seeds = [args.seed_offset + i for i in idx]
         x = sample_images(sampler, shape, seeds, device, dtype)
         _write_batch(outdir, args.format, idx, seeds, x, common)
+        created.clear()
         made += len(idx)
         if bar is not None:
             new = min(args.num, n_done_total + made * world)
@@ -521,6 +527,41 @@ def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, r
         bar.update(args.num - progress)
         bar.close()
 
+
+def _generate(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist) -> int:
+    cfg_path = os.path.join(outdir, CONFIG_FILE)
+
+    def load_cfg() -> dict | None:
+        try:
+            with open(cfg_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise GenerateError(f"cannot read {cfg_path}: {e}") from None
+
+    # ---- rank 0 sets the directory up (only when the config matches); everyone then checks the config
+    created: list[str] = []   # what this run made before its first sample: undone if the start fails
+    if rank == 0:
+        try:
+            created = _setup_outdir(outdir, config)
+        except OSError as e:
+            raise GenerateError(f"--outdir {outdir}: cannot write there ({e.strerror or e})") from None
+        try:
+            old = load_cfg()
+        except GenerateError:
+            old = {"unreadable": True}
+        if old == config:
+            recs, bad = read_records(outdir)
+            recs = [r for r in recs if r.get("config_sha") == sha]
+            n = _cleanup(outdir, recs, bad)
+            if n:
+                _print(rank, f"removed {n} temporary/unrecorded files of an interrupted run of this folder")
+    try:
+        _generate_batches(args, config, sha, outdir, sampler, shape, device, dtype, world, rank, dist, load_cfg, created)
+    except BaseException:
+        _undo(created)
+        raise
     # ---- verification on rank 0 after everyone has finished
     _barrier(dist)
     code = 0

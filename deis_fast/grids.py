@@ -25,7 +25,7 @@ AYS_SIGMAS: dict[str, tuple[float, ...]] = {
 }
 GridSpec = Union[str, Sequence[float], np.ndarray, Mapping[str, Sequence[float]]]
 
-__all__ = ["GRIDS", "AYS_SIGMAS", "make_grid", "default_t_range", "validate_times", "grid_rho", "ays_sigmas",
+__all__ = ["GRIDS", "AYS_SIGMAS", "make_grid", "check_grid_name", "default_t_range", "validate_times", "grid_rho", "ays_sigmas",
            "kl_optimal_sigmas", "linear_quadratic_fractions"]
 
 
@@ -78,6 +78,18 @@ def default_t_range(schedule: Schedule, t_start: float | None, t_end: float | No
     return ts, te
 
 
+def check_grid_name(name: str) -> str:
+    """``name`` if it is a grid name (:data:`GRIDS` or a model grid such as "optimized"); else a ValueError
+    listing them, with a "did you mean" for a near miss."""
+    valid = GRIDS + tuple(MODEL_GRIDS)
+    if name in valid:
+        return name
+    import difflib
+    close = difflib.get_close_matches(str(name).strip().lower().replace("-", "_"), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown grid {name!r}; {hint}valid grids: {', '.join(valid)}, or a list of times")
+
+
 def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: float | None = None,
               t_end: float | None = None, karras_rho: float = 7.0, integer_timesteps: bool = False,
               beta_ab: tuple[float, float] = BETA_AB) -> np.ndarray:
@@ -90,7 +102,8 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
     """
     if isinstance(grid, str):
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}, or a list of times")
+            check_grid_name(grid)
+            raise ValueError(f"grid {grid!r} needs the model: pass it to Sampler(model, ...), not to build_plan")
         if steps is None or int(steps) < 1:
             raise ValueError(f"a named grid needs steps >= 1, got {steps}")
         ts, te = default_t_range(schedule, t_start, t_end)
@@ -103,7 +116,7 @@ def make_grid(schedule: Schedule, grid: GridSpec, steps: int | None, t_start: fl
         t = _times_from_user(schedule, grid)
         if steps is not None and len(t) - 1 != int(steps):
             raise ValueError(f"the given grid has {len(t) - 1} steps but {steps} steps were asked for; "
-                             "pass nfe=None with an explicit grid")
+                             "drop nfe= (a list grid= sets the NFE itself) or pass a grid of that length")
         _check_flow_grid_end(schedule, t, t_end)
     if integer_timesteps:
         if not schedule.discrete:

@@ -132,8 +132,8 @@ def get_method(name: str) -> MethodSpec:
     return METHOD_SPECS[key]
 
 
-from .build import (MAX_NFE, PlanOptions, build_plan, check_method, default_grid, describe_methods,  # noqa: E402
+from .build import (DEFAULT_NFE, MAX_NFE, PlanOptions, build_plan, check_method, default_grid, describe_methods,  # noqa: E402
                     grid_intervals, nfe_for_intervals, resolve)
 
 __all__ += ["PlanOptions", "build_plan", "check_method", "default_grid", "describe_methods", "grid_intervals", "nfe_for_intervals",
-            "resolve", "MAX_NFE"]
+            "resolve", "MAX_NFE", "DEFAULT_NFE"]

@@ -21,6 +21,7 @@ __all__ = ["PlanOptions", "build_plan", "default_grid", "resolve", "grid_interva
            "check_method", "describe_methods", "MAX_NFE"]
 
 MAX_NFE = 100_000
+DEFAULT_NFE = 10   # with a named grid and no nfe= (a list grid= sets the NFE itself)
 PFDIFF = "pfdiff"  # the method name of PFDiff-(2,1) on DDIM
 
 
