@@ -22,7 +22,7 @@ import torch
 from .grids import MODEL_GRIDS, make_grid
 from . import solvers as _solvers
 from .sampler import Sampler, build_plan
-from .schedules import Schedule, VPSchedule
+from .schedules import Schedule, VPSchedule, schedule_fingerprint
 
 __all__ = ["OptimizedGrid", "optimize_grid", "grid_intervals", "grid_from_theta", "theta_from_grid", "save_grid",
            "load_grid"]
@@ -45,6 +45,7 @@ class OptimizedGrid:
     evaluations: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    schedule: str = ""                    # schedule_fingerprint of its schedule ("": a file saved before it existed)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return np.asarray(self.times, dtype=dtype or np.float64)
@@ -54,6 +55,25 @@ class OptimizedGrid:
 
     def __getitem__(self, i):
         return self.times[i]
+
+    def check_for(self, schedule: Schedule, method: str, nfe: int | None, options: Any = None) -> int:
+        """This grid's NFE if it was made for ``schedule``, ``method`` (with ``options``) and ``nfe`` (None: any);
+        else a ValueError naming both."""
+        spec, o = _solvers.resolve(method, options)
+        pf = tuple(o.pfdiff) if o.pfdiff is not None else None
+        mine = (self.method, tuple(self.pfdiff) if self.pfdiff else None)
+        if (spec.name, pf) != mine:
+            raise ValueError(f"this grid was optimized for method={self.method!r}" + (f" with pfdiff={mine[1]}" if mine[1]
+                             else "") + f", not {method!r}" + (f" with pfdiff={pf}" if pf else "") +
+                             "; optimize one for this method or sample with the grid's")
+        fp = schedule_fingerprint(schedule)
+        if self.schedule and self.schedule != fp:
+            raise ValueError(f"this grid was optimized for another schedule (fingerprint {self.schedule}) than "
+                             f"{schedule!r} (fingerprint {fp}); optimize one for this schedule")
+        if nfe is not None and nfe != self.nfe:
+            raise ValueError(f"this grid was optimized for nfe={self.nfe}, not nfe={nfe}; drop nfe= or optimize one "
+                             f"for {nfe}")
+        return self.nfe
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -239,7 +259,8 @@ def optimize_grid(model: Callable[..., torch.Tensor], schedule: Schedule | None 
     val_start = error_of(starts[0][2], held) if n_val else math.nan
     return OptimizedGrid([float(v) for v in best_t], method, int(nfe), pfdiff, model_id, best_e, start_e, val,
                          val_start, best_name, evals, time.perf_counter() - t0,
-                         {"stopped_by_time_budget": out_of_time, "fit_noises": fit.stop, "held_out_noises": n_val})
+                         {"stopped_by_time_budget": out_of_time, "fit_noises": fit.stop, "held_out_noises": n_val},
+                         schedule_fingerprint(schedule))
 
 
 def _rows(cond: dict, rows: slice, batch: int) -> dict:

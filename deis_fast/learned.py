@@ -108,8 +108,10 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     ``cond``: the model's keyword arguments; tensors with one row per noise are indexed with it. Stochastic plans
     (noise draws) are refused.
     """
+    from .sampler import check_plan_for
     from .testing import relative_errors  # here, not at import: it pulls in scipy
 
+    check_plan_for(plan, schedule)
     if plan.num_noise:
         raise ValueError(f"learn_plan fits deterministic plans; {plan.method!r} draws noise at every step "
                          "(use its eta=0 / ODE form)")
@@ -174,7 +176,8 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
-    """Write a plan (e.g. a learned one) as JSON; :func:`load_plan` reads it back exactly (floats round-trip)."""
+    """Write a plan (e.g. a learned one) as JSON, with its method, NFE and schedule fingerprint; :func:`load_plan`
+    reads it back exactly (floats round-trip), and a Sampler refuses it for another schedule, method or NFE."""
     ops = [{"eval": dataclasses.asdict(op)} if isinstance(op, Eval) else {"combine": dataclasses.asdict(op)}
            for op in plan.ops]
     d = dataclasses.asdict(plan)
@@ -183,7 +186,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan written by :func:`save_plan`."""
+    """Read a plan written by :func:`save_plan` (files from before the schedule fingerprint load too, unchecked)."""
     d = json.loads(Path(path).read_text())
     ops = tuple(Eval(**o["eval"]) if "eval" in o else Combine(**{k: tuple(v) if isinstance(v, list) else v
                                                                   for k, v in o["combine"].items()})

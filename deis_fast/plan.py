@@ -57,6 +57,9 @@ class Plan:
     # the slots that hold the solution (slot 0; a predictor-corrector plan also evaluates its prediction in
     # another one): what ``run_plan``'s callback reports, as opposed to stage, springboard or history slots
     state_slots: tuple[int, ...] = (0,)
+    # deis_fast.schedule_fingerprint of the schedule it was built for ("" unknown: plans saved before it existed);
+    # a Sampler refuses a plan built for another schedule
+    schedule_id: str = ""
 
     @property
     def nfe(self) -> int:

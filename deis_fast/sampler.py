@@ -13,8 +13,8 @@ from .models import ModelAdapter
 from .plan import Eval, Plan
 from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
                        inpaint_args, run_plan)
-from .schedules import Schedule, VESchedule, VPSchedule
-from .solvers import MAX_NFE, PlanOptions, build_plan, default_grid  # noqa: F401  (re-exported)
+from .schedules import Schedule, VESchedule, VPSchedule, schedule_fingerprint
+from .solvers import DEFAULT_NFE, MAX_NFE, PlanOptions, build_plan, default_grid, resolve  # noqa: F401  (re-exported)
 
 __all__ = ["Sampler", "sample", "build_plan", "default_grid", "PlanOptions", "NonFiniteError", "randn_per_sample",
            "MAX_NFE"]
@@ -35,6 +35,10 @@ class Sampler:
     model(x, t, **cond) returns the ``prediction`` ('eps', 'x0'/'sample', 'v', 'score'); t is the
     network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B]
     (float32, or float64 for float64 states, unless ``time_dtype`` says otherwise).
+    ``method`` defaults to "tab3"; ``nfe`` to 10 with a named grid, while a list ``grid`` sets the NFE itself (an
+    ``nfe`` that disagrees raises). A ``plan`` (e.g. :func:`deis_fast.load_plan`) or an :class:`OptimizedGrid`
+    made for another schedule, method or NFE than the ones given is refused, naming both. The noise must have the
+    dtype and device of an ``nn.Module`` model's parameters (outside autocast); otherwise the first call raises.
     The plan is compiled once; the executor has no data-dependent branches and writes every Combine
     into a preallocated slot; after the first call (warm-up) a call allocates nothing but its result
     (nothing at all with ``out=``). ``check_finite`` adds one reduction per NFE (written in place into a
@@ -54,8 +58,8 @@ class Sampler:
     combines, e.g. to backpropagate through sampling). ``classifier_grad`` gets grad mode either way.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str = "tab3",
-                 nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
+    def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule | None = None, method: str | None = None,
+                 nfe: int | None = None, grid: GridSpec | None = None, prediction: str = "eps",
                  t_start: float | None = None, t_end: float | None = None, *, options: PlanOptions | None = None,
                  guidance_scale: float | torch.Tensor | None = None, uncond: Mapping[str, Any] | None = None,
                  guidance_rescale: float = 0.0, classifier_grad: Callable[..., torch.Tensor] | None = None,
@@ -68,14 +72,21 @@ class Sampler:
         self.schedule = VPSchedule.discrete("linear") if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a deis_fast schedule (VPSchedule / VESchedule), got {type(schedule).__name__}")
-        self.method = method
         self.optimized_grid = None
+        if plan is not None:
+            check_plan_for(plan, self.schedule, method, nfe, self.options)
+            method = plan.method
+        method = "tab3" if method is None else method
+        self.method = method
         if plan is None and isinstance(grid, str) and grid in MODEL_GRIDS:
             # a grid that needs the model (grid='optimized': registered by deis_fast.grid_opt)
             self.optimized_grid = grid = MODEL_GRIDS[grid](
-                model, self.schedule, method, nfe, calibration_noise, t_start, t_end, prediction=prediction,
-                options=self.options, **dict(calibration_cond or {}))
+                model, self.schedule, method, DEFAULT_NFE if nfe is None else nfe, calibration_noise, t_start, t_end,
+                prediction=prediction, options=self.options, **dict(calibration_cond or {}))
             method, self.options = grid.method, PlanOptions.of(self.options, pfdiff=grid.pfdiff)
+        check_for = getattr(grid, "check_for", None)  # an OptimizedGrid: made for this schedule, method and NFE?
+        if plan is None and callable(check_for):
+            nfe = check_for(self.schedule, method, nfe, self.options)
         self.plan = plan if plan is not None else build_plan(self.schedule, method, nfe, grid, t_start, t_end,
                                                              options=self.options)
         self.adapter = ModelAdapter(model, prediction, variance_preserving=self.schedule.variance_preserving,
@@ -92,6 +103,7 @@ class Sampler:
         # VE (alpha = 1): check the noise scale on the first call
         self._scale_checked = not isinstance(self.schedule, VESchedule)
         self._graphs: dict[tuple, Any] = {}
+        self._input_checked: tuple | None = None   # (dtype, device) of the noise last checked against the model
 
     @property
     def nfe(self) -> int:
@@ -132,6 +144,9 @@ class Sampler:
         ``guidance_scale`` overrides the CFG scale for this call.
         """
         check_noise(noise)
+        if self._input_checked != (noise.dtype, noise.device) and not torch.compiler.is_compiling():
+            check_model_input(self.model, noise)
+            self._input_checked = (noise.dtype, noise.device)
         if not self._scale_checked and not torch.compiler.is_compiling():
             self._scale_checked = True
             _check_noise_scale(self.schedule, self.plan, noise)
@@ -234,6 +249,42 @@ class Sampler:
         return g
 
 
+def plan_label(method: str, options: PlanOptions | None = None) -> str:
+    """The ``Plan.method`` that :func:`build_plan` gives ``method`` with ``options`` (e.g. "pfdiff21:ddim")."""
+    spec, o = resolve(method, options)
+    return spec.name if o.pfdiff is None else f"pfdiff{o.pfdiff[0]}{o.pfdiff[1]}:{spec.name}"
+
+
+def check_plan_for(plan: Plan, schedule: Schedule, method: str | None = None, nfe: int | None = None,
+                   options: PlanOptions | None = None) -> None:
+    """Refuse a given ``plan`` built for another schedule, or for another method or NFE than those given (None: not
+    given), with a ValueError naming both."""
+    fp = schedule_fingerprint(schedule)
+    if plan.schedule_id and plan.schedule_id != fp:
+        raise ValueError(f"the plan was built for another schedule (fingerprint {plan.schedule_id}) than the "
+                         f"sampler's {schedule!r} (fingerprint {fp}); pass the schedule the plan was made with")
+    if nfe is not None and nfe != plan.nfe:
+        raise ValueError(f"the plan makes {plan.nfe} network calls but nfe={nfe} was asked for; drop nfe=")
+    base = plan.method[len("learned:"):] if plan.method.startswith("learned:") else plan.method
+    if method is not None and plan_label(method, options) != base.split("(")[0]:
+        raise ValueError(f"the plan is a {plan.method!r} plan but method={method!r} was asked for; drop method= "
+                         "or pass the plan's")
+
+
+def check_model_input(model: Any, noise: torch.Tensor) -> None:
+    """One clear error when ``noise`` has another dtype or device than an ``nn.Module`` model's parameters (torch
+    would stop inside the network with 'Input type ... and bias type ... should be the same')."""
+    params = getattr(model, "parameters", None)
+    if not isinstance(model, torch.nn.Module) or not callable(params):
+        return
+    p = next(iter(model.parameters()), None)
+    if p is None or torch.is_autocast_enabled(noise.device.type):
+        return
+    if p.dtype != noise.dtype or p.device != noise.device:
+        raise TypeError(f"the noise is {noise.dtype} on {noise.device} but the model's parameters are {p.dtype} on "
+                        f"{p.device}: pass noise.to({p.device.type!r}, {p.dtype}) (or move the model)")
+
+
 def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> None:
     """VE states at t_start are sigma_start-scaled noise; unit noise silently gives a wrong sample, so say so."""
     sigma0 = float(schedule.rho(plan.times[0]))
@@ -246,13 +297,14 @@ def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> N
 
 
 def sample(model: Callable[..., torch.Tensor], noise: torch.Tensor, schedule: Schedule | None = None,
-           method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None, prediction: str = "eps",
+           method: str | None = None, nfe: int | None = None, grid: GridSpec | None = None, prediction: str = "eps",
            t_start: float | None = None, t_end: float | None = None, generator: Generator = None,
            model_kwargs: Mapping[str, Any] | None = None, known: torch.Tensor | None = None,
            mask: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
     """One-shot sampling: ``Sampler(model, ...)(noise)``; returns the state at t_end.
 
-    ``known``/``mask`` inpaint (see :meth:`Sampler.__call__`); with an explicit grid, ``t_start`` starts
+    ``nfe``: 10 with a named grid; a list ``grid`` sets it. ``known``/``mask`` inpaint (see :meth:`Sampler.__call__`);
+    with an explicit grid, ``t_start`` starts
     in the middle of it (img2img: ``noise`` is then the noised image at t_start, see :func:`build_plan`).
     ``options`` are :class:`Sampler` keyword options (eta, lower_order_final, pfdiff, guidance_scale, ...).
     """

@@ -5,20 +5,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..grids import BETA_AB, GridSpec, grid_rho, make_grid
 from ..plan import Plan
-from ..schedules import FlowSchedule, Schedule
+from ..schedules import FlowSchedule, Schedule, schedule_fingerprint
 from . import METHOD_SPECS, MethodSpec, get_method
 from .pfdiff import DEFAULT_KH, check_kh, pfdiff_plan
 from .restart import eval_at_time, tail_plan
 from .unipc import check_variant
 
 __all__ = ["PlanOptions", "build_plan", "default_grid", "resolve", "grid_intervals", "nfe_for_intervals",
-           "check_method", "describe_methods", "MAX_NFE"]
+           "check_method", "describe_methods", "MAX_NFE", "DEFAULT_NFE"]
 
 MAX_NFE = 100_000
 DEFAULT_NFE = 10   # with a named grid and no nfe= (a list grid= sets the NFE itself)
@@ -149,7 +149,13 @@ def check_nfe(nfe: Any, stages: int, method: str) -> int:
     return nfe // stages
 
 
-def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, grid: GridSpec | None = None,
+def _grid_len(grid: Any) -> int:
+    """The number of times in an explicit grid (a sequence, or a one-key mapping of them)."""
+    values = next(iter(grid.values()), ()) if isinstance(grid, Mapping) else grid
+    return int(np.size(np.asarray(values, dtype=object)))
+
+
+def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = None, grid: GridSpec | None = None,
                t_start: float | None = None, t_end: float | None = None, *, options: PlanOptions | None = None,
                start_eval: int | None = None, **option_kw: Any) -> Plan:
     """Compile (schedule, method, nfe, grid) to a :class:`Plan` (pure, float64, host side).
@@ -159,7 +165,9 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
     With an explicit grid (a list of times), ``t_start`` (one of the plan's Eval times) or ``start_eval``
     (an Eval index) starts the plan in the middle, as img2img does: the state at that Eval's time is
     integrated to the end with the Evals that remain and a cold history (``deis_fast.solvers.restart``).
-    With a named grid, ``t_start`` is where the grid begins.
+    With a named grid, ``t_start`` is where the grid begins. ``nfe=None``: a list grid sets the NFE (its steps,
+    or for PFDiff the N with N(k+1) - k intervals), a named grid gets ``DEFAULT_NFE`` (10); an ``nfe`` that
+    disagrees with a list grid raises.
     """
     o = PlanOptions.of(options, **option_kw)
     if isinstance(grid, str) and grid == "optimized":
@@ -172,6 +180,7 @@ def build_plan(schedule: Schedule, method: str = "tab3", nfe: int | None = 10, g
         plan = _build_tail(schedule, method, nfe, grid, t_start, start_eval, o)
     else:
         plan = _build(schedule, method, nfe, grid, t_start, t_end, o)
+    plan = dataclasses.replace(plan, schedule_id=schedule_fingerprint(schedule))
     bad = [op for op in plan.combines if not all(math.isfinite(c) for c in op.coefs + (op.noise_coef,))]
     if bad:
         raise ValueError(f"the {plan.method!r} plan has non-finite coefficients (first: {bad[0]}); the schedule or "
@@ -183,6 +192,8 @@ def _build(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | No
            t_end: float | None, o: PlanOptions) -> Plan:
     spec, o = resolve(method, o)
     grid = default_grid(schedule, spec.name) if grid is None else grid
+    if nfe is None:
+        nfe = DEFAULT_NFE if isinstance(grid, str) else nfe_for_intervals(method, _grid_len(grid) - 1, o)
     if o.pfdiff is not None:
         if o.corrector or o.variant is not None or o.s_noise != 1.0:
             raise ValueError("pfdiff wraps a plain first-order step: corrector, variant and s_noise do not apply")
@@ -194,8 +205,6 @@ def _build(schedule: Schedule, method: str, nfe: int | None, grid: GridSpec | No
     if o.pfdiff_experimental:
         raise ValueError("pfdiff_experimental applies with pfdiff=(k, h)")
     if nfe is None:
-        if isinstance(grid, str):
-            raise ValueError("nfe=None needs an explicit grid (a list of times)")
         steps = None
     else:
         steps = check_nfe(nfe, spec.stages, spec.name)
