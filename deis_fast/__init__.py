@@ -3,10 +3,14 @@
     import deis_fast
     sched = deis_fast.VPSchedule.discrete("linear")
     x = deis_fast.sample(model, noise, schedule=sched, method="tab3", nfe=10)
+
+    m = deis_fast.load_model("digits")      # the embedded 8x8 models ("digits": eps, "flow") or a diffusers folder
+    x = deis_fast.sample(m.model, torch.randn(16, *m.shape), m.schedule, prediction=m.prediction)
 """
 from __future__ import annotations
 
 from . import ops
+from .cli_common import LoadedModel, load_model
 from .gaussian_start import GaussianStart
 from .grid_opt import OptimizedGrid, load_grid, optimize_grid, save_grid
 from .grids import GRIDS, make_grid
@@ -22,8 +26,8 @@ __version__ = "0.1.0"
 
 ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
 
-__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "LearnedPlan",
+__all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "LearnedPlan", "LoadedModel",
            "ModelAdapter", "NonFiniteError",
-           "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_plan", "optimize_grid", "save_grid",
+           "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_model", "load_plan", "optimize_grid", "save_grid",
            "save_plan", "Schedule", "VESchedule", "VPSchedule", "build_plan", "schedule_fingerprint", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -253,7 +253,10 @@ def load_digits_model(
 
 def load_digits_data() -> torch.Tensor:
     """The 1797 scikit-learn digits as float32 [1797, 1, 8, 8] in [-1, 1] (x / 8 - 1)."""
-    from sklearn.datasets import load_digits  # optional dependency (test extra)
+    try:
+        from sklearn.datasets import load_digits  # optional dependency (test extra; ships the data)
+    except ImportError:
+        raise ImportError("load_digits_data() reads scikit-learn's digits: pip install scikit-learn") from None
 
     images = load_digits().images.astype(np.float32)  # [1797, 8, 8], values 0..16
     return torch.from_numpy(images / 8.0 - 1.0).reshape(-1, *DIGITS_SHAPE).contiguous()

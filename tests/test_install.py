@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _copy_sources(dst: str) -> None:
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(ROOT, name), dst)
     shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(dst, "csrc"))
     shutil.copytree(os.path.join(ROOT, "deis_fast"), os.path.join(dst, "deis_fast"),

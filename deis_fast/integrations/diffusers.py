@@ -233,6 +233,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         ignored.update(clashing)
         cfg = {k: v for k, v in cfg.items() if k in known}
         ignored = _set_by_user(ignored, source_class, dict(config or {}))
+        ignored = {k: v for k, v in ignored.items() if k not in _SILENT_KEYS}
         if ignored:
             _warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -726,6 +727,11 @@ def _source_defaults(class_name: Any, config: dict) -> list[dict]:
             if d is not None and keys <= set(d):
                 found.append(d)
     return found
+
+
+# dropped without a warning: how the source scheduler warms up its own multistep solver (PNDM's Runge-Kutta steps;
+# every Stable Diffusion config sets skip_prk_steps=True), which method= replaces whatever its value
+_SILENT_KEYS = frozenset({"skip_prk_steps"})
 
 
 def _set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
