@@ -1,0 +1,128 @@
+"""Every ```python block of README.md runs, as written, in README order.
+
+How it works (follow this when you add a README snippet):
+
+* The blocks run one after another in one namespace, like notebook cells: a block may use what an earlier block
+  defined (``model``, ``sched``, ``noise``, ...). A snippet should define what it needs itself, with
+  ``deis_fast.load_model("digits" | "flow")`` (the embedded 8x8 models) as its model where it needs one.
+* What a snippet cannot define offline is a *stand-in* in :func:`standins`: a name the snippet uses as a
+  placeholder for the user's own thing (``model_id`` = a tiny Stable Diffusion pipeline saved to a temporary
+  folder, ``prompt``, ``init``, ``mask``, a k-diffusion ``denoiser`` and its ``c``). Add the smallest one that works.
+* ``SHRINK``: (text, replacement) pairs applied to the blocks only to make them cheap (fewer noises or steps),
+  never to change what they do; each must occur in some block.
+* ``SKIP``: {text that identifies a block: why it cannot run here}. Keep it short; each key must match exactly
+  one block, so that a stale entry fails.
+* Each block is one test (``test_readme_snippet[N]``); running one runs the blocks before it first. The blocks run
+  in a temporary working folder (files they write, e.g. ``save_plan(..., "x.json")``, land there).
+"""
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+SKIP = {
+    "FluxPipeline.from_pretrained(flux_id)": "needs FLUX / SD3 weights with their T5 and CLIP text encoders (no tiny "
+                                             "local stand-in); the same scheduler runs in tests/test_flow_pipelines.py",
+}
+SHRINK = [
+    ("torch.randn(768, 1, 8, 8)", "torch.randn(12, 1, 8, 8)"),                          # learned plan: 12 noises
+    ("learn_plan(model, sched, plan, z0, ref)", "learn_plan(model, sched, plan, z0, ref, iters=3, batch=8)"),
+    ('Sampler(model, sched, "rho_rk4", 400, "logsnr")', 'Sampler(model, sched, "rho_rk4", 40, "logsnr")'),
+]
+
+
+def readme_blocks(text: str) -> list[str]:
+    """The ```python fenced blocks of ``text`` (indented ones in list items too), dedented."""
+    pattern = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
+    return [textwrap.dedent(m.group(2)) for m in pattern.finditer(text)]
+
+
+def shrink(code: str) -> str:
+    for old, new in SHRINK:
+        code = code.replace(old, new)
+    return code
+
+
+def skip_reason(code: str) -> str | None:
+    return next((why for key, why in SKIP.items() if key in code), None)
+
+
+BLOCKS = readme_blocks(open(README, encoding="utf-8").read())
+
+
+def test_readme_has_snippets_and_the_lists_are_current():
+    assert len(BLOCKS) >= 6
+    for key in SKIP:
+        assert sum(key in b for b in BLOCKS) == 1, f"SKIP key {key!r} must match exactly one README block"
+    for old, _ in SHRINK:
+        assert any(old in b for b in BLOCKS), f"SHRINK text {old!r} is in no README block"
+
+
+def _tiny_sd_folder(folder: str) -> str:
+    """A tiny Stable Diffusion pipeline (random weights, SD's PNDM scheduler config) saved to ``folder``."""
+    pytest.importorskip("transformers")
+    from _diffusers_common import tiny_sd_components
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    parts = tiny_sd_components(folder, dtype=torch.float32)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                          set_alpha_to_one=False, steps_offset=1)
+    path = os.path.join(folder, "tiny-sd")
+    StableDiffusionPipeline(**parts, scheduler=sched).save_pretrained(path)
+    return path
+
+
+def standins(folder: str) -> dict:
+    """The placeholders README snippets use for the user's own things (see the module docstring)."""
+    from PIL import Image
+    return {
+        "model_id": _tiny_sd_folder(folder),
+        "prompt": "a photo of a cat",
+        "init": Image.new("RGB", (8, 8), (120, 60, 200)),
+        "mask": Image.new("L", (8, 8), 255),
+        "denoiser": lambda x, sigma, cond=None: x / (1.0 + sigma.reshape(-1, *[1] * (x.dim() - 1)) ** 2),
+        "c": torch.zeros(1),
+    }
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    """Runs the blocks in order in one namespace, each at most once; ``runner(i)`` runs blocks 0..i."""
+    folder = str(tmp_path_factory.mktemp("readme"))
+    state = {"done": 0, "ns": None, "failed": None}
+
+    def run(i: int) -> None:
+        if state["ns"] is None:
+            state["ns"] = {"__name__": "readme"} | standins(folder)
+        cwd = os.getcwd()
+        os.chdir(folder)
+        try:
+            torch.manual_seed(0)
+            while state["done"] <= i:
+                k = state["done"]
+                state["done"] += 1
+                if state["failed"] is not None:
+                    pytest.fail(f"an earlier README block ({state['failed']}) failed")
+                if skip_reason(BLOCKS[k]) is None:
+                    try:
+                        exec(compile(shrink(BLOCKS[k]), f"README.md python block {k}", "exec"), state["ns"])
+                    except BaseException:
+                        state["failed"] = k
+                        raise
+        finally:
+            os.chdir(cwd)
+    return run
+
+
+@pytest.mark.parametrize("i", range(len(BLOCKS)))
+def test_readme_snippet(i, runner):
+    why = skip_reason(BLOCKS[i])
+    if why is not None:
+        pytest.skip(why)
+    runner(i)
