@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -271,3 +272,151 @@ def test_fuzz_argument_parsers(tokens):
                 parser.parse_args(tokens)
             except SystemExit as e:
                 assert e.code == 2, (tokens, e.code)
+
+
+# ---------------------------------------------------------------- what a new user hits (issue 27)
+USER_FILES = {"grid.png": b"my own grid", "000000.png": b"my own image", "results.json": b"{}",
+              "samples.png": b"mine"}
+
+
+def _user_folder(path):
+    path.mkdir(exist_ok=True)
+    for name, data in USER_FILES.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+def _assert_untouched(path):
+    assert sorted(os.listdir(path)) == sorted(USER_FILES)
+    for name, data in USER_FILES.items():
+        assert (path / name).read_bytes() == data, name
+
+
+def _one_line_error(err: str) -> str:
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["sample", "--nfe", "2", "--num", "1"],
+                                     ["demo", "--quick", "--methods", "ddim", "--nfe", "2", "--samples", "2"]])
+def test_sample_and_demo_never_touch_a_users_files(command, tmp_path, capsys, monkeypatch):
+    """Item 1: the user's grid.png / 000000.png / results.json / samples.png stay byte-identical, --outdir . too."""
+    folder = _user_folder(tmp_path / "mine")
+    for outdir in (str(folder), "."):
+        monkeypatch.chdir(folder)
+        for extra in ([], ["--overwrite"]):
+            assert main(command + ["--outdir", outdir] + extra) == 2
+            err = _one_line_error(capsys.readouterr().err)
+            assert "did not write" in err and any(repr(n) in err for n in USER_FILES), err
+            _assert_untouched(folder)
+
+
+def test_sample_overwrites_only_its_own_marked_output(tmp_path, capsys):
+    """Item 1: an earlier output is recognised by the marker, not by the names; --overwrite replaces only that."""
+    out = tmp_path / "o"
+    argv = ["sample", "--nfe", "2", "--num", "2", "--outdir", str(out), "--quiet"]
+    assert main(argv) == 0
+    marker = json.loads((out / ".deis-fast-output.json").read_text())
+    assert sorted(marker["files"]) == ["000000.png", "000001.png", "grid.png"]
+    assert main(argv) == 2                               # the same command again: refused without --overwrite
+    assert "--overwrite" in _one_line_error(capsys.readouterr().err)
+    assert main(argv + ["--overwrite"]) == 0
+    (out / "notes.txt").write_text("mine")                 # a user's file next to our output: refused again
+    assert main(argv + ["--overwrite"]) == 2
+    assert "'notes.txt'" in _one_line_error(capsys.readouterr().err)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_outdir_that_is_a_file_or_cannot_be_written_exits_2(tmp_path, capsys):
+    """Item 4: --outdir FILE, and a read-only --outdir, exit 2 with one line (sample, demo, generate). We run as
+    root, which chmod does not stop, so "cannot be written" is a path below a file: creating it fails with
+    ENOTDIR, as a read-only or missing mount would."""
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    for outdir in (str(f), str(f / "sub")):
+        for argv in (["sample", "--nfe", "2", "--num", "1"], ["demo", "--quick", "--nfe", "2", "--samples", "2"],
+                     ["generate", "-n", "1", "--nfe", "2", "--no-progress"]):
+            assert main(argv + ["--outdir", outdir]) == 2, (argv, outdir)
+            _one_line_error(capsys.readouterr().err)
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into a chmod 0555 folder")
+def test_chmod_read_only_outdir_exits_2(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["sample", "--nfe", "2", "--num", "1", "--outdir", str(ro)]) == 2
+        assert "cannot write" in _one_line_error(capsys.readouterr().err)
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda"])
+def test_bad_backend_env_exits_2_and_generate_leaves_nothing(value, tmp_path, capsys, monkeypatch):
+    """Item 4: DEIS_FAST_BACKEND=bogus (and =cuda on a CPU run) is bad input: exit 2, one line, no files."""
+    monkeypatch.setenv("DEIS_FAST_BACKEND", value)
+    for argv in (["sample", "--nfe", "2", "--num", "1", "--outdir", str(tmp_path / "s")],
+                 ["generate", "-n", "1", "--nfe", "2", "--no-progress", "--device", "cpu",
+                  "--outdir", str(tmp_path / "g")]):
+        assert main(argv) == 2
+        assert "DEIS_FAST_BACKEND" in _one_line_error(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_failed_start_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    """Item 4: a failure inside the first batch removes the config.json and records/ generate made."""
+    from deis_fast import generate as gen
+    def boom(*a, **k):
+        raise RuntimeError("model exploded")
+    monkeypatch.setattr(gen, "sample_images", boom)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for outdir in (tmp_path / "new", empty):
+        with pytest.raises(RuntimeError):
+            gen.main(["-n", "2", "--nfe", "2", "--no-progress", "--outdir", str(outdir)])
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(empty) == []
+
+
+def test_top_level_help_lists_the_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "130 interrupted" in out and "2 bad usage" in out and "1 internal failure" in out
+
+
+def test_help_has_no_doubled_defaults_and_documents_every_option(capsys):
+    """Item 6: no '(default 64) (default: None)'; --dtype and --lower-order-final have help; beta is listed."""
+    for cmd in ("sample", "demo", "generate", "plan"):
+        assert main([cmd, "--help"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in out and "(default: False)" not in out, cmd
+        assert not re.search(r"\(default [^)]*\) \(default: ", out), cmd
+        if cmd != "demo":
+            assert "beta |" in out or "| beta" in out, cmd
+    from deis_fast import generate as gen
+    helps = {a.dest: a.help for p in (gen.build_parser(), cli.build_parser()._subparsers._group_actions[0].choices["plan"])
+             for a in p._actions}
+    assert helps["dtype"] and helps["lower_order_final"]
+
+
+def test_grid_typo_gets_did_you_mean(capsys):
+    """Item 5: a misspelt grid name gets a suggestion (CLI and Python)."""
+    assert main(["plan", "--grid", "logsrn"]) == 2
+    assert "did you mean 'logsnr'" in _one_line_error(capsys.readouterr().err)
+    import deis_fast
+    with pytest.raises(ValueError, match="did you mean 'karras'"):
+        deis_fast.build_plan(deis_fast.VPSchedule.discrete("linear"), "tab3", 4, "karas")
+
+
+def test_quiet_silences_diffusers(tmp_path, capfd):
+    """Item 5: --quiet: no diffusers log lines (here: an unexpected key in the UNet's config)."""
+    diffusers = _save_tiny_unet(tmp_path / "m", 1)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(cfg, some_unknown_key=1)))
+    diffusers.DDPMScheduler().save_config(tmp_path / "m")
+    argv = ["sample", "--model", str(tmp_path / "m"), "--nfe", "2", "--num", "1"]
+    assert main(argv + ["--outdir", str(tmp_path / "loud")]) == 0
+    assert "some_unknown_key" in capfd.readouterr().err           # the check can see the warning at all
+    assert main(argv + ["--outdir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capfd.readouterr().err == ""

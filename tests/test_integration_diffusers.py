@@ -253,3 +253,16 @@ def test_ignored_keys_warning_names_the_equivalent_method(name, kw, method):
     if kw.get("solver_type") == "bh1":
         with pytest.warns(UserWarning, match="variant='bh1'"):
             DEISFastScheduler.from_config(cfg)
+
+
+def test_stable_diffusion_pndm_config_converts_without_a_warning():
+    """Item 5 of issue 27: every SD PNDM config has skip_prk_steps=True, which says how PNDM warms up its own solver:
+    method= replaces that, so it is dropped without the 'ignores the config keys' warning."""
+    import warnings
+
+    from diffusers import PNDMScheduler
+    cfg = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                        set_alpha_to_one=False, steps_offset=1).config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DEISFastScheduler.from_config(cfg, method="tab3")

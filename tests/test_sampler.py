@@ -1,4 +1,5 @@
 """Public API behaviour: plans, NFE accounting, model adapters, guidance, noise, and errors users can act on."""
+import json
 import math
 
 import numpy as np
@@ -577,3 +578,86 @@ def test_fuzz_sample(method, nfe, grid, t_start, t_end, dtype, sched, eta, pfdif
         return deis_fast.sample(eps_model, noise, generator=torch.Generator().manual_seed(0), **kw)
 
     assert_ok_or_documented(run)
+
+
+# ---------------------------------------------------------------- explicit grids, mismatches, input dtype (issue 27)
+def _zero_model(x, t):
+    return torch.zeros_like(x)
+
+
+def test_explicit_grid_sets_the_nfe_in_the_python_api():
+    """Item 2: a list grid= sets the NFE (as the CLI does); the README's img2img form works; a disagreeing nfe raises."""
+    flow = deis_fast.FlowSchedule()
+    grid = [1.0, 0.75, 0.5, 0.25, 0.0]
+    x = torch.randn(2, 3)
+    assert deis_fast.Sampler(_zero_model, flow, grid=grid, prediction="flow").nfe == 4
+    assert deis_fast.sample(_zero_model, x, flow, grid=grid, prediction="flow").shape == x.shape
+    vp = deis_fast.VPSchedule.discrete("linear")
+    times = [999.0, 700.0, 400.0, 150.0, 0.0]
+    assert deis_fast.sample(_zero_model, x, vp, grid=times, t_start=400.0).shape == x.shape   # img2img
+    pf = deis_fast.make_grid(vp, "time_quadratic", 4 * 3 - 2)                                # PFDiff-2,1: N(k+1)-k
+    assert deis_fast.Sampler(_zero_model, vp, "pfdiff", grid=list(pf)).nfe == 4
+    assert deis_fast.Sampler(_zero_model, vp).nfe == deis_fast.sampler.DEFAULT_NFE == 10
+    with pytest.raises(ValueError, match="4 steps but 10 steps"):
+        deis_fast.Sampler(_zero_model, flow, nfe=10, grid=grid, prediction="flow")
+
+
+def test_loaded_plan_for_another_schedule_method_or_nfe_is_refused(tmp_path):
+    """Item 5: save_plan stores the schedule fingerprint; a Sampler for another schedule, method or NFE refuses it,
+    naming both; a plan file from before the fingerprint still loads."""
+    vp = deis_fast.VPSchedule.discrete("linear")
+    deis_fast.save_plan(deis_fast.build_plan(vp, "dpmpp3", 5), tmp_path / "p.json")
+    plan = deis_fast.load_plan(tmp_path / "p.json")
+    assert plan.schedule_id == deis_fast.schedule_fingerprint(vp)
+    assert deis_fast.Sampler(_zero_model, vp, "dpmpp3", 5, plan=plan).nfe == 5
+    cos = deis_fast.VPSchedule.cosine()
+    with pytest.raises(ValueError, match=f"{plan.schedule_id}.*{deis_fast.schedule_fingerprint(cos)}"):
+        deis_fast.Sampler(_zero_model, cos, plan=plan)
+    with pytest.raises(ValueError, match="'dpmpp3' plan but method='tab3'"):
+        deis_fast.Sampler(_zero_model, vp, "tab3", plan=plan)
+    with pytest.raises(ValueError, match="5 network calls but nfe=6"):
+        deis_fast.Sampler(_zero_model, vp, nfe=6, plan=plan)
+    old = json.loads((tmp_path / "p.json").read_text())
+    old.pop("schedule_id")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert deis_fast.Sampler(_zero_model, cos, plan=deis_fast.load_plan(tmp_path / "old.json")).nfe == 5
+
+
+def test_optimized_grid_for_another_method_schedule_or_nfe_is_refused(tmp_path):
+    """Item 5: a grid optimized for dpmpp3 is not silently taken by a tab3 Sampler (nor another schedule / NFE)."""
+    vp = deis_fast.VPSchedule.discrete("linear")
+    g = deis_fast.OptimizedGrid([float(t) for t in deis_fast.make_grid(vp, "logsnr", 4)], "dpmpp3", 4,
+                                schedule=deis_fast.schedule_fingerprint(vp))
+    deis_fast.save_grid(tmp_path / "g.json", g)
+    g = deis_fast.load_grid(tmp_path / "g.json", "", "dpmpp3", 4)
+    assert deis_fast.Sampler(_zero_model, vp, "dpmpp3", grid=g).nfe == 4
+    with pytest.raises(ValueError, match="optimized for method='dpmpp3'.*not 'tab3'"):
+        deis_fast.Sampler(_zero_model, vp, "tab3", grid=g)
+    with pytest.raises(ValueError, match="another schedule"):
+        deis_fast.Sampler(_zero_model, deis_fast.VPSchedule.cosine(), "dpmpp3", grid=g)
+    with pytest.raises(ValueError, match="nfe=4, not nfe=5"):
+        deis_fast.Sampler(_zero_model, vp, "dpmpp3", 5, grid=g)
+
+
+def test_noise_dtype_other_than_the_models_gets_one_clear_message():
+    """Item 5: fp16 noise with an fp32 nn.Module: a TypeError naming both dtypes, not torch's 'c10::Half ... bias'."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+    with pytest.raises(TypeError, match=r"noise is torch.float16 on cpu but the model's parameters are torch.float32"):
+        deis_fast.sample(Net(), torch.randn(2, 1, 4, 4, dtype=torch.float16), nfe=2)
+    assert deis_fast.sample(Net(), torch.randn(2, 1, 4, 4), nfe=2).dtype == torch.float32
+
+
+def test_embedded_models_are_public():
+    """Item 3: deis_fast.load_model gives the embedded models with their schedule, prediction and shape."""
+    for kind, pred, sched in (("digits", "eps", deis_fast.VPSchedule), ("flow", "flow", deis_fast.FlowSchedule)):
+        m = deis_fast.load_model(kind)
+        assert m.prediction == pred and isinstance(m.schedule, sched) and m.shape == (1, 8, 8)
+        x = deis_fast.sample(m.model, torch.randn(2, *m.shape), m.schedule, nfe=2, prediction=m.prediction)
+        assert torch.isfinite(x).all()
+    assert "load_model" in deis_fast.__all__
