@@ -198,7 +198,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .generate import make_sampler, sample_images
 
     check_backend_env("cpu")
-    with quiet_third_party(args.quiet or args.json):
+    with quiet_third_party(args.quiet):
         loaded = load_model(args.model, prediction=args.prediction, schedule=args.schedule)
         sampler = make_sampler(loaded, args, args.model_batch)
     upscale = args.upscale or (4 if args.model in DIGITS_KINDS else 1)
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour upscaling of the PNGs (default: 4 for the 8x8 digits, else 1)")
     add_output_arguments(s, "./deis_fast_samples")
     s.add_argument("--json", action="store_true", help="print a JSON summary (file list, timing) on stdout")
-    s.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    s.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no summary line, no Python or diffusers warnings")
     s.set_defaults(func=cmd_sample)
 
     pl = sub.add_parser("plan", formatter_class=fmt, help="print the compiled plan (network calls and fused combines)",

@@ -166,8 +166,8 @@ def _owned_files(outdir: str) -> list[str] | None:
         raise UsageError(f"--outdir {outdir}: unreadable {OUTPUT_MARKER} ({e}); pick a new or empty folder") from None
 
 
-def check_outdir(outdir: str, files: Sequence[str], overwrite: bool) -> list[str]:
-    """Refuse an ``outdir`` that ``sample``/``demo`` may not write ``files`` into; return the files it owns there
+def check_outdir(outdir: str, overwrite: bool) -> list[str]:
+    """Refuse an ``outdir`` that ``sample``/``demo`` may not write into; return the files they own there
     already. Allowed: a new or empty folder, or, with ``overwrite``, a folder holding only files its marker lists
     (an earlier run's output). Writes nothing."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -178,12 +178,7 @@ def check_outdir(outdir: str, files: Sequence[str], overwrite: bool) -> list[str
         present = sorted(n for n in os.listdir(outdir) if n != OUTPUT_MARKER)
     except OSError as e:
         raise UsageError(f"--outdir {outdir}: cannot list it ({e.strerror or e})") from None
-    owned = _owned_files(outdir)
-    if owned is None:
-        if present:
-            raise UsageError(f"--outdir {outdir} holds files deis-fast did not write (e.g. {present[0]!r}); "
-                             "pick a new or empty folder")
-        return []
+    owned = _owned_files(outdir) or []
     foreign = [n for n in present if n not in set(owned)]
     if foreign:
         raise UsageError(f"--outdir {outdir} holds files deis-fast did not write (e.g. {foreign[0]!r}); "
@@ -197,7 +192,7 @@ def check_outdir(outdir: str, files: Sequence[str], overwrite: bool) -> list[str
 def claim_outdir(outdir: str, command: str, files: Sequence[str], overwrite: bool) -> None:
     """Check ``outdir`` (:func:`check_outdir`), create it and write the marker listing ``files`` (and the files
     earlier runs own there) before any of them is written; an unusable path is a :class:`UsageError`."""
-    owned = check_outdir(outdir, files, overwrite)
+    owned = check_outdir(outdir, overwrite)
     body = json.dumps({"written_by": f"deis-fast {command}", "files": sorted(set(owned) | set(files))}, indent=1)
     try:
         os.makedirs(outdir, exist_ok=True)
