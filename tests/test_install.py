@@ -67,3 +67,32 @@ def test_install_without_a_compiler_succeeds_and_falls_back(editable, tmp_path):
     r = subprocess.run([sys.executable, "-c", "import deis_fast; print(deis_fast.__file__)"], capture_output=True,
                        text=True, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0 and not r.stdout.startswith(str(tmp_path)), r.stdout + r.stderr
+
+
+def test_wheel_installs_into_a_fresh_venv_without_a_compiler(tmp_path):
+    """The release path (issue 27): a wheel, with LICENSE and py.typed, installs into a fresh venv with pip and no
+    compiler (CC=false), and that venv imports the wheel's deis_fast, not the checkout's."""
+    pytest.importorskip("pybind11")
+    src, wheels, venv = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv"
+    src.mkdir()
+    _copy_sources(str(src))
+    env = dict(os.environ, CC="false", CXX="false", DEIS_FAST_CUDA="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "--no-index",
+                        "-w", str(wheels), str(src)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (wheel,) = wheels.glob("deis_fast-*.whl")
+    import zipfile
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "deis_fast/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names), names
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([py, "-c", "import deis_fast, torch; print(deis_fast.__file__); "
+                        "m = deis_fast.load_model('digits'); print(deis_fast.sample(m.model, torch.randn(1, *m.shape), "
+                        "m.schedule, nfe=2).shape)"], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith(str(venv)), r.stdout
