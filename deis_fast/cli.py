@@ -285,6 +285,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmarking
+    check_backend_env("cpu")
     rest = list(args.args)
     if args.which == "yardstick":
         return int(benchmarking.yardstick_main(rest) or 0)
