@@ -40,13 +40,24 @@ class StepRow:
     coefs: tuple[float, ...]
 
 
-def points_per_step(n_steps: int, points: int, lower_order_final: bool = False) -> list[int]:
-    """History length per step: warm start (i+1 points at step i), optional lower-order final steps."""
+def points_per_step(n_steps: int, points: int, lower_order_final: bool | Sequence[int] = False) -> list[int]:
+    """History length per step: warm start (i+1 points at step i), optional lower-order final steps.
+
+    ``lower_order_final``: True caps step i at the steps left (n_steps - i: first order on the last step, at most
+    two points on the one before, ...); a sequence gives the caps of the last steps explicitly, the last entry
+    for the last step (``(1,)``: only the last step is first order, diffusers' ``euler_at_final``)."""
+    if isinstance(lower_order_final, (bool, np.bool_)):
+        caps: tuple[int, ...] = tuple(range(n_steps, 0, -1)) if lower_order_final else ()
+    else:
+        caps = tuple(int(c) for c in lower_order_final)
+        if any(c < 1 for c in caps):
+            raise ValueError(f"lower_order_final caps must be >= 1, got {caps}")
     out = []
     for i in range(n_steps):
         p = min(points, i + 1)
-        if lower_order_final:
-            p = min(p, n_steps - i)
+        left = n_steps - i
+        if left <= len(caps):
+            p = min(p, caps[len(caps) - left])
         out.append(p)
     return out
 
@@ -133,7 +144,11 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
         elif variable == "logrho":
             if b == 0.0 and p > 1:
                 raise ValueError("log-rho multistep cannot integrate to rho = 0 with more than one point")
-            c = lagrange_integrals_inf(a, b, np.log(rho[hist]), np.log, pieces=4)
+            if p == 1:
+                c = np.array([b - a])
+            else:  # in s = log rho, d rho = e^s ds: a smooth integrand even over decades of rho (Beta grids)
+                c = lagrange_integrals_inf(np.log(a), np.log(b), np.log(rho[hist]), lambda u: u, weight=np.exp,
+                                           pieces=4)
         elif variable == "t":
             br = schedule.rho(schedule.knots(t[i + 1], t[i])) if schedule.discrete else None
             c = lagrange_integrals(a, b, t[hist], schedule.t_from_rho, breaks=br,
