@@ -193,6 +193,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"final_sigmas_type must be one of {_FINAL_SIGMAS}, got {final_sigmas_type!r}")
         if source_scheduler is not None and source_scheduler not in dc.SOURCES:
             raise ValueError(f"source_scheduler must be one of {dc.SOURCES} or None, got {source_scheduler!r}")
+        if source_scheduler == dc.DEIS and use_flow_sigmas and grid == "diffusers":
+            raise ValueError("DEISMultistepScheduler's flow sigmas end at the last one, not at t = 0: its result is not "
+                             "a clean sample, and grid='diffusers' would reproduce that; use grid='auto' (FLUX's grid, "
+                             "ending at t = 0) or keep DEISMultistepScheduler")
         if variance_type not in _VARIANCE_TYPES:
             raise ValueError(f"variance_type={variance_type!r} is not supported: deis_fast solves the ODE, which uses "
                              f"the mean prediction only; one of {_VARIANCE_TYPES} ('learned'/'learned_range': the "
@@ -261,6 +265,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         clashing = {}
         if not ours and cfg.get("timestep_type") not in (None,) + _TIMESTEP_TYPES:
             clashing["timestep_type"] = cfg.pop("timestep_type")  # EulerDiscrete's key, another meaning
+        for k in ("sigma_min", "sigma_max"):  # UniPC's flow Karras range; other schedulers' keys of another meaning
+            if not ours and source != dc.UNIPC and cfg.get(k) is not None:
+                clashing[k] = cfg.pop(k)
         if not ours and cfg.get("final_sigmas_type") not in (None,) + _FINAL_SIGMAS:
             clashing["final_sigmas_type"] = cfg.pop("final_sigmas_type")
         if not (isinstance(kwargs.get("grid", "auto"), str) and kwargs.get("grid", "auto") in ("auto", "diffusers")):
