@@ -168,8 +168,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(trained_betas, np.ndarray):
             self.register_to_config(trained_betas=trained_betas.tolist())
         self.prediction = normalize_prediction(prediction_type)
-        if self.prediction == "flow" and not use_flow_sigmas:
-            self.register_to_config(use_flow_sigmas=True)  # one switch for flow, read by FLUX-style pipelines
+        if self.prediction == "flow" and not use_flow_sigmas and source_scheduler != dc.FLOWMATCH:
+            # one switch for flow, read by FLUX-style pipelines: they then leave the spacing to the scheduler. Not for
+            # a FlowMatchEuler config, whose pipelines pass it their sigmas, as they would to FlowMatchEuler
+            self.register_to_config(use_flow_sigmas=True)
         _check_process_keys(self.config)
         self.schedule = _noise_schedule(self.config)
         if rescale_betas_zero_snr and self.prediction == "eps" and not self.is_flow:
@@ -249,7 +251,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                              f"{source or 'this scheduler'} ({'; '.join(dc.KEYS[k].handling for k in refused)}); "
                              "remove it from the config or keep the original scheduler")
         if flow_match:  # FlowMatch configs have no prediction_type: their models predict the velocity
-            cfg.update(use_flow_sigmas=True, prediction_type=cfg.get("prediction_type", "flow_prediction"))
+            cfg.update(prediction_type=cfg.get("prediction_type", "flow_prediction"))
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
         if not ours and "lower_order_final" not in kwargs and cfg.get("lower_order_final", True) is True:
             # other schedulers default it to True; for deis_fast grids it costs accuracy (tab3 at NFE 10 on the
@@ -593,8 +595,16 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         (flow: ``(1 - t) x0 + t noise`` with t = timestep / 1000)."""
         mt = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
         t = self.schedule.t_from_model_time(mt)
-        alpha = torch.as_tensor(self.schedule.alpha(t), dtype=original_samples.dtype, device=original_samples.device)
-        sigma = torch.as_tensor(self.schedule.sigma(t), dtype=original_samples.dtype, device=original_samples.device)
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        if self._source is not None and self.plan is not None:
+            # the source scheduler's grid: as there, the noise level of the run's step at that timestep (its sigma,
+            # e.g. a Karras one, not that of the rounded timestep)
+            evals = self.plan.evals
+            idx = [self.index_for_timestep(float(v)) for v in mt]
+            a = np.array([evals[i].alpha for i in idx])
+            s = np.array([evals[i].sigma for i in idx])
+        alpha = torch.as_tensor(a, dtype=original_samples.dtype, device=original_samples.device)
+        sigma = torch.as_tensor(s, dtype=original_samples.dtype, device=original_samples.device)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         return alpha.reshape(shape) * original_samples + sigma.reshape(shape) * noise
 
@@ -716,7 +726,7 @@ def _check_process_keys(cfg: Any) -> None:
     """Refuse config keys that contradict the noise process the config describes (VP or flow matching)."""
     pred = normalize_prediction(cfg.prediction_type)
     flow_keys = [k for k in ("use_dynamic_shifting", "shift_terminal") if cfg[k]]
-    if cfg.use_flow_sigmas:
+    if _flow_config(cfg):
         if pred != "flow":
             raise ValueError(f"a flow-matching config (use_flow_sigmas=True, or a FlowMatch scheduler's config) needs "
                              f"prediction_type='flow_prediction', got {cfg.prediction_type!r}: flow models predict the "
@@ -737,10 +747,15 @@ def _check_process_keys(cfg: Any) -> None:
                          "prediction_type='flow_prediction' for a flow model")
 
 
+def _flow_config(cfg: Any) -> bool:
+    """A flow-matching config: use_flow_sigmas (the multistep schedulers' switch) or a FlowMatchEuler config."""
+    return bool(cfg.use_flow_sigmas) or cfg.source_scheduler == dc.FLOWMATCH
+
+
 def _noise_schedule(cfg: Any, mu: float | None = None) -> Schedule:
     """The noise process a config describes: a FlowSchedule (its shift, or FLUX's ``mu``, as the grid transform;
     without mu a dynamic-shift config has none until set_timesteps) or the discrete VP schedule."""
-    if not cfg.use_flow_sigmas:
+    if not _flow_config(cfg):
         sched = schedule_from_diffusers_config(cfg)
         if cfg.rescale_betas_zero_snr and dc.clamps_zero_snr(normalize_prediction(cfg.prediction_type)):
             sched = VPSchedule.from_alphas_cumprod(dc.clamped_alphas_cumprod(sched.alphas_cumprod),
