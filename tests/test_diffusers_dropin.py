@@ -80,6 +80,40 @@ def test_dpmsolver_spacings(mix, spacing, final, order, solver_type, method, n):
     assert _compare(mix, src, method, n) <= TOL
 
 
+@pytest.mark.parametrize("algo,order,solver_type,method,kw", [
+    ("dpmsolver", 1, "midpoint", "dpmsolver1", {}), ("dpmsolver", 2, "midpoint", "dpmsolver2", {}),
+    ("dpmsolver", 2, "heun", "dpmsolver2", dict(variant="heun")), ("dpmsolver", 3, "midpoint", "dpmsolver3", {}),
+    ("sde-dpmsolver", 1, "midpoint", "sde_dpmsolver1", {}), ("sde-dpmsolver", 2, "midpoint", "sde_dpmsolver2", {}),
+    ("sde-dpmsolver", 2, "heun", "sde_dpmsolver2", dict(variant="heun")),
+    ("sde-dpmsolver++", 1, "midpoint", "dpmpp_1m_sde", {}), ("sde-dpmsolver++", 2, "midpoint", "dpmpp_2m_sde", {})])
+@pytest.mark.parametrize("spacing", [{}, dict(use_karras_sigmas=True)], ids=["default", "karras"])
+@pytest.mark.parametrize("n", [8, 20])
+def test_dpmsolver_algorithm_types(mix, algo, order, solver_type, method, kw, spacing, n):
+    """The eps-form DPM-Solver (orders 1-3), SDE-DPM-Solver (1-2) and first-order SDE-DPM-Solver++; the SDE ones
+    draw their step noise from the same generator in the same order."""
+    final = dict(final_sigmas_type="sigma_min") if algo in ("dpmsolver", "sde-dpmsolver") else {}
+    if final and spacing and n >= 15 and (order == 3 or solver_type == "heun"):
+        pytest.skip("diffusers' heun / order-3 step of zero length (Karras sigmas ending at sigma_min) is 0/0 = nan")
+    src = DPMSolverMultistepScheduler(algorithm_type=algo, solver_order=order, solver_type=solver_type, **final,
+                                      **spacing)
+    from deis_fast.integrations.diffusers import equivalent_method
+    assert equivalent_method(dict(src.config)) == method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = DEISFastScheduler.from_config(src.config, method=method, grid="diffusers", **kw)
+    src.set_timesteps(n)
+    ours.set_timesteps(n)
+    src.sigmas = src.sigmas.double()
+    model, outs = mix.model(ours.schedule), []
+    for sch in (src, ours):
+        x, g = _noise(), torch.Generator().manual_seed(7)
+        for t in sch.timesteps:
+            out = model(x.reshape(16, 16), torch.full((16,), float(t), dtype=torch.float64)).reshape(x.shape)
+            x = sch.step(out, t, x, generator=g).prev_sample
+        outs.append(x)
+    assert torch.isfinite(outs[0]).all() and _rel(outs[1], outs[0]) <= TOL
+
+
 @pytest.mark.parametrize("kw", [dict(prediction_type="v_prediction"), dict(prediction_type="sample"),
                                 dict(prediction_type="v_prediction", rescale_betas_zero_snr=True),
                                 dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,

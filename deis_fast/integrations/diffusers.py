@@ -583,7 +583,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             return convert_output(self.prediction, op, x, [(1.0, model_output)], threshold=self._threshold)
 
         run_plan(plan, slots, evaluate, span=spans[k], first_eval=k, in_place=False,
-                 step_noise=_StepNoise(sample, generator))
+                 step_noise=_StepNoise(sample, generator, dc.noise_dtype(self.config.source_scheduler)))
         if k + 1 < len(spans):
             return slots[plan.ops[spans[k + 1][0]].src]
         prev = slots[0]
@@ -623,12 +623,14 @@ class _StepNoise:
     """The step noise of a segment, drawn when a noisy Combine asks for it (diffusers' ``randn_tensor``, so a
     list of generators gives each sample its own noise)."""
 
-    def __init__(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None):
-        self.like, self.generator = like, generator
+    def __init__(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+                 dtype: torch.dtype | None = None):
+        self.like, self.generator, self.dtype = like, generator, dtype
 
     def __getitem__(self, _index: int) -> torch.Tensor:
         x = self.like
-        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        z = randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=self.dtype or x.dtype)
+        return z.to(x.dtype)
 
 
 def _dedupe(ts: np.ndarray, t_end: float, n: int) -> np.ndarray:
@@ -824,8 +826,12 @@ def equivalent_method(config: dict) -> str | None:
         return f"logrho{k}"
     if algo == "dpmsolver++" and k in (1, 2, 3):
         return {1: "dpmpp1", 2: "dpmpp2" if config.get("solver_type") == "heun" else "dpmpp_2m", 3: "dpmpp_3m"}[k]
-    if algo == "sde-dpmsolver++" and k == 2:
-        return "dpmpp_2m_sde"
+    if algo == "sde-dpmsolver++" and k in (1, 2):
+        return {1: "dpmpp_1m_sde", 2: "dpmpp_2m_sde"}[k]
+    if algo == "dpmsolver" and k in (1, 2, 3):
+        return f"dpmsolver{k}"
+    if algo == "sde-dpmsolver" and k in (1, 2):
+        return f"sde_dpmsolver{k}"
     if config.get("solver_type") in ("bh1", "bh2") and config.get("predict_x0", True) and k in (1, 2, 3):
         return f"unipc{k}"  # UniPCMultistepScheduler
     return None
@@ -871,7 +877,8 @@ def _set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
 def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
     names = ", ".join(f"{k}={keys[k]!r}" for k in sorted(keys))
     same = equivalent_method(config or {})
-    variant = (config or {}).get("solver_type") if same in ("unipc1", "unipc2", "unipc3", "dpmpp_2m_sde") else None
+    with_variant = ("unipc1", "unipc2", "unipc3", "dpmpp_2m_sde", "dpmsolver2", "sde_dpmsolver2")
+    variant = (config or {}).get("solver_type") if same in with_variant else None
     extra = f", variant={variant!r}" if variant in ("bh1", "heun") else ""
     hint = f"; method={same!r}{extra} runs the same update as that scheduler" if same else ""
     warnings.warn(f"DEISFastScheduler ignores the config keys {names}: deis_fast picks its solver with the method= "

@@ -202,6 +202,13 @@ def clamped_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
     return ac
 
 
+def noise_dtype(source: str | None) -> Any:
+    """The dtype the source scheduler draws its step noise in (DPM-Solver's SDE variants: float32, whatever the
+    sample's), so that a generator gives the same noise; None: the sample's."""
+    import torch
+    return torch.float32 if source == DPM else None
+
+
 def split_learned_variance(model_output: Any, sample: Any, variance_type: str | None) -> Any:
     """A learned-variance model's output (2C channels: the prediction, then the variance): its first C channels,
     as diffusers' DPM-Solver takes them. Anything else unchanged."""
