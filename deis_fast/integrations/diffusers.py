@@ -23,6 +23,13 @@ stage Eval; a PFDiff start makes a plain step to the next foresight boundary). T
 ``timesteps[k:]``, stay what the pipeline loops over. The history holds model outputs, never states,
 so a pipeline may overwrite the state between steps (inpainting blends the known region into it).
 
+Drop-in. A config of ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ``DEISMultistepScheduler`` or
+``FlowMatchEulerDiscreteScheduler`` records its class (``source_scheduler``); with ``grid="diffusers"`` the run
+then takes that scheduler's own ``set_timesteps`` timesteps and sigmas (every spacing key with diffusers' meaning:
+Karras, exponential, beta, lu, lambda_min_clipped, flow sigmas, the final sigma), its rule for the last steps'
+order and its model-output conversion, so the equivalent method (``dpmpp_2m``, ``unipc2``, ``logrho3``, ``ddim``,
+...) gives its images. How each source key is read is one table, :mod:`.diffusers_config`.
+
 Grids: ``grid="auto"`` follows diffusers' ``timestep_spacing`` (plus a final step to t = 0) for the
 ``logrho*`` methods — ``method="logrho3"`` then reproduces ``DEISMultistepScheduler(solver_order=3)`` —
 and uses deis_fast's recommended grid for every other method. ``grid="diffusers"`` forces the
@@ -120,6 +127,11 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         variant: ``"bh1"`` / ``"bh2"`` for ``unipc*`` (UniPC's ``solver_type``), ``"midpoint"`` / ``"heun"`` for
             ``dpmpp_2m_sde``.
         s_noise: scale of the step noise of the SDE methods (k-diffusion's ``s_noise``).
+        source_scheduler: the diffusers scheduler whose config this came from (set by ``from_config``); its
+            ``set_timesteps`` gives the ``grid="diffusers"`` timesteps and sigmas.
+        use_lu_lambdas, lambda_min_clipped, euler_at_final, variance_type: DPM-Solver's keys (uniform-lambda
+            sigmas, the first timestep's cap, a first-order last step, a learned-variance output split in two).
+        sigma_min, sigma_max: UniPC's Karras range of flow sigmas.
         timestep_spacing, steps_offset: diffusers' spacing of the ``grid="diffusers"`` timesteps.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, beta_alpha, beta_beta: diffusers'
             spacing switches, honored as the ``karras``, ``logsnr`` and ``beta`` grids when ``grid="auto"``.
