@@ -3,7 +3,6 @@ method=<equivalent>, grid="diffusers") against the source scheduler in the same 
 (the analytic Gaussian mixture), over the source's documented keys; config round trips; the key table."""
 import inspect
 import json
-import os
 import warnings
 
 import numpy as np
@@ -18,6 +17,8 @@ from deis_fast.integrations import diffusers_config as dc  # noqa: E402
 from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
 from deis_fast.schedules import flux_mu  # noqa: E402
 from deis_fast.testing import GaussianMixture  # noqa: E402
+
+from _diffusers_common import parity_rel  # noqa: E402
 
 TOL = 1e-5
 PRED = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample", "flow_prediction": "flow"}
@@ -40,13 +41,7 @@ def _loop(sch, model, x):
     return x
 
 
-def _rel(a, b):
-    r = float((a - b).norm() / b.norm())
-    log = os.environ.get("DEIS_FAST_PARITY_LOG")   # the measured differences, one line per comparison
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{r:.3e}\n")
-    return r
+_rel = parity_rel   # records the measured differences under DEIS_FAST_PARITY_LOG
 
 
 def _compare(mix, src, method, n, set_kw=None, **ours_kw):
@@ -167,10 +162,6 @@ def test_unipc_keys(mix, kw):
     src = UniPCMultistepScheduler(solver_order=2, **kw)
     extra = dict(disable_corrector=kw["disable_corrector"]) if "disable_corrector" in kw else {}
     assert _compare(mix, src, "unipc2", 10, **extra) <= TOL
-
-
-def _deis64(**kw):
-    return DEISMultistepScheduler(**kw)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS, ids=SPACING_IDS)

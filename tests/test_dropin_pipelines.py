@@ -2,7 +2,6 @@
 local parts give the same images with DEISFastScheduler.from_config(src.config, method=<equivalent>,
 grid="diffusers") as with the scheduler it replaces."""
 import functools
-import os
 import warnings
 
 import numpy as np
@@ -17,7 +16,8 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,  # n
 
 from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
 
-from _diffusers_common import tiny_flux_components, tiny_sd3_components, tiny_sd_components  # noqa: E402
+from _diffusers_common import (parity_rel, tiny_flux_components, tiny_sd3_components,  # noqa: E402
+                               tiny_sd_components)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4
@@ -43,14 +43,7 @@ def _ours(src, method, **kw):
         return DEISFastScheduler.from_config(src.config, method=method, grid="diffusers", **kw)
 
 
-def _rel(a, b):
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    r = float((a - b).norm() / b.norm())
-    log = os.environ.get("DEIS_FAST_PARITY_LOG")   # the measured differences, one line per comparison
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{r:.3e}\n")
-    return r
+_rel = parity_rel   # records the measured differences under DEIS_FAST_PARITY_LOG
 
 
 @pytest.fixture(scope="module")
