@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["KEYS", "SOURCES", "Row", "source_of", "source_times", "final_orders", "clamps_zero_snr",
-           "refused_keys", "LEARNED_VARIANCE", "split_learned_variance"]
+           "refused_keys", "LEARNED_VARIANCE", "split_learned_variance", "equivalent_method", "warn_ignored"]
 
 DPM, UNIPC, DEIS, FLOWMATCH = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
                                "FlowMatchEulerDiscreteScheduler")
@@ -227,3 +227,71 @@ def lambda_clip_start(alphas_cumprod: np.ndarray, lambda_min_clipped: float) -> 
         lam = 0.5 * (np.log(ac) - np.log1p(-ac))
     clipped = int(np.searchsorted(lam[::-1], float(lambda_min_clipped)))
     return float(ac.size - clipped - 1)
+
+
+# --- the solver keys: replaced by method= ---------------------------------------------------------------------
+def equivalent_method(config: dict) -> str | None:
+    """The deis_fast method running the same update as the DEIS / DPM-Solver++ / UniPC multistep scheduler
+    that ``config`` describes (recognized by its ``algorithm_type`` / ``solver_type``), else None."""
+    algo, k = config.get("algorithm_type"), config.get("solver_order")
+    if algo == "deis" and k in (1, 2, 3):
+        return f"logrho{k}"
+    if algo == "dpmsolver++" and k in (1, 2, 3):
+        return {1: "dpmpp1", 2: "dpmpp2" if config.get("solver_type") == "heun" else "dpmpp_2m", 3: "dpmpp_3m"}[k]
+    if algo == "sde-dpmsolver++" and k in (1, 2):
+        return {1: "dpmpp_1m_sde", 2: "dpmpp_2m_sde"}[k]
+    if algo == "dpmsolver" and k in (1, 2, 3):
+        return f"dpmsolver{k}"
+    if algo == "sde-dpmsolver" and k in (1, 2):
+        return f"sde_dpmsolver{k}"
+    if config.get("solver_type") in ("bh1", "bh2") and config.get("predict_x0", True) and k in (1, 2, 3):
+        return f"unipc{k}"  # UniPCMultistepScheduler
+    return None
+
+
+def source_defaults(class_name: Any, config: dict) -> list[dict]:
+    """Default values of the scheduler class that wrote ``config``: the named class, or (in-memory configs carry
+    no ``_class_name``) every diffusers scheduler whose ``__init__`` takes all of the config's keys."""
+    try:
+        import diffusers
+    except ImportError:
+        return []
+
+    def defaults(cls: Any) -> dict | None:
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            return None
+        return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+    if class_name and hasattr(diffusers, str(class_name)):
+        d = defaults(getattr(diffusers, str(class_name)))
+        return [d] if d is not None else []
+    keys = {k for k in config if not k.startswith("_")}
+    found = []
+    for name in dir(diffusers):
+        if name.endswith("Scheduler") and name != "DEISFastScheduler":
+            d = defaults(getattr(diffusers, name, None))
+            if d is not None and keys <= set(d):
+                found.append(d)
+    return found
+
+
+def set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
+    """The keys whose values differ from the source scheduler's defaults (deliberate choices that would change
+    what that scheduler does); all of them when the source class cannot be told."""
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    sources = source_defaults(class_name, config)
+    return {k: v for k, v in keys.items()
+            if not any(k in d and norm(d[k]) == norm(v) for d in sources)}
+
+
+def warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
+    names = ", ".join(f"{k}={keys[k]!r}" for k in sorted(keys))
+    same = equivalent_method(config or {})
+    with_variant = ("unipc1", "unipc2", "unipc3", "dpmpp_2m_sde", "dpmsolver2", "sde_dpmsolver2")
+    variant = (config or {}).get("solver_type") if same in with_variant else None
+    extra = f", variant={variant!r}" if variant in ("bh1", "heun") else ""
+    hint = f"; method={same!r}{extra} runs the same update as that scheduler" if same else ""
+    warnings.warn(f"DEISFastScheduler ignores the config keys {names}: deis_fast picks its solver with the method= "
+                  f"argument{hint}.", UserWarning, stacklevel=stacklevel)
