@@ -255,6 +255,19 @@ def test_step_at_a_timestep_not_in_timesteps_falls_back_to_the_last(mix):
     assert ours.step_index == 5
 
 
+def test_step_with_a_batch_of_timesteps(mix):
+    """Some pipelines pass the timestep once per sample: the first step reads the first."""
+    a, b = DEISFastScheduler(method="dpmpp_2m"), DEISFastScheduler(method="dpmpp_2m")
+    a.set_timesteps(5)
+    b.set_timesteps(5)
+    model, x, y = mix.model(a.schedule), _noise().reshape(16, 16), _noise().reshape(16, 16)
+    for t in a.timesteps:
+        tt = torch.full((16,), float(t), dtype=torch.float64)
+        x = a.step(model(x, tt), t, x).prev_sample
+        y = b.step(model(y, tt), tt.long(), y).prev_sample
+    assert torch.equal(x, y)
+
+
 def test_index_for_timestep_flowmatch_api():
     src = FlowMatchEulerDiscreteScheduler(shift=3.0)
     ours = DEISFastScheduler.from_config(src.config, method="ddim", grid="diffusers")

@@ -547,6 +547,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, timestep: Any) -> None:
         """First step(): the start index (begin index, else from the timestep) and the plan run from there."""
         k = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        if isinstance(k, list):  # a pipeline that passes the timestep once per sample
+            k = k[0]
         run = self.plan
         if k:
             run = self._finish(build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw))
