@@ -83,6 +83,20 @@ def _tiny_vae(latent_channels: int, dtype: torch.dtype, **kw):
                          **kw).to(dtype).eval()
 
 
+def tiny_sdxl_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """An SDXL-style UNet2DConditionModel (text_time added conditioning: pooled embedding + the 6 size / crop ids)
+    and AutoencoderKL; no text encoders: the tests pass prompt and pooled embeddings (dim 16)."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    return dict(unet=unet.to(dtype).eval(), vae=_tiny_vae(4, dtype), text_encoder=None, text_encoder_2=None,
+                tokenizer=None, tokenizer_2=None)
+
+
 def tiny_sd3_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
     """SD3Transformer2DModel (1 joint block, 4 latent channels, 8x8) and AutoencoderKL; no text encoders: the
     tests pass prompt embeddings. One transformer call costs ~2 ms on one CPU thread."""

@@ -12,12 +12,13 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
-                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UniPCMultistepScheduler)
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UniPCMultistepScheduler)
 
 from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
 
 from _diffusers_common import (parity_rel, tiny_flux_components, tiny_sd3_components,  # noqa: E402
-                               tiny_sd_components)
+                               tiny_sd_components, tiny_sdxl_components)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4
@@ -100,20 +101,51 @@ def test_sd_img2img_same_images(sd_parts):
     assert _rel(lat, ref_lat) <= TOL and np.abs(img - ref_img).max() <= TOL
 
 
+def _embeds(negative=True):
+    g = torch.Generator().manual_seed(5)
+    e = {k: torch.randn(shape, generator=g, dtype=torch.float64)
+         for k, shape in [("prompt_embeds", (1, 5, 16)), ("pooled_prompt_embeds", (1, 16)),
+                          ("negative_prompt_embeds", (1, 5, 16)), ("negative_pooled_prompt_embeds", (1, 16))]}
+    return e if negative else {k: v for k, v in e.items() if not k.startswith("negative")}
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts():
+    return tiny_sdxl_components()
+
+
+def _sdxl(parts, sch, n=8):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline(scheduler=sch, **parts)
+        out = [pipe(num_inference_steps=n, height=8, width=8, output_type=kind, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(1), **_embeds()).images for kind in ("latent", "np")]
+    return out
+
+
+SDXL_CASES = [("dpm_karras", DPMSolverMultistepScheduler, dict(SDXL, use_karras_sigmas=True), "dpmpp_2m", {}),
+              ("dpm_sde_karras", DPMSolverMultistepScheduler,
+               dict(SDXL, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde", {}),
+              ("unipc", UniPCMultistepScheduler, dict(SDXL), "unipc2", {}),
+              ("deis", DEISMultistepScheduler, dict(SDXL, solver_order=3), "logrho3", {})]
+
+
+@pytest.mark.parametrize("name,cls,cfg,method,kw", SDXL_CASES, ids=[c[0] for c in SDXL_CASES])
+def test_sdxl_pipeline_same_images(sdxl_parts, name, cls, cfg, method, kw):
+    """StableDiffusionXLPipeline (added time ids, pooled embeddings) from tiny local parts."""
+    ref_lat, ref_img = _sdxl(sdxl_parts, _promoted(cls(**cfg)))
+    lat, img = _sdxl(sdxl_parts, _ours(cls(**cfg), method, **kw))
+    assert _rel(lat, ref_lat) <= TOL and np.abs(img - ref_img).max() <= TOL, (_rel(lat, ref_lat),
+                                                                              np.abs(img - ref_img).max())
+
+
 @pytest.fixture(scope="module")
 def flow_parts():
     return {"sd3": tiny_sd3_components(), "flux": tiny_flux_components()}
 
 
 def _flow(parts, model, sch, n=8):
-    g = torch.Generator().manual_seed(5)
-    e = {k: torch.randn(shape, generator=g, dtype=torch.float64)
-         for k, shape in [("prompt_embeds", (1, 5, 16)), ("pooled_prompt_embeds", (1, 16)),
-                          ("negative_prompt_embeds", (1, 5, 16)), ("negative_pooled_prompt_embeds", (1, 16))]}
-    if model == "sd3":
-        e["guidance_scale"] = 3.0
-    else:
-        e = {k: v for k, v in e.items() if not k.startswith("negative")}
+    e = dict(_embeds(), guidance_scale=3.0) if model == "sd3" else _embeds(negative=False)
     cls = StableDiffusion3Pipeline if model == "sd3" else FluxPipeline
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
