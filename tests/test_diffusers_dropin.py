@@ -353,3 +353,23 @@ def test_config_round_trip_keeps_keys_and_metadata(src, tmp_path):
     ours.set_timesteps(8)
     back.set_timesteps(8)
     assert torch.equal(ours.timesteps, back.timesteps)
+
+
+def test_keys_on_deis_fast_grids():
+    """Without grid='diffusers' the keys still act: lu spacing is the logsnr grid, lambda_min_clipped caps the first
+    time, euler_at_final makes the last step first order."""
+    import deis_fast
+    lu = DEISFastScheduler.from_config(DPMSolverMultistepScheduler(use_lu_lambdas=True).config, method="dpmpp_2m",
+                                       timestep_type="float")
+    lu.set_timesteps(6)
+    np.testing.assert_allclose(lu.plan.times[:-1], deis_fast.make_grid(lu.schedule, "logsnr", 6)[:-1])
+    cos = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)
+    clipped = DEISFastScheduler.from_config(cos.config, method="tab3")
+    clipped.set_timesteps(6)
+    cos.set_timesteps(6)
+    assert clipped.plan.times[0] == float(cos.timesteps[0]) < 999
+    plain, euler = (DEISFastScheduler(method="dpmpp_2m", euler_at_final=e) for e in (False, True))
+    for s in (plain, euler):
+        s.set_timesteps(20)
+    assert len(plain.plan.combines[-1].coefs) == 3 and len(euler.plan.combines[-1].coefs) == 2
+    assert plain.plan.combines[-2].coefs == euler.plan.combines[-2].coefs
