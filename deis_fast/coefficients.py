@@ -20,7 +20,7 @@ from .schedules import Schedule
 
 __all__ = ["StepRow", "lagrange_integrals", "lagrange_integrals_inf", "pure_noise_row", "points_per_step", "history",
            "eps_ab_rows", "data_ab_rows",
-           "dpmsolver_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
+           "dpmsolver_rows", "dpmsolver_differences", "dpmsolver_eps_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
 
@@ -40,13 +40,24 @@ class StepRow:
     coefs: tuple[float, ...]
 
 
-def points_per_step(n_steps: int, points: int, lower_order_final: bool = False) -> list[int]:
-    """History length per step: warm start (i+1 points at step i), optional lower-order final steps."""
+def points_per_step(n_steps: int, points: int, lower_order_final: bool | Sequence[int] = False) -> list[int]:
+    """History length per step: warm start (i+1 points at step i), optional lower-order final steps.
+
+    ``lower_order_final``: True caps step i at the steps left (n_steps - i: first order on the last step, at most
+    two points on the one before, ...); a sequence gives the caps of the last steps explicitly, the last entry
+    for the last step (``(1,)``: only the last step is first order, diffusers' ``euler_at_final``)."""
+    if isinstance(lower_order_final, (bool, np.bool_)):
+        caps: tuple[int, ...] = tuple(range(n_steps, 0, -1)) if lower_order_final else ()
+    else:
+        caps = tuple(int(c) for c in lower_order_final)
+        if any(c < 1 for c in caps):
+            raise ValueError(f"lower_order_final caps must be >= 1, got {caps}")
     out = []
     for i in range(n_steps):
         p = min(points, i + 1)
-        if lower_order_final:
-            p = min(p, n_steps - i)
+        left = n_steps - i
+        if left <= len(caps):
+            p = min(p, caps[len(caps) - left])
         out.append(p)
     return out
 
@@ -133,7 +144,11 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
         elif variable == "logrho":
             if b == 0.0 and p > 1:
                 raise ValueError("log-rho multistep cannot integrate to rho = 0 with more than one point")
-            c = lagrange_integrals_inf(a, b, np.log(rho[hist]), np.log, pieces=4)
+            if p == 1:
+                c = np.array([b - a])
+            else:  # in s = log rho, d rho = e^s ds: a smooth integrand even over decades of rho (Beta grids)
+                c = lagrange_integrals_inf(np.log(a), np.log(b), np.log(rho[hist]), lambda u: u, weight=np.exp,
+                                           pieces=4)
         elif variable == "t":
             br = schedule.rho(schedule.knots(t[i + 1], t[i])) if schedule.discrete else None
             c = lagrange_integrals(a, b, t[hist], schedule.t_from_rho, breaks=br,
@@ -207,19 +222,60 @@ def dpmsolver_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],
         phi2 = 1.0 - phi1 / he                # (e^{-h} - 1) / h + 1
         if np.isinf(lam[i - 1]):                 # the previous output was at alpha = 0: D1 -> 0 in the limit
             return np.array([phi1] + [0.0] * (p - 1))
-        r0 = (lam[i] - lam[i - 1]) / h
-        if p == 3 and np.isinf(lam[i - 2]):      # r1 -> inf: D1 -> D1_0 and D2 -> 0
-            return np.array([phi1, 0.0, 0.0]) + phi2 * np.array([1.0, -1.0, 0.0]) / r0
+        d1, d2 = dpmsolver_differences(lam, i, p)
         if p == 2:
-            d1 = np.array([1.0, -1.0]) / r0   # D1 over (D_i, D_{i-1})
             return np.array([phi1, 0.0]) + (0.5 * phi1 if solver_type == "midpoint" else phi2) * d1
-        r1 = (lam[i - 1] - lam[i - 2]) / h
-        d10, d11 = np.array([1.0, -1.0, 0.0]) / r0, np.array([0.0, 1.0, -1.0]) / r1
-        d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
-        d2 = (d10 - d11) / (r0 + r1)
+        if np.isinf(lam[i - 2]):                 # r1 -> inf: D1 -> D1_0 and D2 -> 0
+            return np.array([phi1, 0.0, 0.0]) + phi2 * np.array([1.0, -1.0, 0.0]) * d1[0]
         phi3 = (he - phi1) / he ** 2 - 0.5   # (e^{-h} - 1 + h) / h^2 - 1/2
         return np.array([phi1, 0.0, 0.0]) + phi2 * d1 - phi3 * d2
     return _data_form_rows(schedule, rho, points, published, eta=eta)
+
+
+def dpmsolver_differences(lam: np.ndarray, i: int, p: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """DPM-Solver's history terms of step i over (out_i, out_{i-1}, ...), as weight vectors: p = 2,
+    D1 = (out_i - out_{i-1}) / r0; p = 3, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) and D2 = (D1_0 - D1_1) / (r0 + r1),
+    with r_k the previous lambda steps over this one (the forms of the DPM-Solver code, both algorithm types)."""
+    h = lam[i + 1] - lam[i]
+    r0 = (lam[i] - lam[i - 1]) / h
+    d10 = np.array([1.0, -1.0] + [0.0] * (p - 2)) / r0
+    if p == 2:
+        return d10, None
+    r1 = (lam[i - 1] - lam[i - 2]) / h
+    d11 = np.array([0.0, 1.0, -1.0]) / r1
+    return d10 + r0 / (r0 + r1) * (d10 - d11), (d10 - d11) / (r0 + r1)
+
+
+def dpmsolver_eps_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int], solver_type: str = "midpoint",
+                       scale: float = 1.0) -> list[StepRow]:
+    """DPM-Solver multistep in the noise-prediction form (diffusers' ``algorithm_type="dpmsolver"``, orders 1-3):
+    ``x_{i+1} = a_{i+1}/a_i x_i - s_{i+1} (phi D0 + w1 D1 + w2 D2)`` over eps, with phi = e^h - 1, w1 = phi / 2
+    (midpoint) or phi / h - 1 (heun; always at order 3) and w2 = (phi - h) / h^2 - 1/2. ``scale`` = 2 is the
+    deterministic part of ``"sde-dpmsolver"`` (its noise is the plan's). Order 1 is DDIM; a step to rho = 0 is
+    DDIM's jump (never scaled)."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    with np.errstate(divide="ignore"):
+        lam = -np.log(rho)
+
+    def step(i: int, p: int, alpha: np.ndarray) -> StepRow:
+        state = float(alpha[i + 1] / alpha[i])
+        if rho[i + 1] == 0.0:
+            return StepRow(state, (float(alpha[i + 1] * (rho[i + 1] - rho[i])),))
+        if p == 1:   # -sigma' (e^h - 1) = alpha' (rho' - rho)
+            return StepRow(state, (float(scale * alpha[i + 1] * (rho[i + 1] - rho[i])),))
+        h = lam[i + 1] - lam[i]
+        phi = np.expm1(h)
+        d1, d2 = dpmsolver_differences(lam, i, p)
+        w = np.zeros(p)
+        w[0] = phi
+        if p == 2:
+            w += (0.5 * phi if solver_type == "midpoint" else phi / h - 1.0) * d1
+        else:
+            w += (phi / h - 1.0) * d1 + ((phi - h) / h ** 2 - 0.5) * d2
+        sig = alpha[i + 1] * rho[i + 1]
+        return StepRow(state, tuple(float(-scale * sig * x) for x in w))
+    return _eps_rows(schedule, rho, points, step)
 
 
 def ipndm_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:

@@ -253,7 +253,9 @@ def _is_zero_rho_end(schedule: Schedule, t: np.ndarray) -> bool:
         return False
     with np.errstate(invalid="ignore"):
         r = float(schedule.rho(t[-1]))
-    return abs(r) < 1e-12
+        # t_from_rho(0) of a discrete schedule extrapolates log alpha: rho there is ~1e-10, not 0, for some betas
+        floor = float(schedule.rho(schedule.t_min))
+    return abs(r) < 1e-12 or (np.isfinite(floor) and abs(r) <= 1e-6 * floor)
 
 
 def grid_rho(schedule: Schedule, t: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ fused ``ops.combine`` (or nothing at all for an eps model feeding an eps-form so
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -267,9 +268,10 @@ def check_threshold(threshold: Any) -> tuple[float, float] | None:
         ratio, max_value = (float(v) for v in threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a pair (ratio, max_value), got {threshold!r}") from None
-    if not 0.0 < ratio <= 1.0 or not max_value >= 1.0:
-        raise ValueError(f"threshold needs 0 < ratio <= 1 and max_value >= 1 (diffusers' dynamic_thresholding_ratio, "
-                         f"sample_max_value), got ({ratio}, {max_value})")
+    # diffusers accepts any quantile in [0, 1] and any positive max value (below 1 it clamps every |x0| to it)
+    if not 0.0 <= ratio <= 1.0 or not (max_value > 0.0 and math.isfinite(max_value)):
+        raise ValueError(f"threshold needs 0 <= ratio <= 1 and a finite max_value > 0 (diffusers' "
+                         f"dynamic_thresholding_ratio, sample_max_value), got ({ratio}, {max_value})")
     return ratio, max_value
 
 

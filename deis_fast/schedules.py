@@ -126,9 +126,9 @@ class VPSchedule(Schedule):
         self.name = name or kind
         if kind == "discrete":
             ac = _f64(alphas_cumprod)
-            if ac.ndim != 1 or ac.size < 3 or not np.all(np.isfinite(ac)) or np.any(ac[:-1] <= 0) or ac[-1] < 0 \
+            if ac.ndim != 1 or ac.size < 2 or not np.all(np.isfinite(ac)) or np.any(ac[:-1] <= 0) or ac[-1] < 0 \
                     or np.any(ac > 1) or np.any(np.diff(ac) > 0):
-                raise ValueError("alphas_cumprod must be a 1-D, non-increasing sequence in (0, 1] of length >= 3 "
+                raise ValueError("alphas_cumprod must be a 1-D, non-increasing sequence in (0, 1] of length >= 2 "
                                  "(only the last value may be 0: zero terminal SNR)")
             self.alphas_cumprod = ac
             self.num_train_timesteps = ac.size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 from diffusers import DEISMultistepScheduler
 
@@ -16,6 +17,18 @@ class DEIS64(DEISMultistepScheduler):
     def set_timesteps(self, *a, **k):
         super().set_timesteps(*a, **k)
         self.sigmas = self.sigmas.double()
+
+
+def parity_rel(a, b) -> float:
+    """||a - b|| / ||b||; with DEIS_FAST_PARITY_LOG set, each value is appended there with the test's name (the
+    numbers the drop-in parity tests measured)."""
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    r = float((a - b).norm() / b.norm())
+    log = os.environ.get("DEIS_FAST_PARITY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{r:.3e}\n")
+    return r
 
 
 def scheduler_loop(sch, model, x, start=0, blend=None):
@@ -68,6 +81,20 @@ def _tiny_vae(latent_channels: int, dtype: torch.dtype, **kw):
                          up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=latent_channels,
                          norm_num_groups=latent_channels, sample_size=8, shift_factor=0.06, scaling_factor=1.5,
                          **kw).to(dtype).eval()
+
+
+def tiny_sdxl_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """An SDXL-style UNet2DConditionModel (text_time added conditioning: pooled embedding + the 6 size / crop ids)
+    and AutoencoderKL; no text encoders: the tests pass prompt and pooled embeddings (dim 16)."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    return dict(unet=unet.to(dtype).eval(), vae=_tiny_vae(4, dtype), text_encoder=None, text_encoder_2=None,
+                tokenizer=None, tokenizer_2=None)
 
 
 def tiny_sd3_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:

@@ -81,8 +81,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("model,kind", CASES, ids=IDS)
 def test_ddim_equals_flowmatch_euler_in_pipeline(parts, model, kind):
     """Same sigmas as FlowMatchEuler: SD3 calls set_timesteps(n) (grid='diffusers' is FlowMatch's own spacing),
-    FLUX passes its sigmas and mu (text-to-image: DEISFastScheduler's use_flow_sigmas=True makes the pipeline
-    leave the spacing to the scheduler, whose default grid is the same linspace(1, 1/n, n))."""
+    FLUX passes its sigmas linspace(1, 1/n, n) and mu, as to FlowMatchEuler (DEISFastScheduler from a FlowMatch
+    config keeps use_flow_sigmas=False, so the pipeline does not leave the spacing to it)."""
     n = 8
     ref_s = FlowMatchEulerDiscreteScheduler.from_config(parts[model]["scheduler"].config)
     with Calls(parts[model]["transformer"]) as ref_calls:

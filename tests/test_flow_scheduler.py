@@ -59,7 +59,9 @@ def test_flow_configs_are_accepted_and_mapped(source, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # solver_order etc.: the one "ignored keys" warning
         sch = DEISFastScheduler.from_config(source.config, method="tab3")
-    assert sch.is_flow and sch.config.use_flow_sigmas and sch.config.prediction_type == "flow_prediction"
+    assert sch.is_flow and sch.config.prediction_type == "flow_prediction"
+    # a FlowMatchEuler config keeps FlowMatch's face (FLUX pipelines pass it their sigmas, as to FlowMatchEuler)
+    assert sch.config.use_flow_sigmas == (not isinstance(source, FlowMatchEulerDiscreteScheduler))
     assert sch.schedule.shift == 3.0 and sch.schedule.time_scale == 1000.0
     assert sch.alphas_cumprod is None and sch.init_noise_sigma == 1.0
     sch.set_timesteps(6)

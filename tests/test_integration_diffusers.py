@@ -185,10 +185,13 @@ def test_schedule_changing_config_keys_are_honored_not_ignored():
     import diffusers
     from deis_fast.integrations.diffusers import DEISFastScheduler
     cfg = dict(diffusers.DDIMScheduler(rescale_betas_zero_snr=True).config)
-    s = DEISFastScheduler.from_config(cfg)   # zero terminal SNR: the process starts at alpha = 0
+    v_cfg = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction").config
+    s = DEISFastScheduler.from_config(v_cfg)   # zero terminal SNR: the process starts at alpha = 0
     assert s.schedule.zero_terminal_snr and float(s.alphas_cumprod[-1]) == 0.0
-    with pytest.raises(ValueError, match="alpha = 0"):   # ... where an eps model says nothing about x0
-        s.set_timesteps(6)
+    with pytest.warns(UserWarning, match="clamped to 2"):   # an eps model says nothing about x0 at alpha = 0:
+        s = DEISFastScheduler.from_config(cfg)             # alphas_cumprod[-1] = 2**-24, as diffusers' DPM-Solver
+    assert not s.schedule.zero_terminal_snr and 0 < float(s.alphas_cumprod[-1]) <= 2 ** -24
+    s.set_timesteps(6)
     cfg = dict(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True).config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a key it honours: nothing to warn about

@@ -23,6 +23,13 @@ stage Eval; a PFDiff start makes a plain step to the next foresight boundary). T
 ``timesteps[k:]``, stay what the pipeline loops over. The history holds model outputs, never states,
 so a pipeline may overwrite the state between steps (inpainting blends the known region into it).
 
+Drop-in. A config of ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``, ``DEISMultistepScheduler`` or
+``FlowMatchEulerDiscreteScheduler`` records its class (``source_scheduler``); with ``grid="diffusers"`` the run
+then takes that scheduler's own ``set_timesteps`` timesteps and sigmas (every spacing key with diffusers' meaning:
+Karras, exponential, beta, lu, lambda_min_clipped, flow sigmas, the final sigma), its rule for the last steps'
+order and its model-output conversion, so the equivalent method (``dpmpp_2m``, ``unipc2``, ``logrho3``, ``ddim``,
+...) gives its images. How each source key is read is one table, :mod:`.diffusers_config`.
+
 Grids: ``grid="auto"`` follows diffusers' ``timestep_spacing`` (plus a final step to t = 0) for the
 ``logrho*`` methods — ``method="logrho3"`` then reproduces ``DEISMultistepScheduler(solver_order=3)`` —
 and uses deis_fast's recommended grid for every other method. ``grid="diffusers"`` forces the
@@ -52,7 +59,9 @@ sigma) for flow configs.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -71,11 +80,14 @@ from ..models import check_prediction, check_threshold, convert_output, normaliz
 from ..executor import run_plan, segments
 from ..plan import Eval, Plan
 from ..sampler import build_plan, default_grid
-from ..schedules import FlowSchedule, Schedule, flow_schedule_from_diffusers_config, schedule_from_diffusers_config
+from ..schedules import (FlowSchedule, Schedule, VPSchedule, flow_schedule_from_diffusers_config,
+                         schedule_from_diffusers_config)
 from ..solvers import PlanOptions, check_method, resolve
 from ..solvers.build import builder_options
+from . import diffusers_config as dc
+from .diffusers_config import equivalent_method
 
-__all__ = ["DEISFastScheduler"]
+__all__ = ["DEISFastScheduler", "equivalent_method"]
 
 _TIMESTEP_TYPES = ("auto", "int", "float")
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -87,7 +99,10 @@ _TIME_SHIFTS = ("exponential", "linear")
 # the keys only FlowMatchEuler/Heun configs carry (they have no betas and no prediction_type)
 _FLOWMATCH_KEYS = ("shift", "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "stochastic_sampling")
 # diffusers' grid-spacing switches (honored when grid="auto") and the deis_fast grid each one means
-_SPACING_KEYS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "logsnr", "use_beta_sigmas": "beta"}
+_SPACING_KEYS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "logsnr", "use_beta_sigmas": "beta",
+                 "use_lu_lambdas": "logsnr"}
+# diffusers' variance_type values: the learned ones are split off the model output, DDPM's fixed ones are no-ops here
+_VARIANCE_TYPES = (None, "fixed_small") + dc.LEARNED_VARIANCE
 
 
 class DEISFastScheduler(SchedulerMixin, ConfigMixin):
@@ -113,6 +128,11 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         variant: ``"bh1"`` / ``"bh2"`` for ``unipc*`` (UniPC's ``solver_type``), ``"midpoint"`` / ``"heun"`` for
             ``dpmpp_2m_sde``.
         s_noise: scale of the step noise of the SDE methods (k-diffusion's ``s_noise``).
+        source_scheduler: the diffusers scheduler whose config this came from (set by ``from_config``); its
+            ``set_timesteps`` gives the ``grid="diffusers"`` timesteps and sigmas.
+        use_lu_lambdas, lambda_min_clipped, euler_at_final, variance_type: DPM-Solver's keys (uniform-lambda
+            sigmas, the first timestep's cap, a first-order last step, a learned-variance output split in two).
+        sigma_min, sigma_max: UniPC's Karras range of flow sigmas.
         timestep_spacing, steps_offset: diffusers' spacing of the ``grid="diffusers"`` timesteps.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, beta_alpha, beta_beta: diffusers'
             spacing switches, honored as the ``karras``, ``logsnr`` and ``beta`` grids when ``grid="auto"``.
@@ -151,17 +171,26 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
                  corrector: bool | None = None, disable_corrector: Sequence[int] | None = None,
-                 variant: str | None = None, s_noise: float = 1.0, **kwargs: Any):
+                 variant: str | None = None, s_noise: float = 1.0, source_scheduler: str | None = None,
+                 use_lu_lambdas: bool = False, euler_at_final: bool = False,
+                 lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None, **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
-            _warn_ignored(kwargs, stacklevel=4)
+            dc.warn_ignored(kwargs, stacklevel=4)
         if isinstance(trained_betas, np.ndarray):
             self.register_to_config(trained_betas=trained_betas.tolist())
         self.prediction = normalize_prediction(prediction_type)
-        if self.prediction == "flow" and not use_flow_sigmas:
-            self.register_to_config(use_flow_sigmas=True)  # one switch for flow, read by FLUX-style pipelines
+        if self.prediction == "flow" and not use_flow_sigmas and source_scheduler != dc.FLOWMATCH:
+            # one switch for flow, read by FLUX-style pipelines: they then leave the spacing to the scheduler. Not for
+            # a FlowMatchEuler config, whose pipelines pass it their sigmas, as they would to FlowMatchEuler
+            self.register_to_config(use_flow_sigmas=True)
         _check_process_keys(self.config)
         self.schedule = _noise_schedule(self.config)
+        if rescale_betas_zero_snr and self.prediction == "eps" and not self.is_flow:
+            warnings.warn("rescale_betas_zero_snr=True with an epsilon model: alphas_cumprod[-1] is clamped to 2**-24 "
+                          "(as diffusers' DPM-Solver and UniPC do), since an eps prediction says nothing about x0 at "
+                          "alpha = 0; use a v_prediction model for true zero terminal SNR", UserWarning, stacklevel=3)
         check_method(method)  # validates the name with a helpful message
         _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)
         if timestep_type not in _TIMESTEP_TYPES:
@@ -171,12 +200,22 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(grid, str) and grid not in ("auto", "diffusers") + GRIDS:
             raise ValueError(f"grid must be 'auto', 'diffusers', one of {GRIDS} or a list of model times, got {grid!r}")
         flags = dict(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
-                     use_beta_sigmas=use_beta_sigmas)
+                     use_beta_sigmas=use_beta_sigmas, use_lu_lambdas=use_lu_lambdas)
         spacing = [k for k, v in flags.items() if v]
         if len(spacing) > 1:
             raise ValueError(f"only one of {', '.join(_SPACING_KEYS)} can be set, got {', '.join(spacing)}")
         if final_sigmas_type not in _FINAL_SIGMAS:
             raise ValueError(f"final_sigmas_type must be one of {_FINAL_SIGMAS}, got {final_sigmas_type!r}")
+        if source_scheduler is not None and source_scheduler not in dc.SOURCES:
+            raise ValueError(f"source_scheduler must be one of {dc.SOURCES} or None, got {source_scheduler!r}")
+        if source_scheduler == dc.DEIS and use_flow_sigmas and grid == "diffusers":
+            raise ValueError("DEISMultistepScheduler's flow sigmas end at the last one, not at t = 0: its result is not "
+                             "a clean sample, and grid='diffusers' would reproduce that; use grid='auto' (FLUX's grid, "
+                             "ending at t = 0) or keep DEISMultistepScheduler")
+        if variance_type not in _VARIANCE_TYPES:
+            raise ValueError(f"variance_type={variance_type!r} is not supported: deis_fast solves the ODE, which uses "
+                             f"the mean prediction only; one of {_VARIANCE_TYPES} ('learned'/'learned_range': the "
+                             "first half of the output channels is the prediction)")
         self._threshold = check_threshold((dynamic_thresholding_ratio, sample_max_value)) if thresholding else None
         self.betas, self.alphas, self.alphas_cumprod = _training_arrays(self.schedule)
         self.init_noise_sigma = 1.0
@@ -190,6 +229,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._warned_mu = False
+        self._mu: float | None = None
+        # with the source scheduler's grid: (its timesteps, its sigmas, the solver times of those sigmas)
+        self._source: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._noop = False  # the source's sigmas end with a zero-length step
 
     @property
     def is_flow(self) -> bool:
@@ -202,10 +245,12 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         """Build from any diffusers scheduler config; keys this scheduler does not use (e.g. DEIS'
         ``solver_order``) are dropped with one warning. A FlowMatchEuler/Heun config gives a flow-matching
         scheduler (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``)."""
+        instance = None
         if config is not None and hasattr(config, "config") and not isinstance(config, dict):
-            config = config.config  # a scheduler instance
+            instance, config = config, config.config  # a scheduler instance
         cfg = dict(config or {})
         source_class = cfg.get("_class_name")
+        source = dc.source_of(cfg, instance)
         _refuse_ve_config(cfg)  # judged on the whole config: its sigma range may be all defaults
         flow_match = _is_flowmatch_config(cfg)  # judged before the keys at their defaults are dropped
         # as diffusers' own from_config: keys the source scheduler only had at their defaults are not carried
@@ -213,29 +258,45 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         for k in cfg.pop("_use_default_values", None) or ():
             cfg.pop(k, None)
         _refuse_schedule_changing_keys(cfg)
+        refused = [k for k in dc.refused_keys(cfg) if k not in _SCHEDULE_CHANGING]
+        if refused:
+            raise ValueError(f"DEISFastScheduler cannot reproduce {', '.join(f'{k}={cfg[k]!r}' for k in refused)} of "
+                             f"{source or 'this scheduler'} ({'; '.join(dc.KEYS[k].handling for k in refused)}); "
+                             "remove it from the config or keep the original scheduler")
         if flow_match:  # FlowMatch configs have no prediction_type: their models predict the velocity
-            cfg.update(use_flow_sigmas=True, prediction_type=cfg.get("prediction_type", "flow_prediction"))
+            cfg.update(prediction_type=cfg.get("prediction_type", "flow_prediction"))
         ours = cfg.get("_class_name") == cls.__name__ or "method" in cfg  # in-memory configs carry no _class_name
-        if not ours and "lower_order_final" not in kwargs:
+        if not ours and "lower_order_final" not in kwargs and cfg.get("lower_order_final", True) is True:
             # other schedulers default it to True; for deis_fast grids it costs accuracy (tab3 at NFE 10 on the
-            # yardstick: 0.0117 -> 0.0179), so keep our default (on only for the diffusers grid)
+            # yardstick: 0.0117 -> 0.0179), so keep our default (on only for the diffusers grid, as there);
+            # an explicit False is carried over
             cfg.pop("lower_order_final", None)
+        if not ours and source is not None and "source_scheduler" not in kwargs:
+            cfg["source_scheduler"] = source  # whose semantics grid="diffusers" reproduces
+            if kwargs.get("grid", cfg.get("grid")) == "diffusers":
+                # the source's own spacing, its defaults included (DPM-Solver and UniPC end at sigma = 0)
+                for k, v in dc.spacing_defaults(source).items():
+                    cfg.setdefault(k, v)
         clashing = {}
         if not ours and cfg.get("timestep_type") not in (None,) + _TIMESTEP_TYPES:
             clashing["timestep_type"] = cfg.pop("timestep_type")  # EulerDiscrete's key, another meaning
+        for k in ("sigma_min", "sigma_max"):  # UniPC's flow Karras range; other schedulers' keys of another meaning
+            if not ours and source != dc.UNIPC and cfg.get(k) is not None:
+                clashing[k] = cfg.pop(k)
         if not ours and cfg.get("final_sigmas_type") not in (None,) + _FINAL_SIGMAS:
             clashing["final_sigmas_type"] = cfg.pop("final_sigmas_type")
-        if "grid" in kwargs:  # the user's explicit grid wins over a spacing switch of the other scheduler
-            for k in _SPACING_KEYS:
+        if not (isinstance(kwargs.get("grid", "auto"), str) and kwargs.get("grid", "auto") in ("auto", "diffusers")):
+            for k in _SPACING_KEYS:  # the user's explicit deis_fast grid wins over a spacing switch of the source
                 cfg.pop(k, None)
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         ignored = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in known and k not in kwargs}
         ignored.update(clashing)
-        cfg = {k: v for k, v in cfg.items() if k in known}
-        ignored = _set_by_user(ignored, source_class, dict(config or {}))
-        ignored = {k: v for k, v in ignored.items() if k not in _SILENT_KEYS}
+        # the metadata goes through (diffusers' from_config renames _class_name): save_config / from_pretrained keep it
+        cfg = {k: v for k, v in cfg.items() if k in known or k in ("_class_name", "_diffusers_version")}
+        ignored = dc.set_by_user(ignored, source_class, dict(config or {}))
+        ignored = {k: v for k, v in ignored.items() if k not in dc.SILENT_KEYS}
         if ignored:
-            _warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
+            dc.warn_ignored(ignored, stacklevel=3, config=dict(config or {}))
         return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # --- diffusers scheduler interface -----------------------------------------------
@@ -267,6 +328,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         Flow configs: ``sigmas`` (FlowMatch's unshifted list, as FLUX pipelines pass it) gives
         NFE = len(sigmas) and the spacing of the grid; ``mu`` is FLUX's dynamic shift."""
         n = _inference_steps(num_inference_steps, sigmas, timesteps)
+        self._mu = mu
         if self.is_flow:
             self.schedule = _noise_schedule(self.config, self._dynamic_mu(mu))
         elif sigmas is not None or mu is not None:
@@ -283,7 +345,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             mps = device is not None and torch.device(device).type == "mps"
             ts = torch.from_numpy(mt.astype(np.float32 if mps else np.float64))
         self.timesteps = ts.to(device) if device is not None else ts
-        self.sigmas = torch.from_numpy(_sigmas_attribute(self.schedule, self.plan)).float()
+        self.sigmas = torch.from_numpy(_sigmas_attribute(self.schedule, self.plan) if self._source is None
+                                       else self._source[1]).float()
         self.num_inference_steps = self.plan.nfe
         self._run_plan = None
         self._slots = []
@@ -311,15 +374,66 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         spec, o = resolve(cfg.method, PlanOptions(pfdiff=tuple(cfg.pfdiff) if cfg.pfdiff is not None else None))
         pf = o.pfdiff  # a base PFDiff cannot wrap is refused by build_plan
         is_pf = pf is not None
+        self._source, self._noop = None, False
         times, kind = self._grid_times(n, timesteps, spec, pf, sigmas)
         lof = cfg.lower_order_final
         if lof is None:
             lof = kind != "named"
-        lof = bool(lof) and len(times) - 1 < 15 and spec.multistep_options and not is_pf
+        if not spec.multistep_options or is_pf:
+            lof = False
+        elif self._source is not None:  # the source scheduler's own rule on its number of calls
+            lof = dc.final_orders(cfg.source_scheduler, bool(lof), bool(cfg.euler_at_final), len(self._source[0]),
+                                  self._noop)
+        else:
+            lof = dc.final_orders(None, bool(lof), bool(cfg.euler_at_final), len(times) - 1, False)
         stochastic = "eta" in spec.options  # the noise level of ddim_eta (also as a PFDiff base) and the SDE methods
         self._build_kw = dict(method=cfg.method, nfe=n if is_pf else None, eta=float(cfg.eta) if stochastic else None,
                               lower_order_final=lof, pfdiff=pf, **_solver_options(cfg))
-        return build_plan(self.schedule, grid=list(times), **self._build_kw)
+        return self._finish(build_plan(self.schedule, grid=list(times), **self._build_kw))
+
+    def _finish(self, plan: Plan) -> Plan:
+        """With the source scheduler's grid: its model timesteps on the Evals at its sigmas (diffusers rounds
+        them, the solver steps between the exact sigmas)."""
+        if self._source is None:
+            return plan
+        times, model_times = self._source[2], self._source[0]
+
+        def model_t(op: Eval) -> float:
+            hit = np.flatnonzero(np.abs(times - op.t) <= 1e-12 * max(1.0, abs(op.t)))
+            return float(model_times[hit[0]]) if hit.size else op.model_t
+        ops = tuple(dataclasses.replace(op, model_t=model_t(op)) if isinstance(op, Eval) else op for op in plan.ops)
+        return dataclasses.replace(plan, ops=ops)
+
+    def _source_grid(self, steps: int, sigmas: Sequence[float] | None) -> np.ndarray | None:
+        """The source scheduler's own sigmas for ``steps`` steps as solver times (VP: the time of each sigma; flow:
+        the sigma), remembering its timesteps for the Evals; None when it cannot take the pipeline's ``sigmas``."""
+        cfg, sched = self.config, self.schedule
+        if sigmas is not None and len(sigmas) != steps:
+            return None
+        got = dc.source_times(cfg, steps, self.is_flow, self._mu, sigmas)
+        if got is None:
+            return None
+        ts, sig = got
+        if self.is_flow:
+            t = sig.copy()
+        else:
+            t = np.empty_like(sig)
+            zero = sig == 0.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                # float32 sigmas may sit a rounding step outside the training range
+                t[~zero] = np.clip(sched.t_from_rho(sig[~zero]), sched.t_min, sched.t_max)
+            t[zero] = sched.t_from_rho(0.0)
+        if t.size >= 2 and sig[-1] == sig[-2]:
+            # Karras-type sigmas ending at sigma_min: the source's last step has zero length (it only applies the
+            # corrector of the step before, for UniPC); here a first-order step of 1e-9 time units, which changes
+            # the result by ~1e-12
+            t[-2] = t[-1] + 1e-9 * max(1.0, abs(float(t[-1])))
+            self._noop = True
+        if np.any(np.diff(t) >= 0):
+            raise ValueError(f"{cfg.source_scheduler or 'diffusers'}' sigmas for {steps} steps repeat a value "
+                             f"({sig.tolist()[:8]}...); use fewer steps or a deis_fast grid")
+        self._source = (ts, sig, t[:ts.size])
+        return t
 
     def _grid_times(self, n: int | None, timesteps: Sequence[float] | None, spec: Any,
                     pf: tuple[int, int] | None, sigmas: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
@@ -351,12 +465,19 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("grid='diffusers' is not available with PFDiff (it needs its own grid of "
                              "nfe*(k+1)-k intervals); use a named grid")
         steps = n * (pf[0] + 1) - pf[0] if pf is not None else n // spec.stages
+        if grid == "diffusers" and (cfg.source_scheduler is not None or any(cfg[k] for k in _SPACING_KEYS)
+                                    or math.isfinite(float(cfg.lambda_min_clipped))):
+            t = self._source_grid(steps, sigmas)
+            if t is not None:
+                return t, "diffusers"
         if self.is_flow:
             return self._flow_grid(grid, steps, sigmas), "diffusers" if grid == "diffusers" else "named"
         if grid == "diffusers":
             ts = _dedupe(self._diffusers_timesteps(n // spec.stages).astype(np.float64), t_end, n)
             return np.append(ts, t_end), "diffusers"
-        t = make_grid(sched, grid, steps, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
+        # DPM-Solver's lambda_min_clipped caps the first time (squaredcos_cap_v2 configs); every grid starts there
+        t_start = dc.lambda_clip_start(sched.alphas_cumprod, cfg.lambda_min_clipped)
+        t = make_grid(sched, grid, steps, t_start, beta_ab=(cfg.beta_alpha, cfg.beta_beta))
         if cfg.timestep_type != "float":
             r = np.round(t)
             if np.all(np.diff(r) < 0):
@@ -407,14 +528,19 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         """The identity (VP models take the state as it is)."""
         return sample
 
-    def index_for_timestep(self, timestep: int | float | torch.Tensor) -> int:
-        """The index in ``timesteps`` of ``timestep``; when several share it, the first Eval of a step."""
+    def index_for_timestep(self, timestep: int | float | torch.Tensor,
+                           schedule_timesteps: torch.Tensor | None = None) -> int | list[int]:
+        """The index in ``schedule_timesteps`` (default ``timesteps``) of ``timestep``; when several share it, the
+        first Eval of a step; a timestep that is not there gives the last index, as diffusers' multistep
+        schedulers do (a pipeline may step at t = 0). A batch of timesteps gives one index per entry."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
+            return [self.index_for_timestep(v, schedule_timesteps) for v in timestep.reshape(-1)]
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        ts = self.timesteps.detach().to("cpu", torch.float64).numpy()
+        ts = torch.as_tensor(self.timesteps if schedule_timesteps is None else schedule_timesteps)
+        ts = ts.detach().to("cpu", torch.float64).reshape(-1).numpy()
         hits = np.flatnonzero(np.abs(ts - t) <= 1e-6 * max(1.0, abs(t)))
         if hits.size == 0:
-            raise ValueError(f"timestep {t} is not one of scheduler.timesteps; step() must be called with "
-                             "timesteps[k], timesteps[k+1], ... (or call set_begin_index(k) first)")
+            return int(ts.size - 1)
         stages = resolve(self.config.method)[0].stages
         first = [int(i) for i in hits if i % stages == 0]
         return first[0] if first else int(hits[0])
@@ -422,9 +548,11 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, timestep: Any) -> None:
         """First step(): the start index (begin index, else from the timestep) and the plan run from there."""
         k = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        if isinstance(k, list):  # a pipeline that passes the timestep once per sample
+            k = k[0]
         run = self.plan
         if k:
-            run = build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw)
+            run = self._finish(build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw))
         if not run.ops or not isinstance(run.ops[0], Eval):
             raise RuntimeError("internal: a plan must start with an Eval")  # never happens for deis_fast plans
         self._run_plan, self._segments = run, segments(run)
@@ -449,6 +577,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if k >= len(self._segments):
             raise IndexError(f"step() called past the last of the {self.plan.nfe} timesteps; call set_timesteps "
                              "again to start a new run")
+        model_output = dc.split_learned_variance(model_output, sample, self.config.variance_type)
         if model_output.dtype != sample.dtype or model_output.device != sample.device:
             model_output = model_output.to(device=sample.device, dtype=sample.dtype)
         if model_output.shape != sample.shape:
@@ -470,7 +599,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             return convert_output(self.prediction, op, x, [(1.0, model_output)], threshold=self._threshold)
 
         run_plan(plan, slots, evaluate, span=spans[k], first_eval=k, in_place=False,
-                 step_noise=_StepNoise(sample, generator))
+                 step_noise=_StepNoise(sample, generator, dc.noise_dtype(self.config.source_scheduler)))
         if k + 1 < len(spans):
             return slots[plan.ops[spans[k + 1][0]].src]
         prev = slots[0]
@@ -482,8 +611,16 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         (flow: ``(1 - t) x0 + t noise`` with t = timestep / 1000)."""
         mt = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
         t = self.schedule.t_from_model_time(mt)
-        alpha = torch.as_tensor(self.schedule.alpha(t), dtype=original_samples.dtype, device=original_samples.device)
-        sigma = torch.as_tensor(self.schedule.sigma(t), dtype=original_samples.dtype, device=original_samples.device)
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        if self._source is not None and self.plan is not None:
+            # the source scheduler's grid: as there, the noise level of the run's step at that timestep (its sigma,
+            # e.g. a Karras one, not that of the rounded timestep)
+            evals = self.plan.evals
+            idx = [self.index_for_timestep(float(v)) for v in mt]
+            a = np.array([evals[i].alpha for i in idx])
+            s = np.array([evals[i].sigma for i in idx])
+        alpha = torch.as_tensor(a, dtype=original_samples.dtype, device=original_samples.device)
+        sigma = torch.as_tensor(s, dtype=original_samples.dtype, device=original_samples.device)
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         return alpha.reshape(shape) * original_samples + sigma.reshape(shape) * noise
 
@@ -502,12 +639,14 @@ class _StepNoise:
     """The step noise of a segment, drawn when a noisy Combine asks for it (diffusers' ``randn_tensor``, so a
     list of generators gives each sample its own noise)."""
 
-    def __init__(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None):
-        self.like, self.generator = like, generator
+    def __init__(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+                 dtype: torch.dtype | None = None):
+        self.like, self.generator, self.dtype = like, generator, dtype
 
     def __getitem__(self, _index: int) -> torch.Tensor:
         x = self.like
-        return randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        z = randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=self.dtype or x.dtype)
+        return z.to(x.dtype)
 
 
 def _dedupe(ts: np.ndarray, t_end: float, n: int) -> np.ndarray:
@@ -605,7 +744,7 @@ def _check_process_keys(cfg: Any) -> None:
     """Refuse config keys that contradict the noise process the config describes (VP or flow matching)."""
     pred = normalize_prediction(cfg.prediction_type)
     flow_keys = [k for k in ("use_dynamic_shifting", "shift_terminal") if cfg[k]]
-    if cfg.use_flow_sigmas:
+    if _flow_config(cfg):
         if pred != "flow":
             raise ValueError(f"a flow-matching config (use_flow_sigmas=True, or a FlowMatch scheduler's config) needs "
                              f"prediction_type='flow_prediction', got {cfg.prediction_type!r}: flow models predict the "
@@ -626,11 +765,20 @@ def _check_process_keys(cfg: Any) -> None:
                          "prediction_type='flow_prediction' for a flow model")
 
 
+def _flow_config(cfg: Any) -> bool:
+    """A flow-matching config: use_flow_sigmas (the multistep schedulers' switch) or a FlowMatchEuler config."""
+    return bool(cfg.use_flow_sigmas) or cfg.source_scheduler == dc.FLOWMATCH
+
+
 def _noise_schedule(cfg: Any, mu: float | None = None) -> Schedule:
     """The noise process a config describes: a FlowSchedule (its shift, or FLUX's ``mu``, as the grid transform;
     without mu a dynamic-shift config has none until set_timesteps) or the discrete VP schedule."""
-    if not cfg.use_flow_sigmas:
-        return schedule_from_diffusers_config(cfg)
+    if not _flow_config(cfg):
+        sched = schedule_from_diffusers_config(cfg)
+        if cfg.rescale_betas_zero_snr and dc.clamps_zero_snr(normalize_prediction(cfg.prediction_type)):
+            sched = VPSchedule.from_alphas_cumprod(dc.clamped_alphas_cumprod(sched.alphas_cumprod),
+                                                   name=sched.name + "+clamped")
+        return sched
     if cfg.use_dynamic_shifting and mu is None:
         return FlowSchedule(time_scale=float(cfg.num_train_timesteps))
     # shift_terminal stretches the grid (DEISFastScheduler._flow_grid), not the process
@@ -684,70 +832,3 @@ def _refuse_ve_config(cfg: dict) -> None:
                          f"sigma_max={cfg['sigma_max']}, no betas); DEISFastScheduler supports discrete VP (DDPM-style "
                          "betas) schedules only. For VE models use deis_fast.sample(..., schedule="
                          "deis_fast.VESchedule(sigma_min, sigma_max)) or deis_fast.integrations.k_diffusion")
-
-
-def equivalent_method(config: dict) -> str | None:
-    """The deis_fast method running the same update as the DEIS / DPM-Solver++ / UniPC multistep scheduler
-    that ``config`` describes (recognized by its ``algorithm_type`` / ``solver_type``), else None."""
-    algo, k = config.get("algorithm_type"), config.get("solver_order")
-    if algo == "deis" and k in (1, 2, 3):
-        return f"logrho{k}"
-    if algo == "dpmsolver++" and k in (1, 2, 3):
-        return {1: "dpmpp1", 2: "dpmpp2" if config.get("solver_type") == "heun" else "dpmpp_2m", 3: "dpmpp_3m"}[k]
-    if algo == "sde-dpmsolver++" and k == 2:
-        return "dpmpp_2m_sde"
-    if config.get("solver_type") in ("bh1", "bh2") and config.get("predict_x0", True) and k in (1, 2, 3):
-        return f"unipc{k}"  # UniPCMultistepScheduler
-    return None
-
-
-def _source_defaults(class_name: Any, config: dict) -> list[dict]:
-    """Default values of the scheduler class that wrote ``config``: the named class, or (in-memory configs carry
-    no ``_class_name``) every diffusers scheduler whose ``__init__`` takes all of the config's keys."""
-    try:
-        import diffusers
-    except ImportError:
-        return []
-
-    def defaults(cls: Any) -> dict | None:
-        try:
-            params = inspect.signature(cls.__init__).parameters
-        except (TypeError, ValueError):
-            return None
-        return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-
-    if class_name and hasattr(diffusers, str(class_name)):
-        d = defaults(getattr(diffusers, str(class_name)))
-        return [d] if d is not None else []
-    keys = {k for k in config if not k.startswith("_")}
-    found = []
-    for name in dir(diffusers):
-        if name.endswith("Scheduler") and name != "DEISFastScheduler":
-            d = defaults(getattr(diffusers, name, None))
-            if d is not None and keys <= set(d):
-                found.append(d)
-    return found
-
-
-# dropped without a warning: how the source scheduler warms up its own multistep solver (PNDM's Runge-Kutta steps;
-# every Stable Diffusion config sets skip_prk_steps=True), which method= replaces whatever its value
-_SILENT_KEYS = frozenset({"skip_prk_steps"})
-
-
-def _set_by_user(keys: dict, class_name: Any, config: dict) -> dict:
-    """The keys whose values differ from the source scheduler's defaults (deliberate choices that would change
-    what that scheduler does); all of them when the source class cannot be told."""
-    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
-    sources = _source_defaults(class_name, config)
-    return {k: v for k, v in keys.items()
-            if not any(k in d and norm(d[k]) == norm(v) for d in sources)}
-
-
-def _warn_ignored(keys: dict, stacklevel: int, config: dict | None = None) -> None:
-    names = ", ".join(f"{k}={keys[k]!r}" for k in sorted(keys))
-    same = equivalent_method(config or {})
-    variant = (config or {}).get("solver_type") if same in ("unipc1", "unipc2", "unipc3", "dpmpp_2m_sde") else None
-    extra = f", variant={variant!r}" if variant in ("bh1", "heun") else ""
-    hint = f"; method={same!r}{extra} runs the same update as that scheduler" if same else ""
-    warnings.warn(f"DEISFastScheduler ignores the config keys {names}: deis_fast picks its solver with the method= "
-                  f"argument{hint}.", UserWarning, stacklevel=stacklevel)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..plan import Plan
 from ..coefficients import dpmsolver_rows
-from .multistep import data_ab_plan, eps_ab_plan, ipndm_plan
+from .multistep import data_ab_plan, eps_ab_plan, eps_dpmsolver_plan, ipndm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 from . import sde, unipc
@@ -102,6 +102,21 @@ def _registry() -> dict[str, MethodSpec]:
     m["dpmpp_3m_sde"] = _ms("dpmpp_3m_sde", 1, "sde", sde.sde_dpmsolver_plan,
                             "DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde); eta, s_noise", points=3,
                             variable="lambda", target="x0", options=("eta", "s_noise"), variant="heun")
+    m["dpmpp_1m_sde"] = _ms("dpmpp_1m_sde", 1, "sde", sde.sde_dpmsolver_plan,
+                            "first-order SDE-DPM-Solver++ (diffusers' sde-dpmsolver++, solver_order=1); eta, s_noise",
+                            points=1, variable="lambda", target="x0", first_order=False,
+                            options=("eta", "s_noise"))
+    for k in range(1, 4):
+        m[f"dpmsolver{k}"] = _ms(f"dpmsolver{k}", k, "dpmsolver", eps_dpmsolver_plan,
+                                 f"DPM-Solver multistep in the eps form (diffusers' algorithm_type='dpmsolver', "
+                                 f"solver_order={k}); variant midpoint|heun" + ("; = ddim" if k == 1 else ""),
+                                 points=k, variable="lambda", first_order=k == 1, options=("variant",),
+                                 variants=sde.VARIANTS)
+    for k in range(1, 3):
+        m[f"sde_dpmsolver{k}"] = _ms(f"sde_dpmsolver{k}", 1, "sde", sde.sde_eps_dpmsolver_plan,
+                                     f"SDE-DPM-Solver in the eps form (diffusers' algorithm_type='sde-dpmsolver', "
+                                     f"solver_order={k}); s_noise; variant midpoint|heun", points=k,
+                                     variable="lambda", options=("s_noise", "variant"), variants=sde.VARIANTS)
     return m
 
 

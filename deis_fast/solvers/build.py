@@ -30,7 +30,8 @@ class PlanOptions:
     """Every keyword that shapes a plan beyond (method, nfe, grid, t_start, t_end), carried as one value.
 
     eta / s_noise: noise scale of the stochastic methods (ddim_eta, the SDE methods) only (default 1).
-    lower_order_final: multistep methods drop to lower orders on the last steps (diffusers' default).
+    lower_order_final: multistep methods drop to lower orders on the last steps (diffusers' default); or the
+    order caps of the last steps, the last entry for the last step (``(1,)``: diffusers' ``euler_at_final``).
     karras_rho: exponent of the karras grid. integer_timesteps: round a discrete grid to training steps.
     pfdiff=(k, h): PFDiff-k_h on a first-order base (pfdiff_experimental: on a multistep eps-form base).
     beta_ab: the beta grid's (a, b). corrector: UniC-style corrector (None = the method's default: on for
@@ -38,7 +39,7 @@ class PlanOptions:
     'midpoint'/'heun' (dpmpp_2m_sde)."""
 
     eta: float | None = None
-    lower_order_final: bool = False
+    lower_order_final: bool | tuple[int, ...] = False
     karras_rho: float = 7.0
     integer_timesteps: bool = False
     pfdiff: tuple[int, int] | None = None
@@ -57,6 +58,9 @@ class PlanOptions:
                 raise ValueError(f"pfdiff must be a pair (k, h) of ints, got {self.pfdiff!r}") from None
         if not isinstance(self.disable_corrector, tuple):
             object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
+        if not isinstance(self.lower_order_final, (bool, tuple)):
+            v = self.lower_order_final
+            object.__setattr__(self, "lower_order_final", bool(v) if isinstance(v, (int, np.bool_)) else tuple(v))
         if not isinstance(self.beta_ab, tuple):
             object.__setattr__(self, "beta_ab", tuple(self.beta_ab))
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..coefficients import StepRow, data_ab_rows, eps_ab_rows, ipndm_rows, points_per_step
+from ..coefficients import StepRow, data_ab_rows, dpmsolver_eps_rows, eps_ab_rows, ipndm_rows, points_per_step
 from ..plan import Plan, PlanBuilder
 
 
@@ -131,6 +131,14 @@ def data_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points:
     corr = data_ab_rows(schedule, rho, pts[:-1], implicit=True) if corrector else None
     return multistep_plan(name, schedule, t, pred, "x0",
                           corrections=corrections(pred, corr, check_disable_corrector(disable_corrector)))
+
+
+def eps_dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, variant: str = "midpoint",
+                       lower_order_final: bool = False) -> Plan:
+    """DPM-Solver multistep in the eps form (diffusers' ``algorithm_type="dpmsolver"``); ``variant`` is the order-2
+    weight ('midpoint' or 'heun'; order 3 has one form). A final step to rho = 0 is first order."""
+    pts = _points(len(t) - 1, points, rho, lower_order_final, True)
+    return multistep_plan(name, schedule, t, dpmsolver_eps_rows(schedule, rho, pts, solver_type=variant), "eps")
 
 
 def ipndm_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..coefficients import dpmsolver_rows
+from ..coefficients import dpmsolver_eps_rows, dpmsolver_rows
 from ..plan import Plan
 from .multistep import _points, multistep_plan
 from .unipc import check_variant
@@ -58,3 +58,19 @@ def sde_dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, p
     pts = _points(len(t) - 1, points, rho, lower_order_final, True)
     rows = dpmsolver_rows(schedule, rho, pts, solver_type=variant, eta=eta)
     return multistep_plan(name, schedule, t, rows, "x0", noise_coefs=sde_noise_coefs(schedule, rho, eta, s_noise))
+
+
+def sde_eps_dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,
+                           variant: str = "midpoint", s_noise: float = 1.0, lower_order_final: bool = False) -> Plan:
+    """SDE-DPM-Solver in the eps form (diffusers' ``algorithm_type="sde-dpmsolver"``, orders 1-2):
+    ``x_{i+1} = a_{i+1}/a_i x_i - 2 s_{i+1} (phi D0 + w1 D1) + s_noise * s_{i+1} sqrt(e^{2h} - 1) z``. A final step
+    to rho = 0 is DDIM's jump without noise; the step out of rho = inf (alpha = 0) is the deterministic jump."""
+    s_noise = _check_nonneg("s_noise", s_noise)
+    check_variant(variant, VARIANTS, name)
+    pts = _points(len(t) - 1, points, rho, lower_order_final, True)
+    rows = dpmsolver_eps_rows(schedule, rho, pts, solver_type=variant, scale=2.0)
+    alpha = schedule.alpha_from_rho(rho)
+    # sigma' sqrt(e^{2h} - 1) = alpha' sqrt(rho^2 - rho'^2)
+    noise = [0.0 if rho[i + 1] == 0.0 or np.isinf(rho[i]) else
+             float(s_noise * alpha[i + 1] * np.sqrt(rho[i] ** 2 - rho[i + 1] ** 2)) for i in range(len(rho) - 1)]
+    return multistep_plan(name, schedule, t, rows, "eps", noise_coefs=noise)
