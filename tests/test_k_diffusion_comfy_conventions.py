@@ -111,6 +111,11 @@ def test_pfdiff_resample_counts_calls_and_given_grid_still_checks():
     sig = dk.get_sigmas_karras(11, 0.03, 14.6, dtype=torch.float64)
     dk.sample_pfdiff(den, _noise() * 14.6, sig, pfdiff_grid="resample", disable=True)
     assert len(calls) == 11
+    seen = []
+    calls.clear()
+    base = dk.get_sigmas_karras(10, 0.03, 14.6, dtype=torch.float64)   # 10 = 4 * 3 - 2 steps: 4 calls
+    dk.sample_pfdiff(den, _noise() * 14.6, base, callback=seen.append, disable=True)
+    assert len(calls) == 4 and [d["i"] for d in seen] == [0, 3, 6, 9]   # the bar over 10 steps ends full
     with pytest.raises(ValueError, match="N\\*3 - 2"):
         dk.sample_pfdiff(den, _noise() * 14.6, sig, disable=True)
 

@@ -117,7 +117,8 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
 
     ``callback`` follows k-diffusion's (and ComfyUI's) convention: once per step, right after that step's first
     network call, with ``x`` the state *before* the step, ``denoised`` the call's output, ``i`` the step index and
-    ``sigma`` the step's start. PFDiff reports once per network call. ``pfdiff_grid``: "given" (the sigmas are
+    ``sigma`` the step's start. PFDiff reports once per network call (with ``pfdiff_grid="given"``, ``i`` is the last
+    base-grid step the call's step covers, so that a progress bar over len(sigmas) - 1 steps ends full). ``pfdiff_grid``: "given" (the sigmas are
     PFDiff's base grid: N(k+1) - k steps for N calls) or "resample" (len(sigmas) - 1 is the number of calls N, as
     a KSampler's steps; the base grid is interpolated from the sigmas).
     A one-step list ``[sigma, 0]`` is one first-order step to the denoised output; a list of one sigma returns
@@ -148,7 +149,8 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     if grid.size < 2:  # only the final Euler step of a Runge-Kutta method is left
         out = x_in
     else:
-        sampler, steps = _sampler_for(model, kind, method, grid, plan_opts, disable, options, callback, x_in)
+        sampler, steps = _sampler_for(model, kind, method, grid, plan_opts, disable, options, callback, x_in,
+                                      resampled=pfdiff_grid == "resample")
         step_noise = None
         if noise_sampler is not None and sampler.plan.num_noise:
             if plan_opts.pfdiff is not None:
@@ -249,7 +251,7 @@ class _Steps:
 
 
 def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: PlanOptions, disable, options,
-                 callback, x_in) -> tuple[Sampler, _Steps]:
+                 callback, x_in, resampled: bool = False) -> tuple[Sampler, _Steps]:
     """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps."""
     box: list[_Steps] = []
     vp = kind.vp
@@ -275,8 +277,11 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     if plan_opts.pfdiff is None:
         stages = resolve(method, plan_opts)[0].stages
         starts = {k * stages: (k, float(grid[k])) for k in range(len(evals) // stages)}
-    else:  # one report per call, at the sigma where it is made
+    elif resampled:  # one report per call (the caller's sigmas have one step per call), at the call's sigma
         starts = {k: (k, kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
+    else:  # one report per call, i = the last base-grid step it covers: a bar over len(sigmas) - 1 reaches its end
+        kk = check_kh(plan_opts.pfdiff)[0]
+        starts = {k: (k * (kk + 1), kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
     box.append(_Steps(callback, kind, x_in, starts))
     return sampler, box[0]
 
