@@ -23,7 +23,8 @@ import torch
 
 from ..grids import make_grid
 from ..schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from ..solvers import PlanOptions, builder_options, resolve
+from ..solvers import PlanOptions, resolve
+from ..solvers.build import builder_options
 from ..solvers.pfdiff import check_kh
 from . import k_diffusion as dk
 
