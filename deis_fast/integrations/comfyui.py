@@ -30,7 +30,7 @@ from . import k_diffusion as dk
 
 __all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "register",
-           "install"]
+           "install", "digits_model"]
 
 PREFIX = "deis_fast_"
 # the entries on the KSampler sampler list: name -> (method, options)
@@ -358,6 +358,46 @@ def _scheduler_handler(grid: str) -> Callable[[Any, int], torch.Tensor]:
         return sigmas_for(model_sampling, grid, steps)
     handler.__name__ = f"{PREFIX}{grid}_scheduler"
     return handler
+
+
+# ----------------------------------------------------------------------------- the embedded digits models
+
+
+def digits_model(kind: str = "digits", shift: float = 1.0, device: str = "cpu") -> Any:
+    """deis_fast's embedded 8x8 digits network as a ComfyUI MODEL (a ``ModelPatcher`` of a ``BaseModel``): "digits"
+    is the eps model (ModelSamplingDiscrete on its DDPM betas, 1e-4 .. 0.02), "flow" the rectified-flow model (CONST,
+    ModelSamplingDiscreteFlow with ``shift``). Latents are [B, 1, 8, 8]; conditioning is ignored. For trying the
+    nodes and measuring samplers inside ComfyUI without a checkpoint."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    from ..digits import DIGITS_BETA_END, DIGITS_BETA_START, load_digits_model
+
+    class DigitsLatent(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+
+    class DigitsConfig(comfy.supported_models_base.BASE):
+        unet_config = {"kind": kind}
+        latent_format = DigitsLatent
+        sampling_settings = ({"shift": float(shift), "multiplier": 1000} if kind == "flow" else
+                             {"beta_schedule": "sqrt_linear", "linear_start": DIGITS_BETA_START,
+                              "linear_end": DIGITS_BETA_END})
+
+    class DigitsNet(torch.nn.Module):
+        def __init__(self, kind: str, device=None, operations=None, **_: Any):
+            super().__init__()
+            self.net = load_digits_model(kind=kind)
+            self.dtype = torch.float32
+
+        def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **_: Any):
+            return self.net(x, timesteps)
+
+    model_type = comfy.model_base.ModelType.FLOW if kind == "flow" else comfy.model_base.ModelType.EPS
+    config = DigitsConfig(DigitsConfig.unet_config)
+    base = comfy.model_base.BaseModel(config, model_type, device=device, unet_model=DigitsNet)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
 
 
 # ----------------------------------------------------------------------------- install

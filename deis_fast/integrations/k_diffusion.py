@@ -255,12 +255,17 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps."""
     box: list[_Steps] = []
     vp = kind.vp
+    # the caller's own sigma values at the grid's times (not rho(t_from_rho(sigma)), one rounding away): a model
+    # that rounds sigma to a training step (ComfyUI's discrete models) sees exactly the sigmas it was given
+    exact = {} if vp is None else dict(zip(vp.model_time(vp.t_from_rho(grid)).tolist(), grid.tolist()))
 
     def denoiser(xx: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
         if vp is None:
             out = model(xx, t, **kw)
         else:  # the solver's VP state and time -> k-diffusion's x = x_vp / alpha and sigma = rho(t)
-            sig = float(vp.rho(vp.t_from_model_time(float(t.reshape(-1)[0]))))
+            mt = float(t.reshape(-1)[0])
+            sig = exact.get(mt)
+            sig = float(vp.rho(vp.t_from_model_time(mt))) if sig is None else sig
             out = model(xx * (1.0 / kind.alpha(sig)), torch.full(t.shape, sig, dtype=xx.dtype, device=xx.device),
                         **kw)
         box[0].report(out)
@@ -302,18 +307,21 @@ def _auto_lower_order_final(options: dict, spec, plan_opts: PlanOptions, s: np.n
 
 def _pfdiff_sigmas(s: np.ndarray, o: PlanOptions, pfdiff_grid: str, model_type: str) -> np.ndarray:
     """PFDiff's base grid: the sigmas as given, or interpolated to N(k+1) - k steps for N = len(sigmas) - 1
-    calls ("resample": linear in the step index, in t for CONST sigmas, in sigma^(1/7) otherwise)."""
+    calls ("resample": linear in the step index, in t for CONST sigmas, in sigma^(1/7) otherwise; a final 0 stays
+    one step after the last positive sigma)."""
     if pfdiff_grid == "given":
         return s
     if pfdiff_grid != "resample":
         raise ValueError(f"pfdiff_grid must be 'given' or 'resample', got {pfdiff_grid!r}")
     k = check_kh(o.pfdiff)[0]
-    n = s.size - 1
-    m = n * (k + 1) - k
+    m = (s.size - 1) * (k + 1) - k
+    # a final 0 stays one step from the last positive sigma (below it a VP model has no time)
+    zero = s[-1] == 0.0 and s.size > 2
+    pos = s[:-1] if zero else s
     p = 1.0 if model_type == "const" else 1.0 / 7.0
-    out = np.interp(np.linspace(0.0, 1.0, m + 1), np.linspace(0.0, 1.0, s.size), s ** p) ** (1.0 / p)
-    out[0], out[-1] = s[0], s[-1]
-    return out
+    out = np.interp(np.linspace(0.0, 1.0, m + 1 - zero), np.linspace(0.0, 1.0, pos.size), pos ** p) ** (1.0 / p)
+    out[0], out[-1] = pos[0], pos[-1]
+    return np.append(out, 0.0) if zero else out
 
 
 class BrownianTreeNoiseSampler:
