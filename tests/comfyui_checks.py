@@ -4,21 +4,20 @@ measurements; the tests assert on it.
 
     python tests/comfyui_checks.py COMFYUI_COPY STUBS_DIR OUT.json
 
-COMFYUI_COPY is a writable copy of a ComfyUI tree (ComfyUI writes beside itself). STUBS_DIR holds a test-only
-``torchvision`` stub: ComfyUI's sampling path imports only ``from torchvision import transforms`` (in
-comfy/ldm/cosmos/model.py), and no torchvision release loads with the CPU torch the suite runs on.
+COMFYUI_COPY and STUBS_DIR come from ``deis_fast.testing.comfyui_sandbox``: a writable copy of a ComfyUI tree
+(ComfyUI writes beside itself) and a test-only ``torchvision`` stub (ComfyUI's sampling path imports only ``from
+torchvision import transforms``, in comfy/ldm/cosmos/model.py; no torchvision release loads with the CPU torch
+the suite runs on).
 """
 import asyncio
 import json
 import os
 import sys
 
-comfy_dir, stubs, out_path = sys.argv[1:4]
-sys.path[:0] = [stubs, comfy_dir]
-sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu"]
-import comfy.options  # noqa: E402
+from deis_fast.testing import import_comfyui_cpu  # noqa: E402
 
-comfy.options.enable_args_parsing()
+comfy_dir, stubs, out_path = sys.argv[1:4]
+import_comfyui_cpu(comfy_dir, stubs)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

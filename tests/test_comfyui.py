@@ -10,11 +10,12 @@ subprocess gets a test-only empty stub.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from deis_fast.testing import comfyui_sandbox
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,22 +28,11 @@ def comfy(tmp_path_factory):
     for mod in ("torchsde", "einops", "psutil", "av", "yaml", "PIL"):
         pytest.importorskip(mod, reason=f"ComfyUI's sampling path needs {mod} (pip install -e '.[comfyui]')")
     tmp = tmp_path_factory.mktemp("comfyui")
-    root = tmp / "ComfyUI"
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns(".git", "tests", "tests-unit"))
-    for d, _, files in os.walk(root):  # a read-only source stays writable here
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
-    shutil.copytree(os.path.join(REPO, "comfyui_node"), root / "custom_nodes" / "deis_fast")
-    stubs = tmp / "stubs" / "torchvision"
-    stubs.mkdir(parents=True)
-    (stubs / "__init__.py").write_text('"""test-only stub (see tests/test_comfyui.py)"""\n')
-    (stubs / "transforms.py").write_text('"""test-only stub"""\n')
+    root, stubs = comfyui_sandbox(src, str(tmp), custom_node=os.path.join(REPO, "comfyui_node"))
     out = tmp / "results.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "comfyui_checks.py"), str(root),
-                           str(tmp / "stubs"), str(out)], cwd=str(tmp), env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "comfyui_checks.py"), root, stubs, str(out)],
+                          cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"tests/comfyui_checks.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
@@ -121,3 +111,17 @@ def test_workflow_in_docs_runs(comfy):
     w = comfy["workflow"]
     assert {"DeisFastSampler", "DeisFastScheduler", "SamplerCustomAdvanced", "KSampler"} <= set(w["class_types"])
     assert w["output_shapes"] == [[1, 1, 8, 8], [1, 1, 8, 8]] and w["finite"]
+
+
+def test_install_writes_the_loader(tmp_path):
+    """No ComfyUI needed: ``python -m deis_fast.integrations.comfyui install PATH`` writes custom_nodes/deis_fast."""
+    from deis_fast.integrations import comfyui as dc
+    with pytest.raises(FileNotFoundError, match="custom_nodes"):
+        dc.install(str(tmp_path))
+    (tmp_path / "custom_nodes").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "deis_fast.integrations.comfyui", "install", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "custom_nodes" / "deis_fast" / "__init__.py").read_text()
+    assert "NODE_CLASS_MAPPINGS" in text and "register()" in text
+    assert dc._main([]) == 2
