@@ -143,7 +143,8 @@ def own_time(sigmas, method="tab3", noise_scale=1.0, **kw):
     GRID[:] = [float(v) for v in sigmas if v > 0]
     noise = comfy.sample.prepare_noise(LAT, 5) * noise_scale
     return deis_fast.sample(x0_model, noise, schedule=vp, method=method, nfe=None, prediction="x0",
-                            grid={"rho": [float(v) for v in sigmas]}, time_dtype=torch.float64, **kw)
+                            grid={"rho": [float(v) for v in sigmas]}, time_dtype=torch.float64,
+                            denoise_to_zero=True, **kw)
 
 
 vp_rows, floors = {}, {}

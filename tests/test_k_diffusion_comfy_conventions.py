@@ -130,7 +130,7 @@ def test_vp_schedule_solves_in_the_models_own_time(method):
     a = dk.sample_deis_fast(DEN, x, sig, method=method, schedule=VP, disable=True, lower_order_final=False)
     eps_vp = MIX.model(VP, "eps")
     b = deis_fast.sample(eps_vp, z, schedule=VP, method=method, nfe=None, grid={"rho": sig.tolist()},
-                         prediction="eps")
+                         prediction="eps", denoise_to_zero=True)
     assert _rel(a, b) < 1e-10
     if method == "tab3":
         in_sigma = dk.sample_deis_fast(DEN, x, sig, method="tab3", disable=True)
@@ -168,3 +168,18 @@ def test_lower_order_final_auto():
                                                         lower_order_final=False))
     with pytest.raises(ValueError, match="lower_order_final"):
         dk.sample_deis_fast(DEN, x, sig, method="unipc3", disable=True, lower_order_final="sometimes")
+
+
+@pytest.mark.parametrize("method", ["tab3", "rhoab3", "ipndm4", "ipndm_v", "tab3_pc"])
+def test_final_step_into_zero_is_the_denoised_output(method):
+    """k-diffusion's samplers (ComfyUI's ipndm, deis, ...) step into sigma = 0 with x <- denoised: so do these, so a
+    list whose last positive sigma is large (ComfyUI's simple / normal) does not extrapolate a cubic over it."""
+    kw = {"corrector": True} if method == "tab3_pc" else {}
+    m = "tab3" if method == "tab3_pc" else method
+    sig = torch.tensor([14.6, 6.0, 3.0, 1.5, 0.6, 0.0], dtype=torch.float64)
+    seen = []
+    x = _noise() * 14.6
+    out = dk.sample_deis_fast(DEN, x, sig, method=m, callback=seen.append, disable=True, **kw)
+    torch.testing.assert_close(out, seen[-1]["denoised"], rtol=1e-12, atol=1e-12)
+    full = dk.sample_deis_fast(DEN, x, sig, method=m, disable=True, denoise_to_zero=False, **kw)
+    assert _rel(full, out) > 1e-4

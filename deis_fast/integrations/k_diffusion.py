@@ -121,7 +121,10 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     base-grid step the call's step covers, so that a progress bar over len(sigmas) - 1 steps ends full). ``pfdiff_grid``: "given" (the sigmas are
     PFDiff's base grid: N(k+1) - k steps for N calls) or "resample" (len(sigmas) - 1 is the number of calls N, as
     a KSampler's steps; the base grid is interpolated from the sigmas).
-    A one-step list ``[sigma, 0]`` is one first-order step to the denoised output; a list of one sigma returns
+    A final sigma = 0 is reached as k-diffusion's samplers reach it, by a first-order step (x <- the last denoised
+    output; ``denoise_to_zero=False`` keeps the full order for tAB / rhoAB / iPNDM, whose polynomial then
+    extrapolates over the whole last interval). A one-step list ``[sigma, 0]`` is one first-order step to the
+    denoised output; a list of one sigma returns
     ``x`` unchanged (as k-diffusion's samplers do).
     """
     generator = options.pop("generator", None)
@@ -135,6 +138,8 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         s = _pfdiff_sigmas(s, plan_opts, pfdiff_grid, model_type)
     kind = _Kind(model_type, s, schedule)
     options = _auto_lower_order_final(options, spec, plan_opts, s)
+    if s[-1] == 0.0 and plan_opts.pfdiff is None and spec.multistep_options:
+        options.setdefault("denoise_to_zero", True)  # k-diffusion's last step into sigma = 0: x <- denoised
     # Runge-Kutta stages cannot be evaluated at sigma = 0: integrate to the last positive sigma, then
     # take k-diffusion's final Euler step (x <- denoised) with one more call
     split_final = s[-1] == 0.0 and spec.family == "rk"
