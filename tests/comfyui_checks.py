@@ -192,6 +192,15 @@ patched.set_model_sampler_post_cfg_function(lambda args: hooked.append(1) or arg
 ks(patched, "deis_fast_tab3", steps=5)
 R["post_cfg_calls"] = len(hooked)
 
+# --- 6b. "optimized (file)": a grid saved with deis_fast.save_grid becomes the model's SIGMAS (+ the final 0)
+grid_file = os.path.join(os.path.dirname(out_path), "grids.json")
+times = [999.0, 700.0, 420.0, 200.0, 60.0, 0.0]
+deis_fast.save_grid(grid_file, deis_fast.OptimizedGrid(times=times, method="tab3", nfe=6, model_id="digits"))
+got = dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 6, 1.0, grid_file, "tab3")[0]
+want = torch.tensor(list(vp.rho(np.array(times))) + [0.0], dtype=torch.float32)
+R["optimized_file"] = [list(got.shape), float((got - want).abs().max()),
+                       bool(torch.isfinite(advanced(VP, node_sampler("tab3"), got)).all())]
+
 # --- 7. bad input: messages in the nodes' terms
 errors = {}
 for label, fn in (
@@ -200,7 +209,9 @@ for label, fn in (
         ("pfdiff h > k", lambda: node_sampler("pfdiff", pfdiff_k=1, pfdiff_h=2)),
         ("variant on tab3", lambda: node_sampler("tab3", variant="bh1")),
         ("corrector on rho_heun", lambda: node_sampler("rho_heun", corrector="on")),
-        ("optimized grid without file", lambda: node_sigmas(VP, "optimized (file)", 5))):
+        ("optimized grid without file", lambda: node_sigmas(VP, "optimized (file)", 5)),
+        ("optimized grid, no entry for the steps",
+         lambda: dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 7, 1.0, grid_file, "tab3"))):
     try:
         fn()
         errors[label] = None

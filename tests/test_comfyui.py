@@ -105,6 +105,12 @@ def test_bad_input_messages(comfy):
     assert e["variant on tab3"].startswith("DEIS-fast Sampler:") and "variant" in e["variant on tab3"]
     assert e["corrector on rho_heun"].startswith("DEIS-fast Sampler:")
     assert "grid_file" in e["optimized grid without file"]
+    assert "tab3 NFE 6" in e["optimized grid, no entry for the steps"]
+
+
+def test_optimized_grid_from_a_file(comfy):
+    shape, err, finite = comfy["optimized_file"]
+    assert shape == [7] and err < 1e-5 and finite
 
 
 def test_workflow_in_docs_runs(comfy):
