@@ -201,6 +201,47 @@ want = torch.tensor(list(vp.rho(np.array(times))) + [0.0], dtype=torch.float32)
 R["optimized_file"] = [list(got.shape), float((got - want).abs().max()),
                        bool(torch.isfinite(advanced(VP, node_sampler("tab3"), got)).all())]
 
+# --- 6c. a tiny SD1.5-config UNet (ComfyUI's own UNetModel with cross-attention; its layers start uninitialized,
+# so the weights are filled from a seed), text-like conditioning and cfg 7
+import comfy.model_base  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+unet_config = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+               "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
+               "transformer_depth_middle": 1, "context_dim": 32, "num_heads": 2, "num_head_channels": -1,
+               "use_spatial_transformer": True, "use_linear_in_transformer": False, "adm_in_channels": None,
+               "use_temporal_attention": False, "use_temporal_resblock": False, "legacy": False}
+sd_base = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config), comfy.model_base.ModelType.EPS,
+                                     device=torch.device("cpu"))
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for prm in sd_base.parameters():
+        prm.copy_(torch.randn(prm.shape, generator=gen) * 0.05)
+SD = comfy.model_patcher.ModelPatcher(sd_base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+sd_lat = torch.zeros(2, 4, 16, 16)
+sd_pos, sd_neg = [[torch.randn(1, 4, 32, generator=gen), {}]], [[torch.zeros(1, 4, 32), {}]]
+
+
+def sd(sampler, steps=6, seed=1, scheduler="karras", model=SD):
+    noise = comfy.sample.prepare_noise(sd_lat, seed)
+    return comfy.sample.sample(model, noise, steps, 7.0, sampler, scheduler, sd_pos, sd_neg, sd_lat, seed=seed,
+                               disable_pbar=True)
+
+
+unet = {"ddim vs euler": rel(sd("deis_fast_ddim"), sd("euler")),
+        "dpmpp_2m_sde vs ComfyUI's": rel(sd("deis_fast_dpmpp_2m_sde"), sd("dpmpp_2m_sde")),
+        "one step tab3 vs euler": rel(sd("deis_fast_tab3", steps=1), sd("euler", steps=1))}
+for name in STOCHASTIC:
+    unet[f"seed {name}"] = rel(sd(name), sd(name))
+sd_hooked = []
+sd_patched = SD.clone()
+sd_patched.set_model_sampler_post_cfg_function(lambda args: sd_hooked.append(1) or args["denoised"])
+unet["finite tab3_pc with a post-CFG hook"] = float(not bool(torch.isfinite(sd("deis_fast_tab3_pc",
+                                                                                  model=sd_patched)).all()))
+unet["post-CFG hook calls"] = len(sd_hooked)
+R["unet"] = unet
+
 # --- 7. bad input: messages in the nodes' terms
 errors = {}
 for label, fn in (

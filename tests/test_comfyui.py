@@ -131,3 +131,13 @@ def test_install_writes_the_loader(tmp_path):
     text = (tmp_path / "custom_nodes" / "deis_fast" / "__init__.py").read_text()
     assert "NODE_CLASS_MAPPINGS" in text and "register()" in text
     assert dc._main([]) == 2
+
+
+def test_tiny_sd15_unet_with_cfg(comfy):
+    """ComfyUI's own UNetModel (SD1.5 config, tiny, seeded weights), text-like conditioning, cfg 7: ddim = euler,
+    dpmpp_2m_sde = ComfyUI's with the same seed, one-step lists, seeds reproduce, post-CFG hooks run per call."""
+    u = comfy["unet"]
+    hooks = u.pop("post-CFG hook calls")
+    assert hooks == 6
+    for name, err in u.items():
+        assert err < 1e-5, (name, err)

@@ -144,6 +144,19 @@ def test_vp_schedule_solves_in_the_models_own_time(method):
     assert _rel(c, d * float(np.sqrt(1 + part[-1] ** 2))) < 1e-10
 
 
+def test_vp_float32_sigma_max_above_the_table():
+    """ComfyUI's karras list starts at float32(sigma_max), which can lie a hair above the float64 table's last sigma
+    (SD 1.5: t_from_rho gives 999.00002): solved at t_max, the model still gets the caller's sigma."""
+    seen = []
+
+    def den(x, sigma):
+        seen.append(float(sigma[0]))
+        return DEN(x, sigma)
+    sig = dk.get_sigmas_karras(6, SMIN, SMAX * (1 + 2e-7), dtype=torch.float64)
+    out = dk.sample_deis_fast(den, _noise() * SMAX, sig, schedule=VP, disable=True)
+    assert torch.isfinite(out).all() and seen[0] == float(sig[0])
+
+
 def test_vp_schedule_from_sigmas_round_trips():
     s = dk.vp_schedule_from_sigmas(torch.tensor(SIGMAS_TABLE, dtype=torch.float32))
     t = np.array([0.0, 10.0, 500.0, 999.0])

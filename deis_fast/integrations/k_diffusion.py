@@ -262,7 +262,9 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     vp = kind.vp
     # the caller's own sigma values at the grid's times (not rho(t_from_rho(sigma)), one rounding away): a model
     # that rounds sigma to a training step (ComfyUI's discrete models) sees exactly the sigmas it was given
-    exact = {} if vp is None else dict(zip(vp.model_time(vp.t_from_rho(grid)).tolist(), grid.tolist()))
+    # (a float32 sigma_max a hair above the schedule's largest rho is solved at t_max: grid_s is clipped to it)
+    grid_s = grid if vp is None else np.minimum(grid, vp.rho_max)
+    exact = {} if vp is None else dict(zip(vp.model_time(vp.t_from_rho(grid_s)).tolist(), grid.tolist()))
 
     def denoiser(xx: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
         if vp is None:
@@ -280,7 +282,7 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     # k-diffusion sigmas end where the caller wants to stop (ComfyUI splits a run across samplers), so a CONST
     # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
     t_end = float(grid[-1]) if kind.const else None
-    sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid]}, prediction="x0",
+    sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid_s]}, prediction="x0",
                       t_end=t_end, progress=disable is not True,
                       time_dtype=torch.float64 if vp is not None else None, **options)
     evals = sampler.plan.evals
