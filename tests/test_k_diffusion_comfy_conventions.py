@@ -141,7 +141,7 @@ def test_vp_schedule_solves_in_the_models_own_time(method):
     c = dk.sample_deis_fast(DEN, x, part, method=method, schedule=VP, disable=True)
     d = deis_fast.sample(eps_vp, z, schedule=VP, method=method, nfe=None, grid={"rho": part.tolist()},
                          prediction="eps")
-    assert _rel(c, d * float(np.sqrt(1 + part[-1] ** 2))) < 1e-10
+    assert _rel(c, d * float(np.sqrt(1 + float(part[-1]) ** 2))) < 1e-10
 
 
 def test_vp_float32_sigma_max_above_the_table():
