@@ -192,6 +192,33 @@ patched.set_model_sampler_post_cfg_function(lambda args: hooked.append(1) or arg
 ks(patched, "deis_fast_tab3", steps=5)
 R["post_cfg_calls"] = len(hooked)
 
+# --- 6a. the schedule each model_sampling gets, and the Scheduler node's sigmas on it
+import comfy.model_sampling as cms  # noqa: E402
+
+
+def ms_of(sampling, kind, **params):
+    cls = type("MS", (sampling, kind), {})
+    m = cls()
+    if params:
+        m.set_parameters(**params)
+    return m
+
+
+flux = ms_of(cms.ModelSamplingFlux, cms.CONST, shift=1.15)
+sd3 = ms_of(cms.ModelSamplingDiscreteFlow, cms.CONST, shift=3.0)
+edm = ms_of(cms.ModelSamplingContinuousEDM, cms.EDM, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+vpred = ms_of(cms.ModelSamplingDiscrete, cms.V_PREDICTION)
+u = torch.linspace(1, 0, 5, dtype=torch.float64)[:-1]
+sch = {"flux": (dc.model_schedule(flux)[0], repr(dc.model_schedule(flux)[1]),
+                rel(dc.sigmas_for(flux, "time_uniform", 4)[:-1], cms.flux_time_shift(1.15, 1.0, u).float())),
+       "sd3": (dc.model_schedule(sd3)[0], repr(dc.model_schedule(sd3)[1]),
+               rel(dc.sigmas_for(sd3, "time_uniform", 4)[:-1], cms.time_snr_shift(3.0, u).float())),
+       "edm": (dc.model_schedule(edm)[0], repr(dc.model_schedule(edm)[1]),
+               rel(dc.sigmas_for(edm, "karras", 6), comfy.samplers.calculate_sigmas(edm, "karras", 6))),
+       "v_prediction": (dc.model_schedule(vpred)[0], repr(dc.model_schedule(vpred)[1]),
+                        rel(dc.sigmas_for(vpred, "karras", 6), comfy.samplers.calculate_sigmas(vpred, "karras", 6)))}
+R["schedules"] = sch
+
 # --- 6b. "optimized (file)": a grid saved with deis_fast.save_grid becomes the model's SIGMAS (+ the final 0)
 grid_file = os.path.join(os.path.dirname(out_path), "grids.json")
 times = [999.0, 700.0, 420.0, 200.0, 60.0, 0.0]

@@ -141,3 +141,15 @@ def test_tiny_sd15_unet_with_cfg(comfy):
     assert hooks == 6
     for name, err in u.items():
         assert err < 1e-5, (name, err)
+
+
+def test_schedule_from_model_sampling(comfy):
+    """FLUX (mu) and SD3 (shift) CONST models get a shifted FlowSchedule (the Scheduler node's time_uniform = their
+    shifted uniform times), EDM is solved in sigma, a v-prediction DDPM model in its VP schedule; karras equals
+    ComfyUI's karras on both."""
+    s = comfy["schedules"]
+    assert s["flux"][0] == "const" and "mu=1.15" in s["flux"][1] and s["flux"][2] < 1e-6
+    assert s["sd3"][0] == "const" and "shift=3.0" in s["sd3"][1] and s["sd3"][2] < 1e-6
+    assert s["edm"][:2] == ["eps", "None"] and s["edm"][2] < 1e-6
+    assert s["v_prediction"][0] == "eps" and s["v_prediction"][1].startswith("VPSchedule")
+    assert s["v_prediction"][2] < 1e-5
