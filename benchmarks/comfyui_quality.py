@@ -75,6 +75,52 @@ def measure(root: str, stubs: str) -> dict:
     return out
 
 
+def measure_lower_order_final(root: str, stubs: str) -> dict:
+    """``--lower-order-final``: unipc3 / dpmpp3 / logrho3 through the DEIS-fast Sampler node with lower_order_final
+    off / on / auto on ComfyUI's karras, simple and exponential lists (same models, noises and reference)."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(N_NOISE, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+
+    def rel(x, ref):
+        x, ref = x.reshape(x.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
+        return float(((x - ref).norm(dim=1) / ref.norm(dim=1)).median())
+    rows = {}
+    for label, model in (("eps (VP)", dc.digits_model("digits")), ("flow (CONST)", dc.digits_model("flow", 1.0))):
+        guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+        ref = guider.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0],
+                            dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0], disable_pbar=True, seed=0)
+        ms = model.get_model_object("model_sampling")
+        for sched in ("karras", "simple", "exponential"):
+            for n in STEPS:
+                sig = comfy.samplers.calculate_sigmas(ms, sched, n)
+                for m in ("unipc3", "dpmpp3", "logrho3"):
+                    rows[f"{label}|{sched}|{n}|{m}"] = [
+                        rel(guider.sample(noise, lat, dc.DeisFastSampler().get_sampler(m, lower_order_final=lof)[0],
+                                          sig, disable_pbar=True, seed=0), ref) for lof in ("off", "on", "auto")]
+    return rows
+
+
+def table_lower_order_final(rows: dict) -> str:
+    lines = ["| model | list | steps | unipc3 off / on / auto | dpmpp3 off / on / auto | logrho3 off / on / auto |",
+             "|---|---|---|---|---|---|"]
+    keys = sorted({tuple(k.split("|")[:3]) for k in rows}, key=lambda k: (k[0], k[1], int(k[2])))
+    for model, sched, n in keys:
+        cells = [" / ".join("%.4f" % v for v in rows[f"{model}|{sched}|{n}|{m}"]) for m in ("unipc3", "dpmpp3", "logrho3")]
+        lines.append(f"| {model} | {sched} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     lines = []
     for label, m in res["models"].items():
@@ -98,11 +144,14 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "comfyui_quality.md"))
+    ap.add_argument("--lower-order-final", action="store_true",
+                    help="instead: lower_order_final off / on / auto for the third-order lambda methods (stdout)")
     ap.add_argument("--inside", nargs=3, metavar=("ROOT", "STUBS", "JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.inside:
+        fn = measure_lower_order_final if a.lower_order_final else measure
         with open(a.inside[2], "w") as f:
-            json.dump(measure(a.inside[0], a.inside[1]), f)
+            json.dump(fn(a.inside[0], a.inside[1]), f)
         return 0
     src = os.environ.get("COMFYUI_PATH")
     if not src:
@@ -113,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         root, stubs = comfyui_sandbox(src, tmp)
         js = os.path.join(tmp, "r.json")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js], check=True,
+        extra = ["--lower-order-final"] if a.lower_order_final else []
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js] + extra, check=True,
                        cwd=tmp, env=env)
         res = json.load(open(js))
+    if a.lower_order_final:
+        print(table_lower_order_final(res))
+        return 0
     md = table(res)
     with open(a.out, "w") as f:
         f.write("# Samplers inside ComfyUI (digits models)\n\n`COMFYUI_PATH=... python benchmarks/comfyui_quality.py`"
