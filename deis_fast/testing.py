@@ -16,7 +16,8 @@ from scipy.integrate import solve_ivp
 
 from .schedules import Schedule
 
-__all__ = ["GaussianMixture", "reference_solution", "relative_errors", "yardstick_problem", "DispatchRecorder"]
+__all__ = ["GaussianMixture", "reference_solution", "relative_errors", "yardstick_problem", "DispatchRecorder",
+           "comfyui_sandbox", "import_comfyui_cpu"]
 
 
 class GaussianMixture:
@@ -194,3 +195,39 @@ def _storage_ptr(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except Exception:  # noqa: BLE001  (meta / sparse tensors)
         return id(t)
+
+
+def comfyui_sandbox(src: str, dst: str, custom_node: str | None = None) -> tuple[str, str]:
+    """A writable copy of the ComfyUI source tree ``src`` under ``dst`` (ComfyUI writes beside itself; a shared
+    copy may be read-only) and a folder with a test-only ``torchvision`` stub: ComfyUI's sampling path imports
+    only ``from torchvision import transforms``, and no torchvision release loads with torch's CPU build here.
+    ``custom_node``: a folder copied to ``custom_nodes/deis_fast``. Returns (ComfyUI root, stubs folder); a process
+    then imports ComfyUI in CPU mode from them (see tests/comfyui_checks.py). ComfyUI is never vendored."""
+    import os
+    import shutil
+    root = os.path.join(dst, "ComfyUI")
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns(".git", "tests", "tests-unit"))
+    for d, _, files in os.walk(root):  # a read-only source stays writable here
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    if custom_node is not None:
+        shutil.copytree(custom_node, os.path.join(root, "custom_nodes", "deis_fast"))
+    stubs = os.path.join(dst, "stubs")
+    os.makedirs(os.path.join(stubs, "torchvision"))
+    for name in ("__init__.py", "transforms.py"):
+        with open(os.path.join(stubs, "torchvision", name), "w") as f:
+            f.write('"""test-only stub (see deis_fast.testing.comfyui_sandbox)"""\n')
+    return root, stubs
+
+
+def import_comfyui_cpu(root: str, stubs: str) -> None:
+    """Put a :func:`comfyui_sandbox` on sys.path and set ComfyUI's CPU mode (``--cpu``, then
+    ``comfy.options.enable_args_parsing()``) before anything imports ``comfy``. Changes this process's sys.path
+    and sys.argv: call it in a process of its own."""
+    import os
+    import sys
+    sys.path[:0] = [stubs, root]
+    sys.argv = [os.path.join(root, "main.py"), "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()

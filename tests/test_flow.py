@@ -354,7 +354,8 @@ def test_k_diffusion_const_convention(small_mixture, small_noise):
     ref = reference_solution(small_mixture, s, small_noise, 1.0, 0.0)
     model = small_mixture.model(s, "x0")
     grid = sig.tolist()
-    cases = [(sample_deis, {}, dict(method="tab3", nfe=None, grid=grid)),
+    # the k-diffusion path steps into sigma = 0 as k-diffusion does (x <- denoised): denoise_to_zero
+    cases = [(sample_deis, {}, dict(method="tab3", nfe=None, grid=grid, denoise_to_zero=True)),
              (sample_pfdiff, {"k": 1, "h": 1}, dict(method="ddim", nfe=6, grid=grid, pfdiff=(1, 1))),
              (sample_rho_rk, {}, dict(method="rho_heun", nfe=None, grid=grid[:-1], t_end=grid[-2]))]
     for fn, kw, direct_kw in cases:

@@ -111,7 +111,9 @@ def test_pfdiff_and_dpmpp_run(problem):
                                      ("sample_ipndm", {})])
 def test_callback_once_per_step_with_k_diffusion_indices(problem, name, kw):
     """k-diffusion's contract: one callback per step, i = 0, 1, ..., sigma = sigmas[i] — also for predictor-corrector
-    plans (UniPC used to report each step twice) and Runge-Kutta (it reported NFE indices and stage sigmas)."""
+    plans (UniPC used to report each step twice) and Runge-Kutta (it reported NFE indices and stage sigmas) — made
+    right after the step's network call, with x the state before the step (k-diffusion's and ComfyUI's order: a
+    progress bar reaches len(sigmas) - 1) and denoised that call's output."""
     import deis_fast.integrations.k_diffusion as dk
     model, x0, _, _ = problem
     sig = get_sigmas_karras(6, SMIN, SMAX, dtype=torch.float64)
@@ -119,7 +121,10 @@ def test_callback_once_per_step_with_k_diffusion_indices(problem, name, kw):
     out = getattr(dk, name)(model, x0, sig, callback=seen.append, disable=True, **kw)
     assert [d["i"] for d in seen] == list(range(6)), [d["i"] for d in seen]
     assert [d["sigma"] for d in seen] == pytest.approx(sig[:6].tolist())
-    torch.testing.assert_close(seen[-1]["x"], out)
+    torch.testing.assert_close(seen[0]["x"], x0, rtol=0, atol=0)
+    assert all(d["x"] is not x0 for d in seen) and len({id(d["x"]) for d in seen}) == 6  # fresh tensors
+    # the denoised of step i is the model at (x before step i, sigma_i)
+    torch.testing.assert_close(seen[3]["denoised"], model(seen[3]["x"], sig[3] * x0.new_ones(x0.shape[0])))
 
 
 def test_sampler_callback_reports_each_step_once():

@@ -2,5 +2,6 @@
 
 * :mod:`deis_fast.integrations.diffusers` — ``DEISFastScheduler``, a drop-in diffusers scheduler.
 * :mod:`deis_fast.integrations.k_diffusion` — ``sample_deis`` & co. with k-diffusion's sampler signature.
+* :mod:`deis_fast.integrations.comfyui` — ComfyUI nodes and KSampler entries (thin glue over the k-diffusion path).
 """
-__all__ = ["diffusers", "k_diffusion"]
+__all__ = ["diffusers", "k_diffusion", "comfyui"]

@@ -17,6 +17,7 @@ update: ``i`` counts network evaluations (0-based), ``sigma`` is where the last 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -25,12 +26,13 @@ import torch
 from ..grids import ays_sigmas, kl_optimal_sigmas, linear_quadratic_fractions
 from ..plan import Eval
 from ..sampler import Sampler
-from ..schedules import FlowSchedule, Schedule, VESchedule
+from ..schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from ..solvers import PlanOptions, nfe_for_intervals, resolve
+from ..solvers.pfdiff import check_kh
 
 __all__ = ["sample_deis_fast", "sample_deis", "sample_deis_logrho", "sample_ipndm", "sample_ipndm_v",
            "sample_dpmpp_deis", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_unipc",
-           "sample_rho_rk", "sample_pfdiff", "get_sigmas_karras", "get_sigmas_ays", "get_sigmas_kl_optimal",
+           "sample_rho_rk", "sample_pfdiff", "BrownianTreeNoiseSampler", "vp_schedule_from_sigmas", "get_sigmas_karras", "get_sigmas_ays", "get_sigmas_kl_optimal",
            "get_sigmas_linear_quadratic"]
 
 
@@ -80,10 +82,9 @@ def _check_steps(n: Any, least: int) -> int:
 
 
 def _sigmas_to_numpy(sigmas: Any) -> np.ndarray:
-    s = (sigmas.detach().to("cpu", torch.float64).numpy() if isinstance(sigmas, torch.Tensor)
-         else np.asarray(sigmas, dtype=np.float64)).reshape(-1)
-    if s.size < 2:
-        raise ValueError(f"sigmas needs at least 2 values (one step), got {s.size}")
+    s = _to_numpy(sigmas)
+    if s.size == 0:
+        raise ValueError("sigmas is empty; it needs at least 2 values (one step)")
     if not np.all(np.isfinite(s)) or np.any(s < 0):
         raise ValueError("sigmas must be finite and >= 0")
     if np.any(np.diff(s) >= 0):
@@ -94,88 +95,286 @@ def _sigmas_to_numpy(sigmas: Any) -> np.ndarray:
 def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any,
                      extra_args: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
                      disable: bool | None = None, method: str = "tab3", model_type: str = "eps",
-                     **options: Any) -> torch.Tensor:
+                     schedule: Schedule | None = None, pfdiff_grid: str = "given", **options: Any) -> torch.Tensor:
     """Any deis_fast method on a k-diffusion denoiser over the given ``sigmas``.
 
     ``model_type``: "eps" (k-diffusion's VE convention, x = x0 + sigma noise) or "const" (ComfyUI's CONST model
     sampling of flow models: sigma in [0, 1], x = sigma noise + (1 - sigma) x0; sigmas may start at 1).
+    ``schedule``: the model's own VP schedule (a :class:`~deis_fast.VPSchedule` whose rho = sigma / alpha is the
+    model's sigma, e.g. :func:`vp_schedule_from_sigmas` of a DDPM-trained model's sigma table): the solver then
+    runs in that schedule's time, so tAB is a polynomial in the model's own t (x stays at k-diffusion's scale in
+    and out). Default: solve in sigma (a VE schedule with t = sigma).
     ``options`` go to :class:`deis_fast.Sampler` (``pfdiff=(k, h)``, ``eta``, ``s_noise``, ``variant``,
-    ``corrector``, ``lower_order_final``). Stochastic methods draw their noise from ``generator=`` (one, or
-    one per sample), torch's global generator by default, or, as in k-diffusion, from
-    ``noise_sampler(sigma, sigma_next)`` called once per noisy step in order.
+    ``corrector``, ``lower_order_final``). ``lower_order_final`` defaults to "auto": on for the log-rho / lambda
+    methods with 3 history points (logrho3, dpmpp3, dpmpp_3m, unipc3) when the sigmas end in 0 after a small
+    last positive sigma (<= 5% of the first), as ComfyUI's uni_pc does; off otherwise.
+
+    Noise of stochastic methods: ``noise_sampler(sigma, sigma_next)`` if given (called once per noisy step in
+    order, as in k-diffusion), else ``generator=`` (one, or one per sample), else ``extra_args["seed"]``
+    (ComfyUI passes it): a Brownian tree over [sigma_min, sigma_max] for the SDE methods (as ComfyUI's
+    dpmpp_2m_sde / dpmpp_3m_sde build it, so the same seed gives the same noise), a ``torch.Generator`` seeded
+    with it for ddim_eta; torch's global generator when none of these is given.
+
+    ``callback`` follows k-diffusion's (and ComfyUI's) convention: once per step, right after that step's first
+    network call, with ``x`` the state *before* the step, ``denoised`` the call's output, ``i`` the step index and
+    ``sigma`` the step's start. PFDiff reports once per network call (with ``pfdiff_grid="given"``, ``i`` is the last
+    base-grid step the call's step covers, so that a progress bar over len(sigmas) - 1 steps ends full). ``pfdiff_grid``: "given" (the sigmas are
+    PFDiff's base grid: N(k+1) - k steps for N calls) or "resample" (len(sigmas) - 1 is the number of calls N, as
+    a KSampler's steps; the base grid is interpolated from the sigmas).
+    A final sigma = 0 is reached as k-diffusion's samplers reach it, by a first-order step (x <- the last denoised
+    output; ``denoise_to_zero=False`` keeps the full order for tAB / rhoAB / iPNDM, whose polynomial then
+    extrapolates over the whole last interval). A one-step list ``[sigma, 0]`` is one first-order step to the
+    denoised output; a list of one sigma returns
+    ``x`` unchanged (as k-diffusion's samplers do).
     """
     generator = options.pop("generator", None)
     noise_sampler = options.pop("noise_sampler", None)
-    s = _sigmas_to_numpy(sigmas)
     extra_args = dict(extra_args or {})
-    to_zero = s[-1] == 0.0
-    positive = s[s > 0]
-    sched, key = _schedule_for(model_type, s, positive)
+    s = _sigmas_to_numpy(sigmas)
+    if s.size < 2:
+        return x
     spec, plan_opts = resolve(method, PlanOptions(pfdiff=options.get("pfdiff")))
+    if plan_opts.pfdiff is not None:
+        s = _pfdiff_sigmas(s, plan_opts, pfdiff_grid, model_type)
+    kind = _Kind(model_type, s, schedule)
+    options = _auto_lower_order_final(options, spec, plan_opts, s)
+    if s[-1] == 0.0 and plan_opts.pfdiff is None and spec.multistep_options:
+        options.setdefault("denoise_to_zero", True)  # k-diffusion's last step into sigma = 0: x <- denoised
     # Runge-Kutta stages cannot be evaluated at sigma = 0: integrate to the last positive sigma, then
     # take k-diffusion's final Euler step (x <- denoised) with one more call
-    split_final = to_zero and spec.family == "rk"
+    split_final = s[-1] == 0.0 and spec.family == "rk"
     grid = s[:-1] if split_final else s
-    last: dict[str, torch.Tensor] = {}
+    seed = extra_args.get("seed")
+    if generator is None and noise_sampler is None and seed is not None and spec.family in ("sde", "stochastic"):
+        if spec.family == "sde" and plan_opts.pfdiff is None:
+            noise_sampler = BrownianTreeNoiseSampler(x, float(s[s > 0].min()), float(s.max()), seed=seed)
+        else:
+            generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    x_in = kind.to_state(x, float(s[0]))
+    if grid.size < 2:  # only the final Euler step of a Runge-Kutta method is left
+        out = x_in
+    else:
+        sampler, steps = _sampler_for(model, kind, method, grid, plan_opts, disable, options, callback, x_in,
+                                      resampled=pfdiff_grid == "resample")
+        step_noise = None
+        if noise_sampler is not None and sampler.plan.num_noise:
+            if plan_opts.pfdiff is not None:
+                raise ValueError("noise_sampler is not supported with PFDiff; pass generator= instead")
+            step_noise = torch.stack(_draw_from_noise_sampler(sampler.plan, grid, noise_sampler)).to(x.device,
+                                                                                                     x.dtype)
+        out = sampler(x_in, generator=generator, step_noise=step_noise,
+                      callback=steps.track if callback is not None else None, **extra_args)
+    out = kind.from_state(out, float(grid[-1]))
+    if split_final:
+        sig = float(s[-2])
+        denoised = model(out, out.new_full((out.shape[0],), sig), **extra_args)
+        if callback is not None:
+            callback({"x": out, "i": len(grid) - 1, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
+        out = denoised
+    return out
 
-    def denoiser(xx: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        out = model(xx, sigma, **kw)
-        last["denoised"] = out
+
+def vp_schedule_from_sigmas(sigmas: Any, name: str = "sigmas") -> VPSchedule:
+    """The discrete VP schedule of a DDPM-trained model from its table of sigmas (sigma_i = sqrt((1 - abar_i) /
+    abar_i) at training step i, increasing: ComfyUI's ``ModelSamplingDiscrete.sigmas``, k-diffusion's
+    ``DiscreteSchedule.sigmas``); its time is the training step and its rho the model's sigma."""
+    sig = _to_numpy(sigmas)
+    return VPSchedule.from_alphas_cumprod(1.0 / (1.0 + sig * sig), name=name)
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    return (v.detach().to("cpu", torch.float64).numpy() if isinstance(v, torch.Tensor)
+            else np.asarray(v, dtype=np.float64)).reshape(-1)
+
+
+class _Kind:
+    """How k-diffusion's (x, sigma) map to the solver's schedule, time and state (x_solver = alpha * x for VP)."""
+
+    def __init__(self, model_type: str, s: np.ndarray, schedule: Schedule | None):
+        positive = s[s > 0]
+        self.vp: VPSchedule | None = None
+        self.const = model_type == "const"
+        if model_type == "const":
+            if s[0] > 1.0:
+                raise ValueError(f"CONST (flow) sigmas lie in [0, 1], got sigmas[0] = {s[0]}; for VE denoisers pass "
+                                 "model_type='eps'")
+            if schedule is not None and not isinstance(schedule, FlowSchedule):
+                raise ValueError(f"model_type='const' is a flow model: schedule must be None or a FlowSchedule, got "
+                                 f"{schedule!r}")
+            # a FlowSchedule's shift only moves named grids: the sigmas here are the grid itself
+            self.schedule, self.key = FlowSchedule(time_scale=1.0), "t"
+        elif model_type != "eps":
+            raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma "
+                             f"noise + (1 - sigma) x0), got {model_type!r}")
+        elif schedule is None or (isinstance(schedule, VESchedule) and not schedule.geometric):
+            # t = sigma; a one-step [sigma, 0] list still needs sigma_min < sigma_max: any value below sigma works
+            lo = float(positive[-1]) if positive.size > 1 else float(positive[0]) / 2
+            self.schedule, self.key = VESchedule(lo, float(s[0])), "sigma"
+        elif isinstance(schedule, VPSchedule):
+            self.schedule, self.key, self.vp = schedule, "rho", schedule
+            if s[0] > schedule.rho_max * (1 + 1e-5):
+                raise ValueError(f"sigmas[0] = {s[0]:.6g} lies above the schedule's largest sigma "
+                                 f"{schedule.rho_max:.6g}")
+        else:
+            raise ValueError(f"schedule must be None (solve in sigma) or the model's VPSchedule, got {schedule!r}")
+
+    def alpha(self, sigma: float) -> float:
+        return 1.0 if self.vp is None else float(1.0 / np.sqrt(1.0 + sigma * sigma))
+
+    def sigma_of_t(self, t: float) -> float:
+        return t if self.vp is None else float(self.vp.rho(t))
+
+    def to_state(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x if self.vp is None else x * self.alpha(sigma)
+
+    def from_state(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x if self.vp is None else x / self.alpha(sigma)
+
+
+class _Steps:
+    """k-diffusion's callback from inside the denoiser: at each step's first network call, the state before the
+    step (tracked through the executor's per-step callback, which reports the state after each step) and the
+    call's output."""
+
+    def __init__(self, callback, kind: _Kind, x_in: torch.Tensor, starts: dict[int, tuple[int, float]]):
+        self.callback, self.kind, self.starts = callback, kind, starts
+        self.state = x_in
+        self.calls = 0
+
+    def track(self, info: dict) -> None:
+        self.state = info["x"]
+
+    def report(self, denoised: torch.Tensor) -> None:
+        k = self.calls
+        self.calls += 1
+        if self.callback is None or k not in self.starts:
+            return
+        i, sig = self.starts[k]
+        # a copy: the solver overwrites its state slots in place, k-diffusion hands out fresh tensors
+        x = self.state.clone() if self.kind.vp is None else self.state / self.kind.alpha(sig)
+        self.callback({"x": x, "i": i, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
+
+
+def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: PlanOptions, disable, options,
+                 callback, x_in, resampled: bool = False) -> tuple[Sampler, _Steps]:
+    """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps."""
+    box: list[_Steps] = []
+    vp = kind.vp
+    # the caller's own sigma values at the grid's times (not rho(t_from_rho(sigma)), one rounding away): a model
+    # that rounds sigma to a training step (ComfyUI's discrete models) sees exactly the sigmas it was given
+    # (a float32 sigma_max a hair above the schedule's largest rho is solved at t_max: grid_s is clipped to it)
+    grid_s = grid if vp is None else np.minimum(grid, vp.rho_max)
+    exact = {} if vp is None else dict(zip(vp.model_time(vp.t_from_rho(grid_s)).tolist(), grid.tolist()))
+
+    def denoiser(xx: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if vp is None:
+            out = model(xx, t, **kw)
+        else:  # the solver's VP state and time -> k-diffusion's x = x_vp / alpha and sigma = rho(t)
+            mt = float(t.reshape(-1)[0])
+            sig = exact.get(mt)
+            sig = float(vp.rho(vp.t_from_model_time(mt))) if sig is None else sig
+            out = model(xx * (1.0 / kind.alpha(sig)), torch.full(t.shape, sig, dtype=xx.dtype, device=xx.device),
+                        **kw)
+        box[0].report(out)
         return out
 
     nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts)
     # k-diffusion sigmas end where the caller wants to stop (ComfyUI splits a run across samplers), so a CONST
     # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
-    t_end = float(grid[-1]) if model_type == "const" else None
-    sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
-                      t_end=t_end, progress=disable is not True, **options)
+    t_end = float(grid[-1]) if kind.const else None
+    sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid_s]}, prediction="x0",
+                      t_end=t_end, progress=disable is not True,
+                      time_dtype=torch.float64 if vp is not None else None, **options)
     evals = sampler.plan.evals
-
-    steps = [0]
-
-    def cb(info: dict) -> None:
-        # once per step (the executor reports each step once, Runge-Kutta stages included): k-diffusion's i is the
-        # step index and sigma that step's sigmas[i]; a PFDiff step spans k+1 sigmas, so it reports its call's sigma
-        i = steps[0]
-        steps[0] += 1
-        sig = float(grid[i]) if plan_opts.pfdiff is None else float(evals[max(info["i"] - 1, 0)].model_t)
-        callback({"x": info["x"], "i": i, "sigma": sig, "sigma_hat": sig, "denoised": last.get("denoised")})
-    step_noise = None
-    if noise_sampler is not None and sampler.plan.num_noise:
-        if plan_opts.pfdiff is not None:
-            raise ValueError("noise_sampler is not supported with PFDiff; pass generator= instead")
-        step_noise = torch.stack(_draw_from_noise_sampler(sampler.plan, noise_sampler)).to(x.device, x.dtype)
-    out = sampler(x, generator=generator, step_noise=step_noise, callback=cb if callback is not None else None,
-                  **extra_args)
-    if split_final:
-        sig = float(s[-2])
-        out = model(out, out.new_full((out.shape[0],), sig), **extra_args)
-        if callback is not None:
-            callback({"x": out, "i": len(grid) - 1, "sigma": sig, "sigma_hat": sig, "denoised": out})
-    return out
+    if plan_opts.pfdiff is None:
+        stages = resolve(method, plan_opts)[0].stages
+        starts = {k * stages: (k, float(grid[k])) for k in range(len(evals) // stages)}
+    elif resampled:  # one report per call (the caller's sigmas have one step per call), at the call's sigma
+        starts = {k: (k, kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
+    else:  # one report per call, i = the last base-grid step it covers: a bar over len(sigmas) - 1 reaches its end
+        kk = check_kh(plan_opts.pfdiff)[0]
+        starts = {k: (k * (kk + 1), kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
+    box.append(_Steps(callback, kind, x_in, starts))
+    return sampler, box[0]
 
 
-def _schedule_for(model_type: str, s: np.ndarray, positive: np.ndarray) -> tuple[Schedule, str]:
-    """The schedule whose time is k-diffusion's sigma, and the grid key that reads the sigmas as such times."""
-    if model_type == "eps":
-        return VESchedule(float(positive[-1]), float(s[0])), "sigma"
-    if model_type == "const":
-        if s[0] > 1.0:
-            raise ValueError(f"CONST (flow) sigmas lie in [0, 1], got sigmas[0] = {s[0]}; for VE denoisers pass "
-                             "model_type='eps'")
-        return FlowSchedule(time_scale=1.0), "t"
-    raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma noise + "
-                     f"(1 - sigma) x0), got {model_type!r}")
+def _auto_lower_order_final(options: dict, spec, plan_opts: PlanOptions, s: np.ndarray) -> dict:
+    """``lower_order_final="auto"`` (the default here) resolved to True / False: see :func:`sample_deis_fast`."""
+    lof = options.get("lower_order_final", "auto")
+    if isinstance(lof, str):
+        if lof != "auto":
+            raise ValueError(f"lower_order_final must be True, False or 'auto', got {lof!r}")
+        positive = s[s > 0]
+        lof = bool(plan_opts.pfdiff is None and spec.multistep_options and spec.family != "sde"
+                   and spec.points >= 3 and spec.variable in ("lambda", "logrho") and s[-1] == 0.0
+                   and positive.size >= 2 and positive[-1] <= 0.05 * s[0])
+    out = {k: v for k, v in options.items() if k != "lower_order_final"}
+    return {**out, "lower_order_final": True} if lof else out
 
 
-def _draw_from_noise_sampler(plan, noise_sampler: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+def _pfdiff_sigmas(s: np.ndarray, o: PlanOptions, pfdiff_grid: str, model_type: str) -> np.ndarray:
+    """PFDiff's base grid: the sigmas as given, or interpolated to N(k+1) - k steps for N = len(sigmas) - 1
+    calls ("resample": linear in the step index, in t for CONST sigmas, in sigma^(1/7) otherwise; a final 0 stays
+    one step after the last positive sigma)."""
+    if pfdiff_grid == "given":
+        return s
+    if pfdiff_grid != "resample":
+        raise ValueError(f"pfdiff_grid must be 'given' or 'resample', got {pfdiff_grid!r}")
+    k = check_kh(o.pfdiff)[0]
+    m = (s.size - 1) * (k + 1) - k
+    # a final 0 stays one step from the last positive sigma (below it a VP model has no time)
+    zero = s[-1] == 0.0 and s.size > 2
+    pos = s[:-1] if zero else s
+    p = 1.0 if model_type == "const" else 1.0 / 7.0
+    out = np.interp(np.linspace(0.0, 1.0, m + 1 - zero), np.linspace(0.0, 1.0, pos.size), pos ** p) ** (1.0 / p)
+    out[0], out[-1] = pos[0], pos[-1]
+    return np.append(out, 0.0) if zero else out
+
+
+class BrownianTreeNoiseSampler:
+    """k-diffusion's Brownian-tree noise sampler (``torchsde.BrownianTree`` over [sigma_min, sigma_max], entropy =
+    the seed, kept on the CPU): ``ns(sigma, sigma_next)`` is the tree's increment over that interval divided by
+    sqrt|sigma_next - sigma|. A list of seeds makes one tree per sample. Needs torchsde."""
+
+    def __init__(self, x: torch.Tensor, sigma_min: float, sigma_max: float, seed: Any = None):
+        try:
+            import torchsde
+        except ImportError as e:
+            raise ImportError("the Brownian-tree noise of dpmpp_*_sde from a seed needs torchsde (pip install "
+                              "torchsde), or pass generator= / noise_sampler=") from e
+        t0, t1 = torch.as_tensor(float(sigma_min)), torch.as_tensor(float(sigma_max))
+        self.batched = isinstance(seed, (list, tuple))
+        if seed is None:
+            seeds = [int(torch.randint(0, 2 ** 63 - 1, ()).item())]
+        elif self.batched:
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"one seed per sample: batch {x.shape[0]}, got {len(seed)} seeds")
+            seeds = [int(v) for v in seed]
+        else:
+            seeds = [int(seed)]
+        w0 = torch.zeros_like(x[0] if self.batched else x).detach().cpu()
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=v) for v in seeds]
+        self.device, self.dtype = x.device, x.dtype
+
+    def __call__(self, sigma: Any, sigma_next: Any) -> torch.Tensor:
+        a, b = float(sigma), float(sigma_next)
+        lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
+        t0, t1 = torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+        with warnings.catch_warnings():  # float32 round-off at the tree's ends ("Should have ta>=t0"): harmless
+            warnings.filterwarnings("ignore", "Should have", UserWarning)
+            w = torch.stack([tree(t0, t1) for tree in self.trees]) * sign
+        w = w if self.batched else w[0]
+        return w.to(self.device, self.dtype) / abs(b - a) ** 0.5
+
+
+def _draw_from_noise_sampler(plan, sigmas: np.ndarray, noise_sampler: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
     """One ``noise_sampler(sigma_i, sigma_{i+1})`` draw per noisy Combine of a one-stage plan, in plan order."""
     draws, step = [], -1
     for op in plan.ops:
         if isinstance(op, Eval):
             step += 1
         elif op.noise_index >= 0:
-            lo, hi = (torch.tensor(plan.times[step + j], dtype=torch.float64) for j in (0, 1))
+            lo, hi = (torch.tensor(float(sigmas[step + j]), dtype=torch.float64) for j in (0, 1))
             draws.append(noise_sampler(lo, hi))
     return draws
 

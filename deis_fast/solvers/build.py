@@ -36,7 +36,9 @@ class PlanOptions:
     pfdiff=(k, h): PFDiff-k_h on a first-order base (pfdiff_experimental: on a multistep eps-form base).
     beta_ab: the beta grid's (a, b). corrector: UniC-style corrector (None = the method's default: on for
     unipc*); disable_corrector: step indices left uncorrected. variant: 'bh1'/'bh2' (unipc*),
-    'midpoint'/'heun' (dpmpp_2m_sde)."""
+    'midpoint'/'heun' (dpmpp_2m_sde). denoise_to_zero: a final step to rho = 0 uses the last model output alone
+    (x <- the denoised output, as k-diffusion's and ComfyUI's samplers step into sigma = 0) also for the eps-form
+    tAB / rhoAB / iPNDM methods (log-rho, data-form and SDE methods always do)."""
 
     eta: float | None = None
     lower_order_final: bool | tuple[int, ...] = False
@@ -49,6 +51,7 @@ class PlanOptions:
     variant: str | None = None
     s_noise: float = 1.0
     disable_corrector: tuple[int, ...] = ()
+    denoise_to_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.pfdiff is not None and not isinstance(self.pfdiff, tuple):
@@ -268,6 +271,8 @@ def builder_options(spec: MethodSpec, o: PlanOptions) -> dict:
         raise ValueError(f"s_noise applies to the SDE methods (dpmpp_2m_sde, dpmpp_3m_sde), not {spec.name!r}")
     if spec.multistep_options:
         out["lower_order_final"] = o.lower_order_final
+        if o.denoise_to_zero and spec.family in ("eps_ab", "ipndm"):
+            out["denoise_to_zero"] = True
     elif o.lower_order_final:
         raise ValueError(f"lower_order_final applies to multistep methods, not {spec.name!r}")
     return out

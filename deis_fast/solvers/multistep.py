@@ -114,8 +114,9 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
 
 
 def eps_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, variable: str,
-                lower_order_final: bool = False, corrector: bool = False, disable_corrector: Sequence[int] = ()) -> Plan:
-    pts = _points(len(t) - 1, points, rho, lower_order_final, variable == "logrho")
+                lower_order_final: bool = False, corrector: bool = False, disable_corrector: Sequence[int] = (),
+                denoise_to_zero: bool = False) -> Plan:
+    pts = _points(len(t) - 1, points, rho, lower_order_final, variable == "logrho" or denoise_to_zero)
     rows = eps_ab_rows(schedule, t, rho, pts, variable)
     if corrector:
         return eps_unic_plan(name, schedule, t, rho, rows, pts, disable_corrector)
@@ -142,8 +143,9 @@ def eps_dpmsolver_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, p
 
 
 def ipndm_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,
-               lower_order_final: bool = False, corrector: bool = False, disable_corrector: Sequence[int] = ()) -> Plan:
-    pts = points_per_step(len(t) - 1, points, lower_order_final)
+               lower_order_final: bool = False, corrector: bool = False, disable_corrector: Sequence[int] = (),
+               denoise_to_zero: bool = False) -> Plan:
+    pts = _points(len(t) - 1, points, rho, lower_order_final, denoise_to_zero)
     rows = ipndm_rows(schedule, rho, pts)
     if corrector:
         return eps_unic_plan(name, schedule, t, rho, rows, pts, disable_corrector)

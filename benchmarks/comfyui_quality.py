@@ -1,0 +1,184 @@
+"""Sampler quality inside ComfyUI: deis_fast's KSampler entries against ComfyUI's own samplers, on ComfyUI's
+schedulers and deis_fast's, with trained networks (the embedded digits models wrapped as ComfyUI models: the eps
+model under ModelSamplingDiscrete, the rectified-flow model under CONST / ModelSamplingDiscreteFlow).
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_quality.py [--out benchmarks/comfyui_quality.md]
+
+Everything runs through ``comfy.sample.sample`` (the KSampler node's path; cfg 1, the conditioning is ignored by
+the digits networks). Metric: the median over 64 noises of ||x - x_ref|| / ||x_ref||, with x_ref from the same
+noise by deis_fast's rho_rk4 on a 200-step time_quadratic grid run inside ComfyUI (800 network calls; its own
+accuracy, the distance to a 400-step run, is printed under each table). ComfyUI's discrete models round the
+network's time to a training step, so both the samplers and the reference see ComfyUI's model exactly.
+The ComfyUI tree is copied to a temporary folder (see ``deis_fast.testing.comfyui_sandbox``) and imported in a
+subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+STEPS = (5, 8, 10)
+COMFY_SAMPLERS = ("euler", "deis", "ipndm", "ipndm_v", "uni_pc", "uni_pc_bh2", "dpmpp_2m", "res_multistep")
+DEIS_FAST = ("deis_fast_tab3", "deis_fast_tab3_pc", "deis_fast_ipndm4", "deis_fast_logrho3", "deis_fast_dpmpp3",
+             "deis_fast_unipc3", "deis_fast_pfdiff")
+SCHEDULERS = ("karras", "simple", "sgm_uniform", "deis_fast_time_quadratic", "deis_fast_logsnr")
+N_NOISE = 64
+
+
+def measure(root: str, stubs: str) -> dict:
+    """Inside ComfyUI (this process): every (model, sampler, scheduler, steps) error."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    dc.register()
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(N_NOISE, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+
+    def rel(x, ref):
+        x, ref = x.reshape(x.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
+        return float(((x - ref).norm(dim=1) / ref.norm(dim=1)).median())
+
+    def reference(model, steps):
+        guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+        sig = dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", steps)[0]
+        sampler = dc.DeisFastSampler().get_sampler("rho_rk4")[0]
+        return guider.sample(noise, lat, sampler, sig, disable_pbar=True, seed=0)
+
+    out: dict = {"models": {}}
+    for label, model in (("digits eps (VP, ModelSamplingDiscrete)", dc.digits_model("digits")),
+                         ("digits flow (CONST, shift 1)", dc.digits_model("flow", 1.0))):
+        t0 = time.time()
+        ref = reference(model, 200)
+        ref_err = rel(reference(model, 100), ref)
+        rows = {}
+        for name in COMFY_SAMPLERS + DEIS_FAST:
+            for sched in SCHEDULERS:
+                for n in STEPS:
+                    x = comfy.sample.sample(model, noise, n, 1.0, name, sched, pos, pos, lat, seed=0,
+                                            disable_pbar=True)
+                    rows[f"{name}|{sched}|{n}"] = rel(x, ref) if bool(torch.isfinite(x).all()) else float("nan")
+        out["models"][label] = {"reference_error": ref_err, "errors": rows, "seconds": time.time() - t0}
+    return out
+
+
+def measure_lower_order_final(root: str, stubs: str) -> dict:
+    """``--lower-order-final``: unipc3 / dpmpp3 / logrho3 through the DEIS-fast Sampler node with lower_order_final
+    off / on / auto on ComfyUI's karras, simple and exponential lists (same models, noises and reference)."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(N_NOISE, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+
+    def rel(x, ref):
+        x, ref = x.reshape(x.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
+        return float(((x - ref).norm(dim=1) / ref.norm(dim=1)).median())
+    rows = {}
+    for label, model in (("eps (VP)", dc.digits_model("digits")), ("flow (CONST)", dc.digits_model("flow", 1.0))):
+        guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+        ref = guider.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0],
+                            dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0], disable_pbar=True, seed=0)
+        ms = model.get_model_object("model_sampling")
+        for sched in ("karras", "simple", "exponential"):
+            for n in STEPS:
+                sig = comfy.samplers.calculate_sigmas(ms, sched, n)
+                for m in ("unipc3", "dpmpp3", "logrho3"):
+                    rows[f"{label}|{sched}|{n}|{m}"] = [
+                        rel(guider.sample(noise, lat, dc.DeisFastSampler().get_sampler(m, lower_order_final=lof)[0],
+                                          sig, disable_pbar=True, seed=0), ref) for lof in ("off", "on", "auto")]
+    return rows
+
+
+def table_lower_order_final(rows: dict) -> str:
+    lines = ["| model | list | steps | unipc3 off / on / auto | dpmpp3 off / on / auto | logrho3 off / on / auto |",
+             "|---|---|---|---|---|---|"]
+    keys = sorted({tuple(k.split("|")[:3]) for k in rows}, key=lambda k: (k[0], k[1], int(k[2])))
+    for model, sched, n in keys:
+        cells = [" / ".join("%.4f" % v for v in rows[f"{model}|{sched}|{n}|{m}"]) for m in ("unipc3", "dpmpp3", "logrho3")]
+        lines.append(f"| {model} | {sched} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(res: dict) -> str:
+    lines = []
+    for label, m in res["models"].items():
+        e = m["errors"]
+        for n in STEPS:
+            lines += [f"**{label}, {n} steps** (= network calls)", "",
+                      "| sampler | " + " | ".join(SCHEDULERS) + " |", "|---|" + "---|" * len(SCHEDULERS)]
+            for name in COMFY_SAMPLERS + DEIS_FAST:
+                vals = [e[f"{name}|{s}|{n}"] for s in SCHEDULERS]
+                best = min(v for v in (e[f"{x}|{s}|{n}"] for x in COMFY_SAMPLERS + DEIS_FAST for s in SCHEDULERS)
+                           if v == v)
+                cells = [("**%.4f**" if v == best else "%.4f") % v for v in vals]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines.append(f"Reference accuracy (rho_rk4 100 vs 200 steps): {m['reference_error']:.1e}; "
+                     f"{m['seconds']:.0f} s for this model.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "comfyui_quality.md"))
+    ap.add_argument("--lower-order-final", action="store_true",
+                    help="instead: lower_order_final off / on / auto for the third-order lambda methods (stdout)")
+    ap.add_argument("--inside", nargs=3, metavar=("ROOT", "STUBS", "JSON"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.inside:
+        fn = measure_lower_order_final if a.lower_order_final else measure
+        with open(a.inside[2], "w") as f:
+            json.dump(fn(a.inside[0], a.inside[1]), f)
+        return 0
+    src = os.environ.get("COMFYUI_PATH")
+    if not src:
+        print("set COMFYUI_PATH to a ComfyUI source tree", file=sys.stderr)
+        return 2
+    from deis_fast.testing import comfyui_sandbox
+    with tempfile.TemporaryDirectory() as tmp:
+        root, stubs = comfyui_sandbox(src, tmp)
+        js = os.path.join(tmp, "r.json")
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        extra = ["--lower-order-final"] if a.lower_order_final else []
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js] + extra, check=True,
+                       cwd=tmp, env=env)
+        res = json.load(open(js))
+    if a.lower_order_final:
+        print(table_lower_order_final(res))
+        return 0
+    md = table(res)
+    with open(a.out, "w") as f:
+        f.write("# Samplers inside ComfyUI (digits models)\n\n`COMFYUI_PATH=... python benchmarks/comfyui_quality.py`"
+                "; median relative error to a fine solution from the same 64 noises; bold: the best of the "
+                "table.\n\n" + md)
+    with open(a.out.replace(".md", ".json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""deis_fast inside ComfyUI: a SAMPLER node, a SIGMAS node, and entries on the plain KSampler lists.
+
+Thin glue over :mod:`deis_fast.integrations.k_diffusion`: every sampler here is ``sample_deis_fast`` with the
+model's own schedule read from ComfyUI's ``model_sampling`` (so tAB is a polynomial in a DDPM model's own time),
+ComfyUI's seed (``extra_args["seed"]``), ComfyUI's callback convention and PFDiff steps counted as network calls.
+ComfyUI's guider does classifier-free guidance inside the denoiser it hands over, so deis_fast's own guidance
+stays off.
+
+Loading: ComfyUI imports ``custom_nodes/<folder>/__init__.py`` and reads its ``NODE_CLASS_MAPPINGS``; the repo's
+``comfyui_node/__init__.py`` is that file (see the README, "ComfyUI"), or write one with
+``python -m deis_fast.integrations.comfyui install /path/to/ComfyUI``. Importing this module needs ComfyUI's
+``comfy`` package only when :func:`register` runs or a node executes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..grids import make_grid
+from ..schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from ..solvers import PlanOptions, resolve
+from ..solvers.build import builder_options
+from ..solvers.pfdiff import check_kh
+from . import k_diffusion as dk
+
+__all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
+           "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "register",
+           "install", "digits_model"]
+
+PREFIX = "deis_fast_"
+# the entries on the KSampler sampler list: name -> (method, options)
+KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
+    PREFIX + "tab3": ("tab3", {}),
+    PREFIX + "tab3_pc": ("tab3", {"corrector": True}),
+    PREFIX + "tab2": ("tab2", {}),
+    PREFIX + "rhoab3": ("rhoab3", {}),
+    PREFIX + "logrho3": ("logrho3", {}),
+    PREFIX + "ipndm4": ("ipndm4", {}),
+    PREFIX + "ipndm_v": ("ipndm_v", {}),
+    PREFIX + "dpmpp2": ("dpmpp2", {}),
+    PREFIX + "dpmpp3": ("dpmpp3", {}),
+    PREFIX + "unipc2": ("unipc2", {}),
+    PREFIX + "unipc3": ("unipc3", {}),
+    PREFIX + "pfdiff": ("pfdiff", {}),
+    PREFIX + "ddim": ("ddim", {}),
+    PREFIX + "ddim_eta": ("ddim_eta", {"eta": 1.0}),
+    PREFIX + "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
+    PREFIX + "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
+    PREFIX + "rho_heun": ("rho_heun", {}),
+}
+# the entries on the KSampler scheduler list: name -> deis_fast grid
+SCHEDULER_ENTRIES: dict[str, str] = {PREFIX + g: g for g in ("time_quadratic", "time_uniform", "logsnr", "karras",
+                                                             "ays", "kl_optimal")}
+NODE_GRIDS = ("time_quadratic", "time_uniform", "logsnr", "karras", "ays", "kl_optimal", "beta", "optimized (file)")
+NODE_METHODS = ("tab3", "tab2", "tab1", "rhoab3", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
+                "unipc2", "unipc3", "pfdiff", "ddim", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde", "rho_heun",
+                "rho_rk4")
+VARIANTS = ("default", "bh1", "bh2", "midpoint", "heun")
+
+
+class DeisFastInputError(ValueError):
+    """A node input that does not fit; the message names the node and the input, as ComfyUI's UI shows them."""
+
+
+# ----------------------------------------------------------------------------- the model's schedule
+
+
+def model_schedule(model_sampling: Any) -> tuple[str, Schedule | None]:
+    """(model_type, schedule) for :func:`deis_fast.integrations.k_diffusion.sample_deis_fast` from a ComfyUI
+    ``model_sampling``: a discrete-time eps / v model (``ModelSamplingDiscrete``) -> ("eps", the VP schedule of its
+    sigmas table); CONST (flow) -> ("const", FlowSchedule with its shift); EDM and continuous-sigma models ->
+    ("eps", None): solved in sigma (VE)."""
+    import comfy.model_sampling as ms
+    if isinstance(model_sampling, ms.CONST):
+        if isinstance(model_sampling, getattr(ms, "ModelSamplingFlux", ())):
+            return "const", FlowSchedule(mu=float(model_sampling.shift), time_scale=1.0)
+        return "const", FlowSchedule(shift=float(getattr(model_sampling, "shift", 1.0)), time_scale=1.0)
+    if isinstance(model_sampling, ms.ModelSamplingDiscrete) and not isinstance(
+            model_sampling, ms.ModelSamplingDiscreteEDM) and isinstance(model_sampling, ms.EPS) \
+            and not isinstance(model_sampling, ms.EDM):
+        return "eps", _vp_of(model_sampling)
+    return "eps", None
+
+
+_VP_CACHE: dict[tuple, VPSchedule] = {}
+
+
+def _vp_of(model_sampling: Any) -> VPSchedule:
+    sig = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    key = (sig.numel(), float(sig[0]), float(sig[-1]), float(sig.sum()))
+    if key not in _VP_CACHE:
+        _VP_CACHE[key] = dk.vp_schedule_from_sigmas(sig, name="comfyui")
+    return _VP_CACHE[key]
+
+
+def _model_sampling_of(model: Any) -> Any:
+    """The model_sampling behind the denoiser ComfyUI hands a sampler (KSamplerX0Inpaint -> guider -> model)."""
+    guider = model.inner_model
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is not None:
+        return patcher.get_model_object("model_sampling")
+    return guider.inner_model.model_sampling
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]:
+    """A k-diffusion sampler function (ComfyUI's ``sample_<name>`` signature) running deis_fast ``method`` in the
+    model's own schedule. PFDiff counts the sigmas' steps as network calls unless ``pfdiff_steps="base grid"``."""
+    opts = dict(options)
+    pfdiff_steps = opts.pop("pfdiff_steps", "calls")
+    _check_options(method, opts)
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
+        model_type, schedule = model_schedule(_model_sampling_of(model))
+        run = {**opts, **kw}
+        grid = "given"
+        if resolve(method, PlanOptions(pfdiff=run.get("pfdiff")))[1].pfdiff is not None:
+            grid = "resample" if pfdiff_steps == "calls" else "given"
+            if grid == "given":
+                _check_pfdiff_steps(len(sigmas) - 1, method, run)
+        return dk.sample_deis_fast(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                   method=method, model_type=model_type, schedule=schedule, pfdiff_grid=grid, **run)
+    sample.__name__ = f"sample_{PREFIX}{method}"
+    sample.__doc__ = f"deis_fast {method} {opts or ''} in the model's own schedule (deis_fast.integrations.comfyui)"
+    return sample
+
+
+def _check_options(method: str, opts: dict) -> None:
+    """Refuse options that do not apply, with the deis_fast reason, before any sampling."""
+    spec, po = resolve(method, PlanOptions.of(**opts))
+    if po.pfdiff is not None:
+        check_kh(po.pfdiff)
+    else:
+        builder_options(spec, po)
+
+
+def _check_pfdiff_steps(steps: int, method: str, opts: dict) -> None:
+    po = resolve(method, PlanOptions(pfdiff=opts.get("pfdiff")))[1]
+    k, h = check_kh(po.pfdiff)
+    if steps < 1 or (steps + k) % (k + 1):
+        lo = max((steps + k) // (k + 1), 1)
+        raise DeisFastInputError(
+            f"DEIS-fast Sampler: PFDiff-({k},{h}) with pfdiff_steps 'base grid' needs {k + 1}N-{k} scheduler steps "
+            f"for N network calls; the SIGMAS have {steps} steps. Set the scheduler's steps to "
+            f"{lo * (k + 1) - k} or {(lo + 1) * (k + 1) - k}, or pfdiff_steps to 'calls' (steps = network calls)")
+
+
+# ----------------------------------------------------------------------------- sigmas
+
+
+def sigmas_for(model_sampling: Any, grid: str, steps: int, denoise: float = 1.0, grid_file: str = "",
+               method: str = "", karras_rho: float = 7.0) -> torch.Tensor:
+    """ComfyUI SIGMAS (decreasing, ending in 0, ``steps`` + 1 values; float32) of a deis_fast grid on the model's
+    own schedule and range: time_quadratic / time_uniform / logsnr / karras / ays / kl_optimal / beta, or
+    "optimized (file)": a grid saved by :func:`deis_fast.save_grid` (``grid_file``; the entry for ``method`` and
+    ``steps``). ``denoise`` < 1 keeps the last ``steps`` steps of a longer list, as ComfyUI's BasicScheduler."""
+    steps = int(steps)
+    if steps < 1:
+        raise DeisFastInputError(f"DEIS-fast Scheduler: steps must be >= 1, got {steps}")
+    if not 0.0 < denoise <= 1.0:
+        if denoise <= 0.0:
+            return torch.FloatTensor([])
+        raise DeisFastInputError(f"DEIS-fast Scheduler: denoise must be in (0, 1], got {denoise}")
+    total = steps if denoise >= 0.9999 else int(steps / denoise)
+    model_type, schedule = model_schedule(model_sampling)
+    if grid == "optimized (file)":
+        sig = _sigmas_from_file(model_type, schedule, model_sampling, grid_file, method, total)
+    else:
+        sig = _named_sigmas(model_type, schedule, model_sampling, grid, total, karras_rho)
+    return torch.from_numpy(np.ascontiguousarray(sig[-(steps + 1):])).float()
+
+
+def _solver_schedule(model_type: str, schedule: Schedule | None, model_sampling: Any) -> Schedule:
+    if schedule is not None:
+        return schedule
+    return VESchedule(float(model_sampling.sigma_min), float(model_sampling.sigma_max))
+
+
+def _to_sigmas(model_type: str, sched: Schedule, t: np.ndarray) -> np.ndarray:
+    return t.copy() if model_type == "const" else sched.rho(t)
+
+
+def _named_sigmas(model_type: str, schedule: Schedule | None, model_sampling: Any, grid: str, steps: int,
+                  karras_rho: float) -> np.ndarray:
+    if grid not in NODE_GRIDS:
+        raise DeisFastInputError(f"DEIS-fast Scheduler: unknown grid {grid!r}; choose one of {', '.join(NODE_GRIDS)}")
+    sched = _solver_schedule(model_type, schedule, model_sampling)
+    if model_type == "const":  # flow: t from the model's sigma_max (1) to 0, shifted as the model is
+        t = make_grid(sched, grid, steps, float(model_sampling.sigma_max), 0.0, karras_rho=karras_rho)
+        return t
+    # VP / VE: steps - 1 steps from sigma_max to sigma_min, then 0 (as ComfyUI's karras / exponential)
+    if steps == 1:
+        return np.array([float(sched.rho(sched.t_max)), 0.0])
+    t = make_grid(sched, grid, steps - 1, karras_rho=karras_rho)
+    return np.append(_to_sigmas(model_type, sched, t), 0.0)
+
+
+def _sigmas_from_file(model_type: str, schedule: Schedule | None, model_sampling: Any, path: str, method: str,
+                      steps: int) -> np.ndarray:
+    if not path or not os.path.isfile(path):
+        raise DeisFastInputError(f"DEIS-fast Scheduler: grid 'optimized (file)' needs grid_file, the path of a JSON "
+                                 f"written by deis_fast.save_grid; got {path!r}")
+    data = json.loads(open(path).read())
+    fits = [v for v in data.values() if (not method or v.get("method") == method or
+                                         (method == "pfdiff" and v.get("pfdiff"))) and int(v.get("nfe", -1)) == steps]
+    if len(fits) != 1:
+        have = sorted(f"{v.get('method')} NFE {v.get('nfe')}" for v in data.values())
+        raise DeisFastInputError(f"DEIS-fast Scheduler: {path} has {len(fits)} grids for method {method or 'any'!r} "
+                                 f"and {steps} steps; it holds: {', '.join(have)}. Set steps (and method) to one of "
+                                 "those")
+    t = np.asarray(fits[0]["times"], dtype=np.float64)
+    sched = _solver_schedule(model_type, schedule, model_sampling)
+    sig = _to_sigmas(model_type, sched, t)
+    if model_type != "const" and sig[-1] > 0:
+        sig = np.append(sig, 0.0)
+    return sig
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+class DeisFastSampler:
+    """SAMPLER for SamplerCustom / SamplerCustomAdvanced: any deis_fast method in the model's own schedule."""
+
+    CATEGORY = "sampling/custom_sampling/samplers"
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+    DESCRIPTION = ("deis_fast few-step samplers (DEIS tAB, iPNDM, DPM-Solver++, UniPC, PFDiff) solved in the model's "
+                   "own noise schedule. Steps of the SIGMAS = network calls (Runge-Kutta: steps x stages).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "method": (list(NODE_METHODS), {"default": "tab3", "tooltip": "tab3: the DEIS paper's best; unipc3 / "
+                                                "dpmpp3 for strong CFG; pfdiff for the fewest steps"}),
+                "corrector": (["default", "on", "off"], {"tooltip": "UniC-style corrector after each step (no "
+                                                         "extra calls); default: on for unipc*, off otherwise"}),
+                "lower_order_final": (["auto", "on", "off"], {"tooltip": "lower orders on the last steps; auto: on "
+                                                              "for 3rd-order lambda methods before a final 0"}),
+                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                  "tooltip": "noise of ddim_eta / dpmpp_*_sde (others ignore it)"}),
+                "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                      "tooltip": "noise scale of dpmpp_*_sde (others ignore it)"}),
+                "variant": (list(VARIANTS), {"tooltip": "bh1/bh2 for unipc*, midpoint/heun for dpmpp_2m_sde"}),
+                "pfdiff_k": ("INT", {"default": 2, "min": 1, "max": 3, "tooltip": "PFDiff: k+1 grid steps per call"}),
+                "pfdiff_h": ("INT", {"default": 1, "min": 1, "max": 3, "tooltip": "PFDiff springboard: 1 <= h <= k"}),
+                "pfdiff_steps": (["calls", "base grid"], {"tooltip": "calls: the scheduler's steps are PFDiff's "
+                                                          "network calls; base grid: they are its (k+1)N-k grid"}),
+            },
+            # further optional inputs (e.g. a tuned file) go here; get_sampler takes them as keywords
+            "optional": {},
+        }
+
+    def get_sampler(self, method, corrector="default", lower_order_final="auto", eta=1.0, s_noise=1.0,
+                    variant="default", pfdiff_k=2, pfdiff_h=1, pfdiff_steps="calls", **optional):
+        import comfy.samplers
+        opts = node_options(method, corrector, lower_order_final, eta, s_noise, variant, pfdiff_k, pfdiff_h)
+        try:
+            fn = sampler_function(method, pfdiff_steps=pfdiff_steps, **opts)
+        except ValueError as e:
+            raise DeisFastInputError(f"DEIS-fast Sampler: {e}") from None
+        return (comfy.samplers.KSAMPLER(fn),)
+
+
+def node_options(method: str, corrector: str, lower_order_final: str, eta: float, s_noise: float, variant: str,
+                 pfdiff_k: int, pfdiff_h: int) -> dict:
+    """The deis_fast options of the sampler node's inputs (those that do not apply to the method are left out,
+    except a variant or corrector set on a method without one: that raises in :func:`sampler_function`)."""
+    spec, _ = resolve(method)
+    opts: dict[str, Any] = {}
+    if method == "pfdiff":
+        if not 1 <= pfdiff_h <= pfdiff_k:
+            raise DeisFastInputError(f"DEIS-fast Sampler: PFDiff needs 1 <= pfdiff_h <= pfdiff_k, got pfdiff_k="
+                                     f"{pfdiff_k}, pfdiff_h={pfdiff_h}")
+        opts["pfdiff"] = (int(pfdiff_k), int(pfdiff_h))
+    if corrector != "default":
+        opts["corrector"] = corrector == "on"
+    if lower_order_final != "auto":
+        opts["lower_order_final"] = lower_order_final == "on"
+    if "eta" in spec.options and method != "pfdiff":
+        opts["eta"] = float(eta)
+    if "s_noise" in spec.options and method != "pfdiff":
+        opts["s_noise"] = float(s_noise)
+    if variant != "default":
+        opts["variant"] = variant
+    return opts
+
+
+class DeisFastScheduler:
+    """SIGMAS of a deis_fast grid on the model's own schedule (sigma range and shift from its model_sampling)."""
+
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+    DESCRIPTION = ("deis_fast time grids on the model's own schedule: time_quadratic (tAB / iPNDM on SD-style "
+                   "models), logsnr (dpmpp / unipc), karras, ays, or a grid optimized with deis_fast and saved to a file")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "grid": (list(NODE_GRIDS), {"default": "time_quadratic"}),
+                "steps": ("INT", {"default": 10, "min": 1, "max": 10000}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            "optional": {
+                "grid_file": ("STRING", {"default": "", "tooltip": "grid 'optimized (file)': a deis_fast.save_grid "
+                                         "JSON"}),
+                "method": ("STRING", {"default": "", "tooltip": "grid 'optimized (file)': the method it was "
+                                      "optimized for (empty: the only one with this many steps)"}),
+            },
+        }
+
+    def get_sigmas(self, model, grid, steps, denoise=1.0, grid_file="", method="", **optional):
+        return (sigmas_for(model.get_model_object("model_sampling"), grid, steps, denoise, grid_file, method),)
+
+
+NODE_CLASS_MAPPINGS = {"DeisFastSampler": DeisFastSampler, "DeisFastScheduler": DeisFastScheduler}
+NODE_DISPLAY_NAME_MAPPINGS = {"DeisFastSampler": "DEIS-fast Sampler", "DeisFastScheduler": "DEIS-fast Scheduler"}
+
+
+# ----------------------------------------------------------------------------- KSampler lists
+
+
+def register() -> list[str]:
+    """Add the deis_fast samplers and schedulers to ComfyUI's KSampler lists (idempotent); returns the names
+    added. Sampler ``deis_fast_<m>`` is ``comfy.k_diffusion.sampling.sample_deis_fast_<m>``, scheduler
+    ``deis_fast_<grid>`` a ``SchedulerHandler`` of the model's sampling and the steps."""
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers as cs
+    added = []
+    for name, (method, opts) in KSAMPLER_ENTRIES.items():
+        setattr(kds, f"sample_{name}", sampler_function(method, **opts))
+        for names in (cs.KSAMPLER_NAMES, cs.SAMPLER_NAMES):
+            if name not in names:
+                names.append(name)
+                added.append(name)
+    for name, grid in SCHEDULER_ENTRIES.items():
+        if name not in cs.SCHEDULER_HANDLERS:
+            cs.SCHEDULER_HANDLERS[name] = cs.SchedulerHandler(_scheduler_handler(grid), use_ms=True)
+        if name not in cs.SCHEDULER_NAMES:
+            cs.SCHEDULER_NAMES.append(name)
+            added.append(name)
+    return added
+
+
+def _scheduler_handler(grid: str) -> Callable[[Any, int], torch.Tensor]:
+    def handler(model_sampling, steps):
+        return sigmas_for(model_sampling, grid, steps)
+    handler.__name__ = f"{PREFIX}{grid}_scheduler"
+    return handler
+
+
+# ----------------------------------------------------------------------------- the embedded digits models
+
+
+def digits_model(kind: str = "digits", shift: float = 1.0, device: str = "cpu") -> Any:
+    """deis_fast's embedded 8x8 digits network as a ComfyUI MODEL (a ``ModelPatcher`` of a ``BaseModel``): "digits"
+    is the eps model (ModelSamplingDiscrete on its DDPM betas, 1e-4 .. 0.02), "flow" the rectified-flow model (CONST,
+    ModelSamplingDiscreteFlow with ``shift``). Latents are [B, 1, 8, 8]; conditioning is ignored. For trying the
+    nodes and measuring samplers inside ComfyUI without a checkpoint."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    from ..digits import DIGITS_BETA_END, DIGITS_BETA_START, load_digits_model
+
+    class DigitsLatent(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+
+    class DigitsConfig(comfy.supported_models_base.BASE):
+        unet_config = {"kind": kind}
+        latent_format = DigitsLatent
+        sampling_settings = ({"shift": float(shift), "multiplier": 1000} if kind == "flow" else
+                             {"beta_schedule": "sqrt_linear", "linear_start": DIGITS_BETA_START,
+                              "linear_end": DIGITS_BETA_END})
+
+    class DigitsNet(torch.nn.Module):
+        def __init__(self, kind: str, device=None, operations=None, **_: Any):
+            super().__init__()
+            self.net = load_digits_model(kind=kind)
+            self.dtype = torch.float32
+
+        def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **_: Any):
+            return self.net(x, timesteps)
+
+    model_type = comfy.model_base.ModelType.FLOW if kind == "flow" else comfy.model_base.ModelType.EPS
+    config = DigitsConfig(DigitsConfig.unet_config)
+    base = comfy.model_base.BaseModel(config, model_type, device=device, unet_model=DigitsNet)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
+
+
+# ----------------------------------------------------------------------------- install
+
+LOADER = '''"""deis_fast nodes for ComfyUI (written by python -m deis_fast.integrations.comfyui install)."""
+from deis_fast.integrations.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register
+
+register()
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+'''
+
+
+def install(comfyui_path: str, name: str = "deis_fast") -> str:
+    """Write ``custom_nodes/<name>/__init__.py`` (the loader above) into a ComfyUI folder; returns its path."""
+    nodes_dir = os.path.join(comfyui_path, "custom_nodes")
+    if not os.path.isdir(nodes_dir):
+        raise FileNotFoundError(f"{comfyui_path} has no custom_nodes folder: pass the ComfyUI folder (where main.py "
+                                "is)")
+    folder = os.path.join(nodes_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "__init__.py")
+    with open(path, "w") as f:
+        f.write(LOADER)
+    return path
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "install":
+        print("usage: python -m deis_fast.integrations.comfyui install /path/to/ComfyUI", file=sys.stderr)
+        return 2
+    print(f"wrote {install(argv[1])}; restart ComfyUI")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
