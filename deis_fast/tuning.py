@@ -275,14 +275,23 @@ def _rows(cond: Mapping[str, Any], idx: slice, n: int) -> dict:
     return {k: v[idx] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v for k, v in cond.items()}
 
 
-def _model_digest(model: Any) -> str:
+def _modules_of(model: Any) -> list[torch.nn.Module]:
+    """The networks a model callable runs: itself, its attributes, or what its closure holds."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    objs = list(getattr(model, "__dict__", {}).values())
+    objs += [c.cell_contents for c in (getattr(model, "__closure__", None) or ()) if c.cell_contents is not None]
+    return [v for v in objs if isinstance(v, torch.nn.Module)]
+
+
+def _model_digest(model: Any) -> str | None:
     """Identifies a network's weights for the reference cache: every parameter of a small module, the shapes and a
-    strided sample of the values of a large one; a plain callable by its qualified name."""
-    h = hashlib.sha256()
-    mods = [model] if isinstance(model, torch.nn.Module) else \
-        [v for v in getattr(model, "__dict__", {}).values() if isinstance(v, torch.nn.Module)]
+    strided sample of the values of a large one. None for a callable without a module (then only an explicit
+    ``cache_key`` identifies it)."""
+    mods = _modules_of(model)
     if not mods:
-        h.update(f"{type(model).__module__}.{getattr(model, '__qualname__', type(model).__qualname__)}".encode())
+        return None
+    h = hashlib.sha256()
     for m in mods:
         params = list(m.state_dict().items())
         big = sum(v.numel() for _, v in params) > 5e7
@@ -315,13 +324,14 @@ def reference_solutions(model: Callable[..., torch.Tensor], schedule: Schedule, 
                         cache_key: str = "", batch: int = 64, progress: bool = False) -> torch.Tensor:
     """Fine solutions of ``noise`` (``method`` at ``nfe`` NFE on the logsnr grid, the schedule's default grid where
     log-SNR is infinite at an end), in batches of ``batch`` with a progress bar; cached in ``cache_dir`` under a
-    key of the model's weights, the schedule, the noise, the conditioning and ``cache_key``."""
+    key of the model's weights, the schedule, the noise, the conditioning and ``cache_key`` (a model callable
+    that holds no ``nn.Module`` is cached only under an explicit ``cache_key``, which must then identify it)."""
     from .sampler import Sampler
     cond = dict(cond or {})
-    path = None
-    if cache_dir is not None:
+    path, digest = None, _model_digest(model)
+    if cache_dir is not None and (digest is not None or cache_key):
         key = hashlib.sha256("|".join([
-            _model_digest(model), schedule_fingerprint(schedule), prediction, method, str(nfe), cache_key,
+            str(digest), schedule_fingerprint(schedule), prediction, method, str(nfe), cache_key,
             _tensor_digest(noise, *[cond[k] for k in sorted(cond)], *sorted(cond))]).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"reference-{key}.pt"
         if path.is_file():
