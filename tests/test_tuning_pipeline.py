@@ -1,0 +1,120 @@
+"""Tuning for a diffusers pipeline: a tiny Stable Diffusion pipeline from local random-weight parts is tuned on 8
+prompts and checked on 4 others; DEISFastScheduler loaded with the file beats the untuned one there (the error to a
+fine solve of the same guided ODE through the pipeline), survives save_config, and refuses another NFE / method."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+from diffusers import PNDMScheduler, StableDiffusionPipeline  # noqa: E402
+
+from deis_fast import tuning  # noqa: E402
+from deis_fast.integrations.diffusers import DEISFastScheduler  # noqa: E402
+from deis_fast.sampler import randn_per_sample  # noqa: E402
+
+from _diffusers_common import tiny_sd_components  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WORDS = "abcdefghijklm"                        # one token each: the tiny text encoder has 16 ids
+CAL = ["a b c", "d e f", "g h", "i j k l", "m a", "b d f h", "c e g", "j l"]
+HELD_OUT = ["k m", "a c e g", "f i", "h j l m"]
+GUIDANCE, NFE, METHOD = 3.0, 6, "tab3"
+
+
+def _letter_tokenizer(folder):
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, **{f"{w}</w>": 3 + i for i, w in enumerate(WORDS)}}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=8)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny_sd_tune"))
+    parts = dict(tiny_sd_components(folder, torch.float64), tokenizer=_letter_tokenizer(folder))
+    sd_config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                     steps_offset=1)   # Stable Diffusion's scheduler config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StableDiffusionPipeline(scheduler=PNDMScheduler(**sd_config), **parts)
+
+
+@pytest.fixture(scope="module")
+def tuned_file(pipe, tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # PNDM's skip_prk_steps: the one "ignored keys" warning
+        t = tuning.tune_pipeline(pipe, CAL, HELD_OUT, METHOD, NFE, guidance_scale=GUIDANCE, time_budget=8,
+                                 reference_nfe=120)
+    path = tmp_path_factory.mktemp("tuned") / "sd.json"
+    t.save(path)
+    return t, str(path)
+
+
+def _scheduler(pipe, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DEISFastScheduler.from_config(pipe.scheduler.config, **kw)
+
+
+def _latents(pipe, sch, n, latents):
+    saved = pipe.scheduler
+    pipe.scheduler = sch
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pipe(HELD_OUT, num_inference_steps=n, guidance_scale=GUIDANCE, latents=latents.clone(), height=8,
+                        width=8, output_type="latent").images
+    finally:
+        pipe.scheduler = saved
+
+
+def _median_rel(x, ref):
+    return float(((x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).median())
+
+
+def test_tuned_scheduler_beats_untuned_on_held_out_prompts(pipe, tuned_file, tmp_path):
+    t, path = tuned_file
+    assert t.pipeline == "StableDiffusionPipeline" and t.resolution == [8, 8] and t.guidance_scale == GUIDANCE
+    assert t.meta["held_out_prompts"] == HELD_OUT and t.kind == "grid"
+    # the held-out prompts' noises, as tune_pipeline drew them (seeds after the 8 calibration ones)
+    z = randn_per_sample((4, 4, 8, 8), range(len(CAL), len(CAL) + 4), dtype=torch.float64)
+    fine = _latents(pipe, _scheduler(pipe, method="rho_rk4"), 200, z)
+    untuned = _latents(pipe, _scheduler(pipe, method=METHOD), NFE, z)
+    sch = _scheduler(pipe, method=METHOD, tuned=path)
+    tuned = _latents(pipe, sch, NFE, z)
+    before, after = _median_rel(untuned, fine), _median_rel(tuned, fine)
+    assert after < before, (before, after)
+    assert after == pytest.approx(t.errors["held_out_tuned"], rel=0.05)   # the file's held-out number
+    # save_config / from_pretrained keep the tuned file
+    sch.save_config(tmp_path)
+    back = DEISFastScheduler.from_pretrained(tmp_path)
+    assert back.config.tuned == path
+    back.set_timesteps(NFE)
+    sch.set_timesteps(NFE)
+    assert torch.equal(back.timesteps, sch.timesteps) and back.plan.times == tuple(t.grid)
+
+
+def test_tuned_scheduler_refuses_other_nfe_method_and_schedule(pipe, tuned_file, tmp_path):
+    t, path = tuned_file
+    sch = _scheduler(pipe, method=METHOD, tuned=path)
+    with pytest.raises(tuning.TunedMismatchError, match=f"NFE {NFE}, not 9"):
+        sch.set_timesteps(9)
+    with pytest.raises(tuning.TunedMismatchError, match="method 'tab3', not 'ipndm4'"):
+        _scheduler(pipe, method="ipndm4", tuned=path)
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        DEISFastScheduler(method=METHOD, tuned=path)   # diffusers' default linear betas, not SD's
+    bad = json.loads(open(path).read())
+    bad["payload"]["nfe"] = 9
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(tuning.TunedFileError, match="checksum"):
+        _scheduler(pipe, method=METHOD, tuned=str(tmp_path / "bad.json"))
+    with pytest.warns(UserWarning, match="guidance scale"):
+        t.check(guidance_scale=7.5)
