@@ -35,7 +35,7 @@ import torch
 from .schedules import Schedule, VESchedule, schedule_fingerprint
 
 __all__ = ["Tuned", "TunedFileError", "TunedMismatchError", "tune", "tune_pipeline", "load_tuned", "save_tuned",
-           "tuned_plan"]
+           "tuned_plan", "k_diffusion_plan", "reference_solutions"]
 
 FORMAT = "deis_fast.tuned"
 FORMAT_VERSION = 1
@@ -263,6 +263,14 @@ def tuned_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str
     t.check(schedule=schedule, method=method, nfe=nfe, prediction=prediction, guidance_scale=guidance_scale,
             resolution=resolution, source=str(tuned) if not isinstance(tuned, Tuned) else "")
     return t.make_plan(schedule, check=False), dict(t.build_kw(), lower_order_final=False)
+
+
+def k_diffusion_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str, nfe: int):
+    """The plan of ``tuned`` for a k-diffusion denoiser (``prediction="x0"``) on ``schedule``; a VE range from float32
+    sigmas is read at float32 precision (0.0020000000949949026 is the 0.002 the file was tuned for)."""
+    if isinstance(schedule, VESchedule):
+        schedule = VESchedule(float(f"{schedule.sigma_min:.7g}"), float(f"{schedule.sigma_max:.7g}"))
+    return tuned_plan(tuned, schedule, method, nfe, prediction="x0")[0]
 
 
 # ----------------------------------------------------------------------------------------------- tuning

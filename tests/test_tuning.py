@@ -148,3 +148,24 @@ def test_plan_fit_with_checkpointing_and_a_plain_memory_message(mixture, monkeyp
     with pytest.raises(MemoryError, match="checkpoint=True"):
         tuning.tune(mixture.model(VP), VP, "tab3", 5, shape=(16,), calibration=8, held_out=4, time_budget=0.5,
                     reference_nfe=40, plan=True)
+
+
+def test_k_diffusion_sampler_loads_a_tuned_file(mixture, tmp_path):
+    from deis_fast.integrations import k_diffusion as dk
+    ve = deis_fast.VESchedule(0.002, 80.0)
+    denoiser = mixture.model(ve, "x0")            # k-diffusion's view: model(x, sigma) -> x0
+    t = tuning.tune(denoiser, ve, "ipndm4", 5, prediction="x0", shape=(16,), calibration=16, held_out=8,
+                    time_budget=3, reference_nfe=80)
+    path = tmp_path / "ve.json"
+    t.save(path)
+    sigmas = dk.get_sigmas_karras(5, 0.002, 80.0)   # float32, as k-diffusion makes them
+    x = deis_fast.randn_per_sample((8, 16), range(500, 508), dtype=torch.float64) * 80.0
+    seen = []
+    out = dk.sample_deis_fast(denoiser, x, sigmas, method="ipndm4", tuned=str(path),
+                              callback=lambda d: seen.append(d["sigma"]))
+    same = deis_fast.Sampler(denoiser, ve, plan=t.make_plan(ve), prediction="x0")(x)
+    assert torch.allclose(out, same, rtol=1e-12, atol=1e-12) and seen == pytest.approx(t.grid[:-1])
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(5, 0.002, 14.6), method="ipndm4", tuned=str(path))
+    with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):
+        dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(7, 0.002, 80.0), method="ipndm4", tuned=str(path))

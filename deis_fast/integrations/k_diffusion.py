@@ -102,9 +102,13 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     ``options`` go to :class:`deis_fast.Sampler` (``pfdiff=(k, h)``, ``eta``, ``s_noise``, ``variant``,
     ``corrector``, ``lower_order_final``). Stochastic methods draw their noise from ``generator=`` (one, or
     one per sample), torch's global generator by default, or, as in k-diffusion, from
-    ``noise_sampler(sigma, sigma_next)`` called once per noisy step in order.
+    ``noise_sampler(sigma, sigma_next)`` called once per noisy step in order. ``tuned``: a tuned file
+    (``deis_fast.tuning``) made for this denoiser's schedule (``VESchedule(sigma_min, sigma_max)`` of these sigmas,
+    ``prediction="x0"``; CONST: ``FlowSchedule(time_scale=1)``): its grid or plan replaces the sigmas between their
+    ends; another sigma range, method or NFE is refused.
     """
     generator = options.pop("generator", None)
+    tuned = options.pop("tuned", None)
     noise_sampler = options.pop("noise_sampler", None)
     s = _sigmas_to_numpy(sigmas)
     extra_args = dict(extra_args or {})
@@ -127,6 +131,10 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     # k-diffusion sigmas end where the caller wants to stop (ComfyUI splits a run across samplers), so a CONST
     # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
     t_end = float(grid[-1]) if model_type == "const" else None
+    if tuned is not None:  # deis_fast.tuning: the tuned plan replaces the sigmas between their ends
+        from ..tuning import k_diffusion_plan
+        options["plan"] = k_diffusion_plan(tuned, sched, method, nfe or (len(grid) - 1) * spec.stages)
+        grid, split_final = np.asarray(options["plan"].times), False
     sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
                       t_end=t_end, progress=disable is not True, **options)
     evals = sampler.plan.evals
