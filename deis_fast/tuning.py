@@ -528,7 +528,8 @@ class _GuidedUNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
                 negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x = x.to(self.unet.dtype)
+        x, prompt_embeds = x.to(self.unet.dtype), prompt_embeds.to(self.unet.dtype)
+        negative_embeds = None if negative_embeds is None else negative_embeds.to(self.unet.dtype)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         if self.g > 1.0 and negative_embeds is not None:
             out = self.unet(torch.cat([x, x]), torch.cat([t, t]),

@@ -118,3 +118,25 @@ def test_tuned_scheduler_refuses_other_nfe_method_and_schedule(pipe, tuned_file,
         _scheduler(pipe, method=METHOD, tuned=str(tmp_path / "bad.json"))
     with pytest.warns(UserWarning, match="guidance scale"):
         t.check(guidance_scale=7.5)
+
+
+def test_cli_tunes_a_pipeline_folder(pipe, tmp_path, capsys):
+    from deis_fast import cli
+    folder = tmp_path / "sd"
+    pipe.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CAL[:2] + HELD_OUT[:1]) + "\n")
+    out = tmp_path / "sd3.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["tune", "--model", str(folder), "--prompts", str(prompts), "--calibration", "2", "--held-out",
+                       "1", "--noises-per-prompt", "2", "--nfe", "3", "--guidance-scale", "2", "--time-budget", "1",
+                       "--reference-nfe", "20", "--cache", "", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0 and "| untuned |" in cap.out, cap.err[-3000:]
+    t = tuning.load_tuned(out)
+    assert t.pipeline == "StableDiffusionPipeline" and t.meta["held_out_prompts"] == HELD_OUT[:1]
+    assert t.guidance_scale == 2.0 and t.nfe == 3 and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]
+    assert cli.main(["tune", "--model", str(folder), "--prompts", str(prompts), "--calibration", "3", "--held-out",
+                     "1", "--out", str(out)]) == 2
+    assert "has 3 prompts" in capsys.readouterr().err
