@@ -368,6 +368,41 @@ def reference_solutions(model: Callable[..., torch.Tensor], schedule: Schedule, 
     return ref
 
 
+class _Ticking:
+    """``model`` that calls ``tick()`` before each network call (a progress bar over a search of unknown length)."""
+
+    def __init__(self, model: Callable[..., torch.Tensor], tick: Callable[[], None]):
+        self.model, self.tick = model, tick
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        self.tick()
+        return self.model(x, t, **cond)
+
+
+class _seconds_bar:
+    """A tqdm bar of elapsed seconds out of ``budget`` (a time-bounded search); yields its ``tick``."""
+
+    def __init__(self, desc: str, budget: float | None, enabled: bool):
+        self.desc, self.budget, self.enabled = desc, budget, enabled
+
+    def __enter__(self) -> Callable[[], None]:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.budget, desc=self.desc, unit="s", disable=not self.enabled, file=sys.stderr,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s")
+        self.t0 = time.perf_counter()
+
+        def tick() -> None:
+            now = time.perf_counter() - self.t0
+            if self.budget is not None:
+                now = min(now, self.budget)
+            if now - self.bar.n >= 0.5:
+                self.bar.update(now - self.bar.n)
+        return tick
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+
 def _model_dtype(model: Any) -> torch.dtype:
     """The dtype of a module's (floating) parameters; float32 for a plain callable."""
     if isinstance(model, torch.nn.Module):
@@ -472,8 +507,9 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str = "
     starts = (default_grid(schedule, spec.name),) + tuple(g for g in starts if g != default_grid(schedule, spec.name))
     if _reference_grid(schedule) is None:
         starts = tuple(g for g in starts if g != "logsnr")   # log-SNR is infinite at an end (flow from t = 1)
-    og = optimize_grid(model, schedule, method, nfe, x_all[cal], prediction=prediction, reference=ref_cal,
-                       time_budget=time_budget, start_grids=starts, options=o, **c_cal)
+    with _seconds_bar("grid search", time_budget, progress) as tick:
+        og = optimize_grid(_Ticking(model, tick), schedule, method, nfe, x_all[cal], prediction=prediction,
+                           reference=ref_cal, time_budget=time_budget, start_grids=starts, options=o, **c_cal)
     grid_plan = build_plan(schedule, method, nfe if o.pfdiff is not None else None, list(og.times), options=o)
     errors["held_out_grid"] = held_err(grid_plan)
     say(f"grid ({og.evaluations} evaluations, {og.seconds:.0f} s, from {og.start_grid}): held-out error "
