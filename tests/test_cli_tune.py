@@ -58,3 +58,14 @@ def test_tune_prints_the_table(tmp_path, capsys):
                    "--held-out", "4", "--time-budget", "1", "--reference-nfe", "20", "--cache", ""])
     out = capsys.readouterr().out
     assert rc == 0 and "| untuned |" in out and "| tuned grid |" in out and "wrote" in out
+
+
+@pytest.mark.parametrize("name", ["flow_tab3_nfe5.json", "digits_tab2_nfe5.json", "digits_pfdiff_nfe7.json"])
+def test_committed_tuned_files_load_for_their_model(name):
+    import os
+
+    from deis_fast.cli_common import load_model
+    from deis_fast.tuning import load_tuned
+    t = load_tuned(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tuned", name))
+    plan = t.make_plan(load_model(name.split("_")[0]).schedule)
+    assert plan.nfe == t.nfe and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]
