@@ -341,10 +341,11 @@ def reference_solutions(model: Callable[..., torch.Tensor], schedule: Schedule, 
         key = hashlib.sha256("|".join([
             str(digest), schedule_fingerprint(schedule), prediction, method, str(nfe), cache_key,
             _tensor_digest(noise, *[cond[k] for k in sorted(cond)], *sorted(cond))]).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"reference-{key}.pt"
+        path = Path(cache_dir) / f"reference-{key}.safetensors"
         if path.is_file():
             try:
-                ref = torch.load(path, weights_only=True)["reference"]
+                from safetensors.torch import load_file
+                ref = load_file(str(path))["reference"]
                 if ref.shape == noise.shape:
                     return ref.to(noise.device, noise.dtype)
             except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
@@ -363,7 +364,8 @@ def reference_solutions(model: Callable[..., torch.Tensor], schedule: Schedule, 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save({"reference": ref.cpu()}, tmp)
+        from safetensors.torch import save_file   # never pickle
+        save_file({"reference": ref.detach().cpu().contiguous()}, str(tmp))
         tmp.replace(path)
     return ref
 

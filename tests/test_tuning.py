@@ -46,7 +46,7 @@ def test_tune_beats_untuned_on_held_out_and_round_trips(tuned, tmp_path, mixture
 
 def test_reference_cache_is_reused(tuned, mixture):
     t, cache = tuned
-    files = list(cache.glob("reference-*.pt"))
+    files = list(cache.glob("reference-*.safetensors"))
     assert len(files) == 1
     calls = [0]
     base = mixture.model(VP)
@@ -60,7 +60,7 @@ def test_reference_cache_is_reused(tuned, mixture):
     assert calls[0] == 0
     ref2 = tuning.reference_solutions(counting, VP, z, nfe=100, cache_dir=cache)
     assert calls[0] == 100 and torch.allclose(ref, ref2)
-    assert len(list(cache.glob("reference-*.pt"))) == 1   # a plain function without a key is not cached
+    assert len(list(cache.glob("reference-*.safetensors"))) == 1   # a plain function without a key is not cached
 
 
 def test_mismatches_are_refused_and_soft_ones_warn(tuned):
