@@ -121,7 +121,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             except ImportError:
                 raise UsageError("tuning a pipeline needs diffusers: pip install 'deis_fast[diffusers]'") from None
             try:
-                pipe = DiffusionPipeline.from_pretrained(args.model)
+                pipe = DiffusionPipeline.from_pretrained(args.model, use_safetensors=True)   # never pickle
             except (OSError, ValueError) as e:
                 raise UsageError(f"--model {args.model!r}: cannot load a diffusers pipeline: {e}") from None
             t = tuning.tune_pipeline(pipe, cal, ho, args.method, args.nfe, guidance_scale=args.guidance_scale,
