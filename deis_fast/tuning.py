@@ -35,7 +35,7 @@ import torch
 from .schedules import Schedule, VESchedule, schedule_fingerprint
 
 __all__ = ["Tuned", "TunedFileError", "TunedMismatchError", "tune", "tune_pipeline", "load_tuned", "save_tuned",
-           "tuned_plan", "k_diffusion_plan", "reference_solutions"]
+           "tuned_plan", "k_diffusion_plan", "check_latent_shape", "reference_solutions"]
 
 FORMAT = "deis_fast.tuned"
 FORMAT_VERSION = 1
@@ -263,6 +263,21 @@ def tuned_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str
     t.check(schedule=schedule, method=method, nfe=nfe, prediction=prediction, guidance_scale=guidance_scale,
             resolution=resolution, source=str(tuned) if not isinstance(tuned, Tuned) else "")
     return t.make_plan(schedule, check=False), dict(t.build_kw(), lower_order_final=False)
+
+
+def check_latent_shape(tuned: str | os.PathLike | Tuned, shape: Sequence[int]) -> None:
+    """Warn (once per file and shape) when a pipeline's latents are not the size ``tuned`` was tuned at."""
+    t = load_tuned(tuned)
+    want = t.meta.get("latent_shape")
+    got = [int(s) for s in shape[1:]]
+    key = (id(t), tuple(got))
+    if want is not None and list(want) != got and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"tuned file {tuned} was tuned for latents {want} (resolution {t.resolution}), the pipeline runs "
+                      f"{got}: the grid still works but is no longer tuned", UserWarning, stacklevel=3)
+
+
+_WARNED: set = set()
 
 
 def k_diffusion_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str, nfe: int):
@@ -616,6 +631,7 @@ def tune_pipeline(pipe: Any, prompts: Sequence[str], held_out_prompts: Sequence[
     z = randn_per_sample((n_cal + n_ho,) + shape, range(seed, seed + n_cal + n_ho), dev, dtype)
     model = _GuidedUNet(pipe.unet, guidance_scale)
     meta = dict(kw.pop("meta", None) or {}, prompts=list(prompts), held_out_prompts=list(held_out_prompts),
+                latent_shape=list(shape),
                 noises_per_prompt=noises_per_prompt, seed=seed, negative_prompt=negative_prompt)
     return tune(model, sch.schedule, method, nfe, prediction=sch.prediction, noise=z[:n_cal],
                 held_out_noise=z[n_cal:], cond=embeds(prompts), held_out_cond=embeds(held_out_prompts),

@@ -119,6 +119,10 @@ def test_tuned_scheduler_refuses_other_nfe_method_and_schedule(pipe, tuned_file,
         _scheduler(pipe, method=METHOD, tuned=str(tmp_path / "bad.json"))
     with pytest.warns(UserWarning, match="guidance scale"):
         t.check(guidance_scale=7.5)
+    sch.set_timesteps(NFE)
+    big = torch.zeros(1, 4, 16, 16, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"latents \[4, 8, 8\].*\[4, 16, 16\]"):
+        sch.step(big, sch.timesteps[0], big)
 
 
 def test_cli_tunes_a_pipeline_folder(pipe, tmp_path, capsys):

@@ -458,6 +458,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
         if self._step_index is None:
             self._start(timestep)
+            if self.config.tuned is not None:  # the scheduler sees the latent size, not the guidance scale
+                from ..tuning import check_latent_shape
+                check_latent_shape(self.config.tuned, sample.shape)
         k = self._step_index - (self.plan.nfe - self._run_plan.nfe)  # the Eval of the plan being run
         if k >= len(self._segments):
             raise IndexError(f"step() called past the last of the {self.plan.nfe} timesteps; call set_timesteps "
