@@ -341,9 +341,10 @@ def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL
     opts = solver_options(args)
     plan = tuned_plan_for(args, loaded) if getattr(args, "tuned", None) else None
     try:
-        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule, method=args.method,
-                                 nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, plan=plan,
-                                 **opts)
+        what = {"plan": plan} if plan is not None else {"method": args.method, "nfe": resolve_nfe(args),
+                                                        "grid": args.grid}
+        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule,
+                                 prediction=loaded.prediction, **what, **opts)
     except (ValueError, TypeError) as e:
         raise GenerateError(f"invalid sampler options: {e}") from None
 

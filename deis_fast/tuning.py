@@ -280,12 +280,13 @@ def check_latent_shape(tuned: str | os.PathLike | Tuned, shape: Sequence[int]) -
 _WARNED: set = set()
 
 
-def k_diffusion_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str, nfe: int):
-    """The plan of ``tuned`` for a k-diffusion denoiser (``prediction="x0"``) on ``schedule``; a VE range from float32
-    sigmas is read at float32 precision (0.0020000000949949026 is the 0.002 the file was tuned for)."""
+def k_diffusion_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str, nfe: int) -> tuple:
+    """(schedule, plan) of ``tuned`` for a k-diffusion denoiser (``prediction="x0"``) on ``schedule``; a VE range from
+    float32 sigmas is read at float32 precision (0.0020000000949949026 is the 0.002 the file was tuned for), and that
+    schedule is the one to sample with."""
     if isinstance(schedule, VESchedule):
         schedule = VESchedule(float(f"{schedule.sigma_min:.7g}"), float(f"{schedule.sigma_max:.7g}"))
-    return tuned_plan(tuned, schedule, method, nfe, prediction="x0")[0]
+    return schedule, tuned_plan(tuned, schedule, method, nfe, prediction="x0")[0]
 
 
 # ----------------------------------------------------------------------------------------------- tuning

@@ -133,7 +133,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     t_end = float(grid[-1]) if model_type == "const" else None
     if tuned is not None:  # deis_fast.tuning: the tuned plan replaces the sigmas between their ends
         from ..tuning import k_diffusion_plan
-        options["plan"] = k_diffusion_plan(tuned, sched, method, nfe or (len(grid) - 1) * spec.stages)
+        sched, options["plan"] = k_diffusion_plan(tuned, sched, method, nfe or (len(grid) - 1) * spec.stages)
         grid, split_final = np.asarray(options["plan"].times), False
     sampler = Sampler(denoiser, sched, method, nfe, {key: [float(v) for v in grid]}, prediction="x0",
                       t_end=t_end, progress=disable is not True, **options)
