@@ -5,6 +5,8 @@
     deis-fast sample --method tab3 --nfe 10 --num 16             # embedded digits model -> PNG files
     deis-fast sample --model flow --nfe 10                       # embedded flow model -> PNG files
     deis-fast sample --model ./my-ddpm --nfe 10                  # a diffusers UNet2DModel directory
+    deis-fast sample --tuned digits_nfe5.json                    # a grid / plan written by deis-fast tune
+    deis-fast tune --model digits --nfe 5 --out digits_nfe5.json # tune a grid (--plan: a plan) to a model
     deis-fast plan --method pfdiff --nfe 4 [--json]              # the compiled plan, with coefficients
     deis-fast bench yardstick --nfe 5 10 20                      # the public yardstick table
     deis-fast bench quality ...                                  # when deis_fast.benchmarking has it
@@ -305,7 +307,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from . import generate
+    from . import cli_tune, generate
     fmt = HelpFormatter
     p = ArgumentParser(
         prog="deis-fast",
@@ -358,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary (file list, timing) on stdout")
     s.add_argument("--quiet", action="store_true",
                    help="no progress bar, no summary line, no Python or diffusers warnings")
+    cli_tune.add_tuned_argument(s)
     s.set_defaults(func=cmd_sample)
 
     pl = sub.add_parser("plan", formatter_class=fmt, help="print the compiled plan (network calls and fused combines)",
@@ -391,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(generate.__doc__ or "").strip().split("\n")[0] or None)
     generate.add_arguments(g)
     g.set_defaults(func=generate.run)
+    cli_tune.add_tune_parser(sub)
     return p
 
 

@@ -95,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU intra-op threads per process (default 1 on CPU: results depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .cli_tune import add_tuned_argument
+    add_tuned_argument(parser)
 
 
 def _outdir_arg(s: str) -> str:
@@ -337,10 +339,14 @@ def run(args: argparse.Namespace) -> int:
 def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL_BATCH):
     """The sampler both ``sample`` and ``generate`` run: the model called on fixed chunks of ``model_batch``."""
     import deis_fast
+    from .cli_tune import tuned_plan_for
     opts = solver_options(args)
+    plan = tuned_plan_for(args, loaded) if getattr(args, "tuned", None) else None
     try:
-        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule, method=args.method,
-                                 nfe=resolve_nfe(args), grid=args.grid, prediction=loaded.prediction, **opts)
+        what = {"plan": plan} if plan is not None else {"method": args.method, "nfe": resolve_nfe(args),
+                                                        "grid": args.grid}
+        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule,
+                                 prediction=loaded.prediction, **what, **opts)
     except (ValueError, TypeError) as e:
         raise GenerateError(f"invalid sampler options: {e}") from None
 
@@ -393,7 +399,8 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
               "method": args.method, "plan_method": plan.method, "nfe": plan.nfe, "grid": args.grid,
               "options": {k: list(v) if isinstance(v, tuple) else v for k, v in solver_options(args).items()},
               "seed_offset": args.seed_offset, "format": args.format, "dtype": args.dtype,
-              "model_batch": args.model_batch, "times": [float(t) for t in plan.times]}
+              "model_batch": args.model_batch, "times": [float(t) for t in plan.times],
+              **({"tuned": _tuned_id(args.tuned)} if getattr(args, "tuned", None) else {})}
     sha = _config_sha(config)
 
     # ---- process group
@@ -411,6 +418,12 @@ def _run(args: argparse.Namespace, world: int, rank: int, local: int) -> int:
     finally:
         if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _tuned_id(path: str) -> str:
+    """The checksum of a tuned file's payload: two tuned plans on the same grid differ in the config."""
+    with open(path) as f:
+        return str(json.load(f).get("checksum", ""))[:16]
 
 
 def _check_outdir(outdir: str) -> None:

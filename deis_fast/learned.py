@@ -175,20 +175,31 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     return LearnedPlan(best[1], best[0], start, best[2], time.time() - began)
 
 
-def save_plan(plan: Plan, path: str | Path) -> None:
-    """Write a plan (e.g. a learned one) as JSON, with its method, NFE and schedule fingerprint; :func:`load_plan`
-    reads it back exactly (floats round-trip), and a Sampler refuses it for another schedule, method or NFE."""
+def plan_to_json(plan: Plan) -> dict:
+    """A plan as a JSON-ready dict (floats round-trip exactly, the schedule fingerprint included);
+    :func:`plan_from_json` reads it back."""
     ops = [{"eval": dataclasses.asdict(op)} if isinstance(op, Eval) else {"combine": dataclasses.asdict(op)}
            for op in plan.ops]
     d = dataclasses.asdict(plan)
     d["ops"] = ops
-    Path(path).write_text(json.dumps(d, indent=1))
+    return d
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read a plan written by :func:`save_plan` (files from before the schedule fingerprint load too, unchecked)."""
-    d = json.loads(Path(path).read_text())
+def plan_from_json(d: Mapping[str, Any]) -> Plan:
+    """The plan of a dict written by :func:`plan_to_json` (dicts from before the schedule fingerprint load too)."""
+    d = dict(d)
     ops = tuple(Eval(**o["eval"]) if "eval" in o else Combine(**{k: tuple(v) if isinstance(v, list) else v
                                                                   for k, v in o["combine"].items()})
                 for o in d.pop("ops"))
     return Plan(ops=ops, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    """Write a plan (e.g. a learned one) as JSON, with its method, NFE and schedule fingerprint; :func:`load_plan`
+    reads it back exactly (floats round-trip), and a Sampler refuses it for another schedule, method or NFE."""
+    Path(path).write_text(json.dumps(plan_to_json(plan), indent=1))
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by :func:`save_plan` (files from before the schedule fingerprint load too, unchecked)."""
+    return plan_from_json(json.loads(Path(path).read_text()))

@@ -145,6 +145,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             max_image_seq_len, time_shift_type, shift_terminal: flow matching, x_t = (1 - t) x0 + t noise, as
             FlowMatchEulerDiscreteScheduler (``shift``) and the multistep schedulers (``use_flow_sigmas``,
             ``flow_shift``) describe it; ``set_timesteps(..., mu=)`` gives FLUX's dynamic shift.
+        tuned: the path of a tuned file (``deis_fast.tuning``, ``deis-fast tune``): its grid or plan replaces the
+            grid options; refused when it was tuned for another schedule, method, prediction type or (at
+            ``set_timesteps``) NFE. A path, so it survives ``save_config``.
     """
 
     # VP schedulers whose configs (betas, prediction type, spacing) this one takes over, not the VE/EDM ones;
@@ -174,7 +177,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                  variant: str | None = None, s_noise: float = 1.0, source_scheduler: str | None = None,
                  use_lu_lambdas: bool = False, euler_at_final: bool = False,
                  lambda_min_clipped: float = -float("inf"), variance_type: str | None = None,
-                 sigma_min: float | None = None, sigma_max: float | None = None, **kwargs: Any):
+                 sigma_min: float | None = None, sigma_max: float | None = None, tuned: str | None = None,
+                 **kwargs: Any):
         if kwargs:
             _refuse_schedule_changing_keys(kwargs)
             dc.warn_ignored(kwargs, stacklevel=4)
@@ -193,6 +197,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                           "alpha = 0; use a v_prediction model for true zero terminal SNR", UserWarning, stacklevel=3)
         check_method(method)  # validates the name with a helpful message
         _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)
+        if tuned is not None:  # a file from deis_fast.tuning: refused now if corrupt or for another model / method
+            from ..tuning import load_tuned
+            load_tuned(tuned).check(schedule=None if use_dynamic_shifting else self.schedule, method=method,
+                                    prediction=self.prediction, source=str(tuned))
         if timestep_type not in _TIMESTEP_TYPES:
             raise ValueError(f"timestep_type must be one of {_TIMESTEP_TYPES}, got {timestep_type!r}")
         if timestep_spacing not in _SPACINGS:
@@ -371,6 +379,13 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     def _build(self, n: int | None, timesteps: Sequence[float] | None, sigmas: Sequence[float] | None = None) -> Plan:
         """The full plan; remembers the options that re-planning a mid start needs."""
         cfg = self.config
+        if cfg.tuned is not None:
+            if timesteps is not None:
+                raise ValueError("this scheduler has tuned= (its grid is the tuned one): call set_timesteps("
+                                 "num_inference_steps) without timesteps")
+            from ..tuning import tuned_plan
+            plan, self._build_kw = tuned_plan(cfg.tuned, self.schedule, cfg.method, n, prediction=self.prediction)
+            return plan
         spec, o = resolve(cfg.method, PlanOptions(pfdiff=tuple(cfg.pfdiff) if cfg.pfdiff is not None else None))
         pf = o.pfdiff  # a base PFDiff cannot wrap is refused by build_plan
         is_pf = pf is not None
@@ -573,6 +588,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
         if self._step_index is None:
             self._start(timestep)
+            if self.config.tuned is not None:  # the scheduler sees the latent size, not the guidance scale
+                from ..tuning import check_latent_shape
+                check_latent_shape(self.config.tuned, sample.shape)
         k = self._step_index - (self.plan.nfe - self._run_plan.nfe)  # the Eval of the plan being run
         if k >= len(self._segments):
             raise IndexError(f"step() called past the last of the {self.plan.nfe} timesteps; call set_timesteps "

@@ -128,6 +128,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     ``x`` unchanged (as k-diffusion's samplers do).
     """
     generator = options.pop("generator", None)
+    tuned = options.pop("tuned", None)
     noise_sampler = options.pop("noise_sampler", None)
     extra_args = dict(extra_args or {})
     s = _sigmas_to_numpy(sigmas)
@@ -144,6 +145,9 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     # take k-diffusion's final Euler step (x <- denoised) with one more call
     split_final = s[-1] == 0.0 and spec.family == "rk"
     grid = s[:-1] if split_final else s
+    if tuned is not None:  # deis_fast.tuning: the tuned plan replaces the sigmas between their ends
+        grid, options = _tuned_grid(tuned, kind, method, plan_opts, grid, options)
+        split_final = False
     seed = extra_args.get("seed")
     if generator is None and noise_sampler is None and seed is not None and spec.family in ("sde", "stochastic"):
         if spec.family == "sde" and plan_opts.pfdiff is None:
@@ -296,6 +300,18 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
         starts = {k: (k * (kk + 1), kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
     box.append(_Steps(callback, kind, x_in, starts))
     return sampler, box[0]
+
+
+def _tuned_grid(tuned: Any, kind: _Kind, method: str, plan_opts: PlanOptions, grid: np.ndarray,
+                options: dict) -> tuple[np.ndarray, dict]:
+    """The sigmas of a tuned file's plan (checked against this call's schedule, method and NFE) and the options
+    that run it: the plan alone, with the noise options the caller gave."""
+    from ..tuning import k_diffusion_plan
+    stages = resolve(method, plan_opts)[0].stages
+    nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts) or (len(grid) - 1) * stages
+    kind.schedule, plan = k_diffusion_plan(tuned, kind.schedule, method, nfe)
+    kept = {k: v for k, v in options.items() if k in ("eta", "s_noise")}
+    return np.asarray([kind.sigma_of_t(float(t)) for t in plan.times]), {**kept, "plan": plan}
 
 
 def _auto_lower_order_final(options: dict, spec, plan_opts: PlanOptions, s: np.ndarray) -> dict:

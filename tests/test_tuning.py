@@ -1,0 +1,171 @@
+"""Tuning: tune() never worse than untuned on its held-out set, the tuned file round-trips and refuses another
+schedule / method / NFE / prediction, warns on another guidance scale / resolution, and refuses corrupt files."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import deis_fast
+from deis_fast import tuning
+from deis_fast.testing import GaussianMixture, relative_errors
+
+VP = deis_fast.VPSchedule.discrete("linear")
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixture.random(8, 16, 0.3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def tuned(mixture, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("refcache")
+    t = tuning.tune(mixture.model(VP), VP, "ipndm4", 5, shape=(16,), calibration=24, held_out=12, time_budget=4,
+                    reference_nfe=100, cache_dir=cache, cache_key="mix11", guidance_scale=3.0, resolution=(8, 8))
+    return t, cache
+
+
+def test_tune_beats_untuned_on_held_out_and_round_trips(tuned, tmp_path, mixture):
+    t, _ = tuned
+    e = t.errors
+    assert t.kind == "grid" and e["held_out_tuned"] < e["held_out_untuned"]
+    assert t.schedule_fingerprint == deis_fast.schedule_fingerprint(VP) and t.nfe == 5 and t.method == "ipndm4"
+    path = tmp_path / "t.json"
+    t.save(path)
+    back = tuning.load_tuned(path)
+    assert back.grid == t.grid and back.errors == t.errors and back.deis_fast_version == deis_fast.__version__
+    plan = back.make_plan(VP)
+    assert plan.nfe == 5 and plan.times == tuple(t.grid)
+    # the loaded plan reproduces the held-out error the file reports
+    z = deis_fast.randn_per_sample((12, 16), range(24, 36), dtype=torch.float64)
+    ref = deis_fast.Sampler(mixture.model(VP), VP, "rho_rk4", 100, "logsnr")(z)
+    x = deis_fast.Sampler(mixture.model(VP), VP, plan=plan)(z)
+    assert float(relative_errors(x, ref).median()) == pytest.approx(e["held_out_tuned"], rel=1e-4)
+
+
+def test_reference_cache_is_reused(tuned, mixture):
+    t, cache = tuned
+    files = list(cache.glob("reference-*.safetensors"))
+    assert len(files) == 1
+    calls = [0]
+    base = mixture.model(VP)
+
+    def counting(x, tt, **kw):
+        calls[0] += 1
+        return base(x, tt, **kw)
+    z = deis_fast.randn_per_sample((36, 16), range(36))   # what tune drew (float32 for a plain callable)
+    # the same noise under the same key: read from the cache, no model call; without the key: computed
+    ref = tuning.reference_solutions(counting, VP, z, nfe=100, cache_dir=cache, cache_key="mix11")
+    assert calls[0] == 0
+    ref2 = tuning.reference_solutions(counting, VP, z, nfe=100, cache_dir=cache)
+    assert calls[0] == 100 and torch.allclose(ref, ref2)
+    assert len(list(cache.glob("reference-*.safetensors"))) == 1   # a plain function without a key is not cached
+
+
+def test_mismatches_are_refused_and_soft_ones_warn(tuned):
+    t, _ = tuned
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        t.check(schedule=deis_fast.VPSchedule.discrete("scaled_linear"))
+    with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):
+        t.check(schedule=VP, nfe=7)
+    with pytest.raises(tuning.TunedMismatchError, match="method 'ipndm4', not 'tab3'"):
+        t.check(method="tab3")
+    with pytest.raises(tuning.TunedMismatchError, match="predicting"):
+        t.check(prediction="v")
+    with pytest.warns(UserWarning, match="guidance scale 3"):
+        t.check(guidance_scale=7.5)
+    with pytest.warns(UserWarning, match="resolution"):
+        t.check(resolution=(16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.check(schedule=VP, method="ipndm4", nfe=5, guidance_scale=3.0, resolution=[8, 8], prediction="epsilon")
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        tuning.tuned_plan(t, deis_fast.FlowSchedule())
+
+
+def _write(path, d):
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_corrupt_or_edited_files_are_refused(tuned, tmp_path):
+    t, _ = tuned
+    good = t.to_json()
+    edited = json.loads(json.dumps(good))
+    edited["payload"]["grid"][2] *= 1.01                        # a hand edit: the checksum no longer matches
+    with pytest.raises(tuning.TunedFileError, match="checksum"):
+        tuning.load_tuned(_write(tmp_path / "a.json", edited))
+    schema = json.loads(json.dumps(good))
+    schema["payload"]["nfe"] = "5"                              # consistent checksum, wrong schema
+    schema["checksum"] = tuning._checksum(schema["payload"])
+    with pytest.raises(tuning.TunedFileError, match="'nfe' has type str"):
+        tuning.load_tuned(_write(tmp_path / "b.json", schema))
+    order = json.loads(json.dumps(good))
+    order["payload"]["grid"] = order["payload"]["grid"][::-1]
+    order["checksum"] = tuning._checksum(order["payload"])
+    with pytest.raises(tuning.TunedFileError, match="decreasing"):
+        tuning.load_tuned(_write(tmp_path / "c.json", order))
+    (tmp_path / "d.json").write_text(json.dumps(good)[:-40])
+    with pytest.raises(tuning.TunedFileError, match="cannot read"):
+        tuning.load_tuned(tmp_path / "d.json")
+    with pytest.raises(tuning.TunedFileError, match="format"):
+        tuning.load_tuned(_write(tmp_path / "e.json", {"grid": [1.0, 0.0]}))
+    with pytest.raises(tuning.TunedFileError, match="does not exist"):
+        tuning.load_tuned(tmp_path / "missing.json")
+
+
+def test_never_worse_than_untuned(mixture, monkeypatch):
+    """A fit that does worse on the held-out set (here: a deliberately bad grid) is not returned."""
+    import deis_fast.grid_opt as go
+    real = go.optimize_grid
+
+    def bad(*a, **k):
+        g = real(*a, **dict(k, time_budget=0.5))
+        g.times = [999.0, 998.0, 997.0, 996.0, 995.0, 0.0]
+        return g
+    monkeypatch.setattr(go, "optimize_grid", bad)
+    t = tuning.tune(mixture.model(VP), VP, "tab3", 5, shape=(16,), calibration=8, held_out=4, reference_nfe=40)
+    assert t.kind == "untuned" and t.errors["held_out_tuned"] == t.errors["held_out_untuned"]
+    assert t.make_plan(VP).times == deis_fast.build_plan(VP, "tab3", 5).times
+
+
+def test_plan_fit_with_checkpointing_and_a_plain_memory_message(mixture, monkeypatch, tmp_path):
+    t = tuning.tune(mixture.model(VP), VP, "tab3", 5, shape=(16,), calibration=16, held_out=8, time_budget=2,
+                    reference_nfe=40, plan=True, plan_iters=30, checkpoint=True)
+    assert t.errors["held_out_plan"] is not None and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]
+    t.save(tmp_path / "p.json")
+    back = tuning.load_tuned(tmp_path / "p.json")
+    assert back.kind == t.kind and (back.plan is None) == (t.plan is None)
+    if back.plan is not None:
+        assert back.plan == t.plan
+
+    import deis_fast.learned as lm
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
+    monkeypatch.setattr(lm, "learn_plan", oom)
+    with pytest.raises(MemoryError, match="checkpoint=True"):
+        tuning.tune(mixture.model(VP), VP, "tab3", 5, shape=(16,), calibration=8, held_out=4, time_budget=0.5,
+                    reference_nfe=40, plan=True)
+
+
+def test_k_diffusion_sampler_loads_a_tuned_file(mixture, tmp_path):
+    from deis_fast.integrations import k_diffusion as dk
+    ve = deis_fast.VESchedule(0.002, 80.0)
+    denoiser = mixture.model(ve, "x0")            # k-diffusion's view: model(x, sigma) -> x0
+    t = tuning.tune(denoiser, ve, "ipndm4", 5, prediction="x0", shape=(16,), calibration=16, held_out=8,
+                    time_budget=3, reference_nfe=80)
+    path = tmp_path / "ve.json"
+    t.save(path)
+    sigmas = dk.get_sigmas_karras(5, 0.002, 80.0)   # float32, as k-diffusion makes them
+    x = deis_fast.randn_per_sample((8, 16), range(500, 508), dtype=torch.float64) * 80.0
+    seen = []
+    out = dk.sample_deis_fast(denoiser, x, sigmas, method="ipndm4", tuned=str(path),
+                              callback=lambda d: seen.append(d["sigma"]))
+    same = deis_fast.Sampler(denoiser, ve, plan=t.make_plan(ve), prediction="x0")(x)
+    assert torch.allclose(out, same, rtol=1e-12, atol=1e-12) and seen == pytest.approx(t.grid[:-1])
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(5, 0.002, 14.6), method="ipndm4", tuned=str(path))
+    with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):
+        dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(7, 0.002, 80.0), method="ipndm4", tuned=str(path))
