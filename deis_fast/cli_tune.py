@@ -1,6 +1,7 @@
 """``deis-fast tune`` and the ``--tuned FILE`` option of ``deis-fast sample`` / ``generate``.
 
-    deis-fast tune --model digits --nfe 5 --out digits_nfe5.json         # an embedded model (digits, flow)
+    deis-fast tune --model digits --nfe 5 --out digits_nfe5.json         # an embedded model (digits, flow); the
+                                                                          # method too (tab3/tab2, +corrector)
     deis-fast tune --model ./sd-pipeline --prompts prompts.txt --calibration 8 --held-out 4 \\
         --guidance-scale 7.5 --nfe 8 --out sd_nfe8.json                   # a Stable Diffusion pipeline folder
     deis-fast sample --model digits --tuned digits_nfe5.json               # sample with it
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .cli_common import (UsageError, finite_float, method_arg, nonneg_int, pfdiff_arg, positive_int,
+from .cli_common import (UsageError, finite_float, nonneg_int, pfdiff_arg, positive_int,
                          solver_options)
 
 __all__ = ["add_tune_parser", "add_tuned_argument", "tuned_plan_for", "cmd_tune"]
@@ -46,11 +47,13 @@ def tuned_plan_for(args: argparse.Namespace, loaded: Any):
 
 
 def add_tune_parser(sub: Any) -> None:
+    from .tuning import AUTO_METHODS
     fmt = argparse.ArgumentDefaultsHelpFormatter
     t = sub.add_parser("tune", formatter_class=fmt,
-                       help="tune a grid (and optionally a plan) to a model; writes a tuned file for --tuned",
-                       description="Fits the time grid (and with --plan every plan coefficient) of METHOD at NFE to "
-                                   "a model, against fine reference solutions of calibration noises (cached), checks "
+                       help="tune a method, its grid (and optionally a plan) to a model; writes a file for --tuned",
+                       description="Fits the time grid (and with --plan every plan coefficient) of METHOD (default: "
+                                   "the best of a few candidates on the calibration noises) at NFE to a model, "
+                                   "against fine reference solutions of calibration noises (cached), checks "
                                    "it on held-out noises (and prompts) it never saw, and writes a tuned file; the "
                                    "untuned configuration is kept when tuning does not beat it there. Embedded "
                                    "models (digits, flow), a diffusers UNet2DModel folder, or a Stable Diffusion "
@@ -58,7 +61,10 @@ def add_tune_parser(sub: Any) -> None:
     t.add_argument("--model", default="digits", metavar="digits|flow|PATH",
                    help="'digits', 'flow', a diffusers UNet2DModel folder, or a pipeline folder (with --prompts)")
     t.add_argument("--out", required=True, help="the tuned file to write (JSON)")
-    t.add_argument("--method", type=method_arg, default="tab3", help="solver")
+    t.add_argument("--method", type=_methods_arg, default="auto",
+                   help="'auto': choose among " + ", ".join(AUTO_METHODS) + " (each with its tuned grid, chosen on the "
+                        "calibration noises); or a method, or a comma-separated list of candidates (NAME or "
+                        "NAME+corrector)")
     t.add_argument("--nfe", type=positive_int, default=5, help="network evaluations per sample")
     t.add_argument("--pfdiff", type=pfdiff_arg, default=None, metavar="K,H", help="PFDiff-k_h on a first-order method")
     t.add_argument("--corrector", action=argparse.BooleanOptionalAction, default=None,
@@ -87,6 +93,19 @@ def add_tune_parser(sub: Any) -> None:
     t.set_defaults(func=cmd_tune)
 
 
+def _methods_arg(s: str) -> str | list[str]:
+    """'auto', one method name, or a comma-separated list of candidates (each NAME or NAME+corrector)."""
+    if s == "auto":
+        return s
+    from .tuning import _candidates
+    names = [m.strip() for m in s.split(",") if m.strip()]
+    try:
+        _candidates(names, {})
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names[0] if len(names) == 1 and "+" not in names[0] else names
+
+
 def _prompts(path: str, n_cal: int, n_ho: int) -> tuple[list[str], list[str]]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -103,12 +122,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
     from . import tuning
+    from .tuning import AUTO_METHODS
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out!r}: folder {out_dir!r} does not exist")
     opts = {k: v for k, v in dict(pfdiff=args.pfdiff, corrector=args.corrector).items() if v is not None}
+    if args.method == "auto" and opts:
+        raise UsageError(f"--{'pfdiff' if 'pfdiff' in opts else 'corrector'} needs --method (the automatic search "
+                         f"tries {', '.join(AUTO_METHODS)})")
+    method = None if args.method == "auto" else args.method
     common = dict(plan=args.plan, plan_iters=args.plan_iters, checkpoint=args.checkpoint,
                   time_budget=args.time_budget, reference_nfe=args.reference_nfe, cache_dir=args.cache or None,
                   progress=not (args.quiet or args.json), **opts)
@@ -124,7 +148,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 pipe = DiffusionPipeline.from_pretrained(args.model, use_safetensors=True)   # never pickle
             except (OSError, ValueError) as e:
                 raise UsageError(f"--model {args.model!r}: cannot load a diffusers pipeline: {e}") from None
-            t = tuning.tune_pipeline(pipe, cal, ho, args.method, args.nfe, guidance_scale=args.guidance_scale,
+            t = tuning.tune_pipeline(pipe, cal, ho, method, args.nfe, guidance_scale=args.guidance_scale,
                                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                                      noises_per_prompt=args.noises_per_prompt, seed=args.seed,
                                      meta={"model": os.path.abspath(args.model)}, **common)
@@ -133,7 +157,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             from .digits import DIGITS_KINDS
             # the embedded models are tiny: tune in float64 (a cleaner reference); the grid serves float32 too
             loaded = load_model(args.model, dtype=torch.float64 if args.model in DIGITS_KINDS else torch.float32)
-            t = tuning.tune(loaded.model, loaded.schedule, args.method, args.nfe, prediction=loaded.prediction,
+            t = tuning.tune(loaded.model, loaded.schedule, method, args.nfe, prediction=loaded.prediction,
                             shape=loaded.shape, calibration=args.calibration, held_out=args.held_out, seed=args.seed,
                             meta={"model": loaded.model_id}, **common)
     except (ValueError, TypeError, NotImplementedError) as e:
@@ -142,13 +166,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     secs = time.time() - began
     e = t.errors
     if args.json:
-        print(json.dumps({"out": args.out, "kind": t.kind, "method": t.method, "nfe": t.nfe, "errors": e,
+        print(json.dumps({"out": args.out, "kind": t.kind, "method": t.method, "options": t.options, "nfe": t.nfe,
+                          "errors": e, "candidates": t.meta.get("candidates"),
                           "seconds": round(secs, 1)}))
     elif not args.quiet:
-        rows = [("untuned", e.get("held_out_untuned")), ("tuned grid", e.get("held_out_grid"))]
+        label = tuning._label(t.method, t.options)
+        cands = t.meta.get("candidates")
+        if cands:
+            print(f"\nmethod search at NFE {t.nfe} (each on its tuned grid; chosen on the {t.meta.get('calibration')} "
+                  "calibration noises, the held-out column only for the record):\n")
+            print("| candidate | calibration error | held-out error |\n|---|---|---|")
+            for c in cands:
+                print(f"| {c['method']} | {tuning._fmt(c['calibration_error'])} | {tuning._fmt(c['held_out_error'])} |")
+        rows = [(f"untuned ({cands[0]['method']}, default grid)" if cands else "untuned", e.get("held_out_untuned")),
+                (f"tuned grid ({t.meta['chosen']})" if cands else "tuned grid", e.get("held_out_grid"))]
         if "held_out_plan" in e:
             rows.append(("tuned plan", e.get("held_out_plan")))
-        print(f"\n{t.method} @ NFE {t.nfe}, held-out median relative error to the reference "
+        print(f"\n{label} @ NFE {t.nfe}, held-out median relative error to the reference "
               f"({t.meta.get('reference')}, {t.meta.get('held_out')} held-out samples):\n")
         print("| configuration | held-out error |\n|---|---|")
         for name, v in rows:

@@ -5,6 +5,8 @@ coefficient of the plan (:func:`~deis_fast.learn_plan`, through autograd) to one
 their fine reference solutions (cached on disk: they are the expensive part). A held-out part of the calibration
 set (noises, and for a pipeline whole prompts) never enters the fit; on it the tuned configuration is compared with
 the untuned one (the method's default grid), and the untuned one is kept whenever tuning does not beat it there.
+With ``method=None`` it also chooses the method among :data:`AUTO_METHODS` (each on its own optimized grid, chosen
+on the calibration noises only; the held-out part then guards against the untuned default).
 
 A tuned file is JSON: the grid (schedule times) or the plan, what it was tuned for (schedule fingerprint, method,
 NFE, plan options, prediction type, guidance scale, pipeline class, resolution), the held-out errors and the
@@ -34,7 +36,8 @@ import torch
 
 from .schedules import Schedule, VESchedule, schedule_fingerprint
 
-__all__ = ["Tuned", "TunedFileError", "TunedMismatchError", "tune", "tune_pipeline", "load_tuned", "save_tuned",
+__all__ = ["AUTO_METHODS", "Tuned", "TunedFileError", "TunedMismatchError", "tune", "tune_pipeline", "load_tuned",
+           "save_tuned",
            "tuned_plan", "k_diffusion_plan", "check_latent_shape", "reference_solutions"]
 
 FORMAT = "deis_fast.tuned"
@@ -151,8 +154,13 @@ class Tuned:
         e = self.errors
         before, after = e.get("held_out_untuned"), e.get("held_out_tuned")
         gain = f", {before / after:.2f}x lower" if before and after else ""
-        return (f"{self.method} @ NFE {self.nfe} ({self.kind}): held-out error {_fmt(before)} untuned -> "
+        return (f"{_label(self.method, self.options)} @ NFE {self.nfe} ({self.kind}): held-out error "
+                f"{_fmt(before)} untuned -> "
                 f"{_fmt(after)} tuned{gain}")
+
+
+def _finite(v: Any) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
 
 
 def _fmt(v: Any) -> str:
@@ -446,7 +454,52 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
-def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str = "tab3", nfe: int = 5, *,
+# the candidates of tune(method=None) / `deis-fast tune` (--method auto): the default method, its corrected form and
+# tab2 with and without corrector -- the strongest few-step methods on the embedded VP and flow models
+# (benchmarks/RESULTS.md: tab3 + corrector is the best fixed configuration on the digits U-Net at NFE 4-10, an
+# optimized tab2 grid beats optimized tab3 there, tab3's optimized grid wins on the mixture and the flow model)
+AUTO_METHODS = ("tab3", "tab3+corrector", "tab2", "tab2+corrector")
+
+
+def _candidates(method: str | Sequence[str] | None, plan_options: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """``[(spec, PlanOptions)]`` of ``method``: one name, a list of names, or None / ``"auto"`` (AUTO_METHODS); a
+    name may end in ``+corrector`` (the UniC-style corrector on)."""
+    from .solvers import PlanOptions, resolve
+    if method is None or method == "auto":
+        if plan_options:
+            raise ValueError(f"plan options {sorted(plan_options)} need a method: the automatic method search "
+                             f"tries {', '.join(AUTO_METHODS)}")
+        method = AUTO_METHODS
+    names = [method] if isinstance(method, str) else list(method)
+    if not names:
+        raise ValueError("no candidate method")
+    out = []
+    for m in names:
+        name, plus, extra = m.partition("+")
+        kw = dict(plan_options)
+        if plus:
+            if extra != "corrector":
+                raise ValueError(f"method {m!r}: only '+corrector' may follow a method name")
+            kw["corrector"] = True
+        out.append(resolve(name, PlanOptions.of(None, **kw)))
+    return out
+
+
+def _label(method: str, options: Mapping[str, Any]) -> str:
+    """``tab3``, ``tab3+corrector``, ``ddim (pfdiff=[2, 1])``: a method and its non-default plan options."""
+    o = dict(options)
+    label = method + ("+corrector" if o.pop("corrector", None) else "")
+    return label + (f" ({', '.join(f'{k}={v}' for k, v in o.items())})" if o else "")
+
+
+def _nondefault(o: Any) -> dict:
+    from .solvers import PlanOptions
+    return {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+            if getattr(o, f.name) != getattr(PlanOptions(), f.name)}
+
+
+def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str | Sequence[str] | None = "tab3",
+         nfe: int = 5, *,
          prediction: str = "eps", noise: torch.Tensor | None = None, held_out_noise: torch.Tensor | None = None,
          shape: Sequence[int] | None = None, calibration: int = 32, held_out: int = 16, seed: int = 0,
          cond: Mapping[str, Any] | None = None, held_out_cond: Mapping[str, Any] | None = None,
@@ -467,16 +520,21 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str = "
     (``kind='untuned'``). Fits the grid with :func:`optimize_grid` (``time_budget`` seconds) and, with ``plan``, the
     plan's coefficients with :func:`learn_plan` (``plan_iters`` Adam steps through the network; ``checkpoint``:
     activation checkpointing when autograd through the network does not fit in memory).
+
+    ``method``: one method, a list of candidates (names, ``"tab3+corrector"`` for the corrector on) or None /
+    ``"auto"`` (:data:`AUTO_METHODS`): each candidate gets its optimized grid (the ``time_budget`` shared among them)
+    and the one with the lowest median error on the calibration noises is chosen; the held-out noises then only
+    compare it with the untuned configuration, the first candidate on its default grid. The file records the method
+    and options chosen (``meta['candidates']``: every candidate's calibration and, for the record, held-out error).
     """
     from . import __version__
     from .grid_opt import optimize_grid
     from .sampler import Sampler, build_plan
-    from .solvers import PlanOptions, resolve
 
     say = log or (lambda s: print(s, file=sys.stderr) if progress else None)
     began = time.time()
-    spec, o = resolve(method, PlanOptions.of(None, **plan_options))
-    method = spec.name
+    cand_specs = _candidates(method, plan_options)
+    spec, o = cand_specs[0]
     scale = float(schedule.sigma(schedule.t_max)) if isinstance(schedule, VESchedule) else 1.0
     if noise is None:
         if shape is None:
@@ -507,35 +565,54 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str = "
     ref_cal, ref_ho = ref[cal], ref[ho]
     c_cal, c_ho = _rows(cond_all, cal, n_cal + n_ho), _rows(cond_all, ho, n_cal + n_ho)
 
-    def held_err(p: Any) -> float:
+    def median_err(p: Any, rows: slice, ref_rows: torch.Tensor, c: Mapping[str, Any]) -> float:
         with torch.no_grad():
-            x = Sampler(model, schedule, plan=p, prediction=prediction, check_finite=False)(x_all[ho], **c_ho)
-        e = _median_error(x, ref_ho)
+            x = Sampler(model, schedule, plan=p, prediction=prediction, check_finite=False)(x_all[rows], **c)
+        e = _median_error(x, ref_rows)
         return e if math.isfinite(e) else math.inf
 
-    base = baseline_plan if baseline_plan is not None else build_plan(schedule, method, nfe, options=o)
+    def held_err(p: Any) -> float:
+        return median_err(p, ho, ref_ho, c_ho)
+
+    base = baseline_plan if baseline_plan is not None else build_plan(schedule, spec.name, nfe, options=o)
     if base.nfe != nfe:
         raise ValueError(f"baseline plan has NFE {base.nfe}, not {nfe}")
     errors: dict[str, float | None] = {"held_out_untuned": held_err(base)}
-    say(f"untuned {spec.name} @ NFE {nfe}: held-out error {errors['held_out_untuned']:.4g}")
-    # the grid: forward passes only
-    from .grids import GRIDS  # noqa: F401  (the default grid is always one of the start grids)
+    say(f"untuned {_label(spec.name, _nondefault(o))} @ NFE {nfe}: held-out error {errors['held_out_untuned']:.4g}")
+    # the grid of each candidate: forward passes only
     from .solvers import default_grid
-    starts = ("time_quadratic", "logsnr", "karras", "time_uniform")
-    starts = (default_grid(schedule, spec.name),) + tuple(g for g in starts if g != default_grid(schedule, spec.name))
-    if _reference_grid(schedule) is None:
-        starts = tuple(g for g in starts if g != "logsnr")   # log-SNR is infinite at an end (flow from t = 1)
-    with _seconds_bar("grid search", time_budget, progress) as tick:
-        og = optimize_grid(_Ticking(model, tick), schedule, method, nfe, x_all[cal], prediction=prediction,
-                           reference=ref_cal, time_budget=time_budget, start_grids=starts, options=o, **c_cal)
-    grid_plan = build_plan(schedule, method, nfe if o.pfdiff is not None else None, list(og.times), options=o)
+    fits = []
+    for k, (c_spec, c_o) in enumerate(cand_specs):
+        dg = default_grid(schedule, c_spec.name)
+        starts = (dg,) + tuple(g for g in ("time_quadratic", "logsnr", "karras", "time_uniform") if g != dg)
+        if _reference_grid(schedule) is None:
+            starts = tuple(g for g in starts if g != "logsnr")   # log-SNR is infinite at an end (flow from t = 1)
+        label = _label(c_spec.name, _nondefault(c_o))
+        # the budget left, shared by the candidates left (one that converges early leaves its time to the next)
+        budget = None if time_budget is None else max(1.0, (time_budget - sum(f["og"].seconds for f in fits))
+                                                      / (len(cand_specs) - k))
+        with _seconds_bar(f"grid search {label}" if len(cand_specs) > 1 else "grid search", budget,
+                          progress) as tick:
+            og = optimize_grid(_Ticking(model, tick), schedule, c_spec.name, nfe, x_all[cal], prediction=prediction,
+                               reference=ref_cal, time_budget=budget, start_grids=starts, options=c_o, **c_cal)
+        p = build_plan(schedule, c_spec.name, nfe if c_o.pfdiff is not None else None, list(og.times), options=c_o)
+        fits.append(dict(spec=c_spec, o=c_o, og=og, plan=p, label=label, cal=median_err(p, cal, ref_cal, c_cal)))
+        say(f"grid {label} ({og.evaluations} evaluations, {og.seconds:.0f} s, from {og.start_grid}): calibration "
+            f"error {fits[-1]['cal']:.4g}")
+    # the method: chosen on the calibration noises only (the first candidate wins ties)
+    best_fit = min(fits, key=lambda f: f["cal"])
+    spec, o, og, grid_plan = best_fit["spec"], best_fit["o"], best_fit["og"], best_fit["plan"]
     errors["held_out_grid"] = held_err(grid_plan)
-    say(f"grid ({og.evaluations} evaluations, {og.seconds:.0f} s, from {og.start_grid}): held-out error "
-        f"{errors['held_out_grid']:.4g}")
-    cands = [("untuned", base, errors["held_out_untuned"]), ("grid", grid_plan, errors["held_out_grid"])]
+    if len(fits) > 1:
+        for f in fits:   # for the record only: the choice above never saw these
+            f["held_out"] = errors["held_out_grid"] if f is best_fit else held_err(f["plan"])
+        say(f"chosen on the calibration noises: {best_fit['label']}")
+    say(f"grid {best_fit['label']}: held-out error {errors['held_out_grid']:.4g}")
+    cands = [("untuned", base, errors["held_out_untuned"], cand_specs[0]),
+             ("grid", grid_plan, errors["held_out_grid"], (spec, o))]
     if plan:
         from .learned import learn_plan
-        start_plan = min(cands, key=lambda c: c[2])[1]
+        _, start_plan, _, start_cfg = min(cands, key=lambda c: c[2])
         net = _checkpointed(model) if checkpoint else model
         try:
             lp = learn_plan(net, schedule, start_plan, x_all[cal], ref_cal, prediction=prediction, iters=plan_iters,
@@ -552,21 +629,23 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str = "
         errors["held_out_plan"] = held_err(lp.plan)
         say(f"plan ({lp.iteration} of {plan_iters} steps kept, {lp.seconds:.0f} s): held-out error "
             f"{errors['held_out_plan']:.4g}")
-        cands.append(("plan", lp.plan, errors["held_out_plan"]))
+        cands.append(("plan", lp.plan, errors["held_out_plan"], start_cfg))
     # never worse than untuned on the held-out set: the untuned configuration wins ties
-    kind, best, err = min(cands, key=lambda c: (c[2], c[0] != "untuned"))
+    kind, best, err, (spec, o) = min(cands, key=lambda c: (c[2], c[0] != "untuned"))
     errors["held_out_tuned"] = err
     if kind == "untuned":
         say("tuning did not beat the untuned configuration on the held-out set: keeping the untuned grid")
-    opts = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
-            if getattr(o, f.name) != getattr(PlanOptions(), f.name)}
-    return Tuned(method=method, nfe=int(nfe),
+    cand_meta = {} if len(fits) < 2 else {"chosen": best_fit["label"], "candidates": [
+        {"method": f["label"], "calibration_error": _finite(f["cal"]), "held_out_error": _finite(f["held_out"]),
+         "grid_start": f["og"].start_grid, "grid_seconds": round(f["og"].seconds, 1)} for f in fits]}
+    return Tuned(method=spec.name, nfe=int(nfe),
                  grid=[float(t) for t in best.times], schedule_fingerprint=schedule_fingerprint(schedule),
-                 kind=kind, plan=best if kind == "plan" else None, options=opts, prediction=prediction,
+                 kind=kind, plan=best if kind == "plan" else None, options=_nondefault(o), prediction=prediction,
                  schedule=repr(schedule), guidance_scale=None if guidance_scale is None else float(guidance_scale),
                  pipeline=pipeline, resolution=None if resolution is None else [int(r) for r in resolution],
                  errors=errors, deis_fast_version=__version__,
-                 meta=dict(meta or {}, calibration=n_cal, held_out=n_ho, reference=f"{reference_method}@{reference_nfe}",
+                 meta=dict(meta or {}, **cand_meta, calibration=n_cal, held_out=n_ho,
+                           reference=f"{reference_method}@{reference_nfe}",
                            seconds=round(time.time() - began, 1), grid_start=og.start_grid,
                            grid_evaluations=og.evaluations))
 
@@ -593,7 +672,8 @@ class _GuidedUNet(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=prompt_embeds).sample
 
 
-def tune_pipeline(pipe: Any, prompts: Sequence[str], held_out_prompts: Sequence[str], method: str = "tab3",
+def tune_pipeline(pipe: Any, prompts: Sequence[str], held_out_prompts: Sequence[str],
+                  method: str | Sequence[str] | None = "tab3",
                   nfe: int = 8, *, guidance_scale: float = 7.5, negative_prompt: str | None = None,
                   height: int | None = None, width: int | None = None, noises_per_prompt: int = 1, seed: int = 0,
                   **kw: Any) -> Tuned:
@@ -611,7 +691,8 @@ def tune_pipeline(pipe: Any, prompts: Sequence[str], held_out_prompts: Sequence[
                                   "model(x, t, **cond) and call deis_fast.tuning.tune")
     if len(prompts) < 2 or len(held_out_prompts) < 1:
         raise ValueError("need >= 2 calibration prompts and >= 1 held-out prompt")
-    sch = DEISFastScheduler.from_config(pipe.scheduler.config, method=method)
+    # the untuned configuration: the scheduler's own plan of the (first) candidate method
+    sch = DEISFastScheduler.from_config(pipe.scheduler.config, method=_candidates(method, {})[0][0].name)
     sch.set_timesteps(nfe)
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     size = pipe.unet.config.sample_size

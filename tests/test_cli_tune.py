@@ -54,18 +54,31 @@ def test_sample_refuses_an_edited_tuned_file(tuned_digits, tmp_path, capsys):
 
 
 def test_tune_prints_the_table(tmp_path, capsys):
-    rc = cli.main(["tune", "--model", "flow", "--nfe", "3", "--out", str(tmp_path / "f.json"), "--calibration", "8",
+    """No --method: the method search (its table), the file's method then runs `sample --tuned` without --method."""
+    out_file = tmp_path / "f.json"
+    rc = cli.main(["tune", "--model", "flow", "--nfe", "3", "--out", str(out_file), "--calibration", "8",
                    "--held-out", "4", "--time-budget", "1", "--reference-nfe", "20", "--cache", ""])
     out = capsys.readouterr().out
-    assert rc == 0 and "| untuned |" in out and "| tuned grid |" in out and "wrote" in out
+    assert rc == 0 and "method search" in out and "| tab2+corrector |" in out and "wrote" in out
+    assert "| untuned (tab3, default grid) |" in out and "| tuned grid (" in out
+    d = json.loads(out_file.read_text())["payload"]
+    assert cli.main(["sample", "--model", "flow", "--tuned", str(out_file), "--num", "1", "--outdir",
+                     str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == d["method"]
+    rc = cli.main(["tune", "--model", "flow", "--corrector", "--out", str(tmp_path / "g.json")])
+    assert rc == 2 and "--corrector needs --method" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["flow_tab3_nfe5.json", "digits_tab2_nfe5.json", "digits_pfdiff_nfe7.json"])
+@pytest.mark.parametrize("name", ["flow_tab3_nfe5.json", "digits_tab2_nfe5.json", "digits_pfdiff_nfe7.json",
+                                  "digits_nfe5.json", "flow_nfe7.json"])
 def test_committed_tuned_files_load_for_their_model(name):
     import os
 
     from deis_fast.cli_common import load_model
     from deis_fast.tuning import load_tuned
     t = load_tuned(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tuned", name))
+    if name.count("_") == 1:   # a method search's file: the method it chose
+        from deis_fast.tuning import _label
+        assert t.meta["chosen"] == _label(t.method, t.options)
     plan = t.make_plan(load_model(name.split("_")[0]).schedule)
     assert plan.nfe == t.nfe and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]

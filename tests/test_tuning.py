@@ -169,3 +169,42 @@ def test_k_diffusion_sampler_loads_a_tuned_file(mixture, tmp_path):
         dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(5, 0.002, 14.6), method="ipndm4", tuned=str(path))
     with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):
         dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(7, 0.002, 80.0), method="ipndm4", tuned=str(path))
+
+
+def test_method_search_picks_on_calibration_and_loads_without_a_method(tuned, mixture, tmp_path):
+    """tune(method=None) tries AUTO_METHODS, chooses on the calibration noises, guards against the untuned default
+    (tab3 on its grid) on the held-out ones; the file loads through Sampler and the scheduler without method=."""
+    from deis_fast.integrations.diffusers import DEISFastScheduler
+    _, cache = tuned
+    model = mixture.model(VP)
+    t = tuning.tune(model, VP, None, 5, shape=(16,), calibration=24, held_out=12, time_budget=4, reference_nfe=100,
+                    cache_dir=cache, cache_key="mix11")
+    cands = t.meta["candidates"]
+    assert [c["method"] for c in cands] == list(tuning.AUTO_METHODS)
+    assert t.meta["chosen"] == min(cands, key=lambda c: c["calibration_error"])["method"]
+    e = t.errors
+    assert e["held_out_tuned"] <= e["held_out_untuned"]
+    assert e["held_out_untuned"] == pytest.approx(tuning.tune(model, VP, "tab3", 5, shape=(16,), calibration=24,
+                                                              held_out=12, time_budget=0.2, reference_nfe=100,
+                                                              cache_dir=cache, cache_key="mix11")
+                                                  .errors["held_out_untuned"])
+    if t.kind == "grid":   # the file records the chosen method and its options
+        assert tuning._label(t.method, t.options) == t.meta["chosen"]
+    path = tmp_path / "auto.json"
+    t.save(path)
+    back = tuning.load_tuned(path)
+    x0 = torch.randn(12, 16, generator=torch.Generator().manual_seed(5))
+    plan = back.make_plan(VP)
+    x = deis_fast.Sampler(model, VP, plan=plan, check_finite=False)(x0)
+    assert torch.isfinite(x).all() and plan.times == tuple(t.grid)
+    for sch in (DEISFastScheduler(tuned=str(path)),
+                DEISFastScheduler.from_config(DEISFastScheduler().config, tuned=str(path))):
+        assert sch.config.method == t.method
+        sch.set_timesteps(5)
+        assert sch.plan.times == plan.times and sch.plan == plan
+    with pytest.raises(tuning.TunedMismatchError, match=f"for method '{t.method}', not 'ipndm4'"):
+        DEISFastScheduler(method="ipndm4", tuned=str(path))
+    with pytest.raises(tuning.TunedMismatchError, match="not 'ipndm4'"):
+        DEISFastScheduler.from_config(DEISFastScheduler().config, method="ipndm4", tuned=str(path))
+    with pytest.raises(ValueError, match="need a method"):
+        tuning.tune(model, VP, None, 5, shape=(16,), corrector=True)

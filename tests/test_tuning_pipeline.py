@@ -138,7 +138,7 @@ def test_cli_tunes_a_pipeline_folder(pipe, tmp_path, capsys):
                        "1", "--noises-per-prompt", "2", "--nfe", "3", "--guidance-scale", "2", "--time-budget", "1",
                        "--reference-nfe", "20", "--cache", "", "--out", str(out)])
     cap = capsys.readouterr()
-    assert rc == 0 and "| untuned |" in cap.out, cap.err[-3000:]
+    assert rc == 0 and "| untuned (tab3, default grid) |" in cap.out and "method search" in cap.out, cap.err[-3000:]
     t = tuning.load_tuned(out)
     assert t.pipeline == "StableDiffusionPipeline" and t.meta["held_out_prompts"] == HELD_OUT[:1]
     assert t.guidance_scale == 2.0 and t.nfe == 3 and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]

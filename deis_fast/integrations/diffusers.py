@@ -114,7 +114,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             schedule, as in every diffusers scheduler (taken over by ``from_config``).
         prediction_type: ``"epsilon"``, ``"sample"``, ``"v_prediction"`` or ``"flow_prediction"`` (flow matching).
         method: a deis_fast method name (``deis_fast.METHODS``), e.g. ``"tab3"``, ``"logrho3"``,
-            ``"dpmpp3"``, ``"ipndm4"``, ``"pfdiff"``, ``"rho_heun"``.
+            ``"dpmpp3"``, ``"ipndm4"``, ``"pfdiff"``, ``"rho_heun"``. Default: ``"tab3"``, or with ``tuned=`` the
+            file's method (a method given that differs from the file's is refused).
         grid: ``"auto"``, ``"diffusers"``, a deis_fast grid name or a list of model times (see module doc).
         timestep_type: ``"auto"``, ``"int"`` or ``"float"`` (see module doc; flow models take float times).
         lower_order_final: use lower orders on the last steps when there are fewer than 15 (diffusers'
@@ -162,7 +163,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Sequence[float] | np.ndarray | None = None,
-                 prediction_type: str = "epsilon", method: str = "tab3", grid: str | Sequence[float] = "auto",
+                 prediction_type: str = "epsilon", method: str | None = None, grid: str | Sequence[float] = "auto",
                  timestep_type: str = "auto", lower_order_final: bool | None = None,
                  pfdiff: Sequence[int] | None = None, eta: float = 1.0, timestep_spacing: str = "linspace",
                  steps_offset: int = 0, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
@@ -195,6 +196,10 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             warnings.warn("rescale_betas_zero_snr=True with an epsilon model: alphas_cumprod[-1] is clamped to 2**-24 "
                           "(as diffusers' DPM-Solver and UniPC do), since an eps prediction says nothing about x0 at "
                           "alpha = 0; use a v_prediction model for true zero terminal SNR", UserWarning, stacklevel=3)
+        if method is None:  # the tuned file's method (and its options: the plan is the file's), else the default
+            from ..tuning import load_tuned
+            method = "tab3" if tuned is None else load_tuned(tuned).method
+            self.register_to_config(method=method)
         check_method(method)  # validates the name with a helpful message
         _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)
         if tuned is not None:  # a file from deis_fast.tuning: refused now if corrupt or for another model / method
