@@ -7,7 +7,8 @@ How it works (follow this when you add a README snippet):
   ``deis_fast.load_model("digits" | "flow")`` (the embedded 8x8 models) as its model where it needs one.
 * What a snippet cannot define offline is a *stand-in* in :func:`standins`: a name the snippet uses as a
   placeholder for the user's own thing (``model_id`` = a tiny Stable Diffusion pipeline saved to a temporary
-  folder, ``prompt``, ``init``, ``mask``, a k-diffusion ``denoiser`` and its ``c``). Add the smallest one that works.
+  folder, ``flux_id`` = a tiny FLUX pipeline with CLIP and T5 text encoders, likewise, ``prompt``, ``init``,
+  ``mask``, a k-diffusion ``denoiser`` and its ``c``). Add the smallest one that works.
 * ``SHRINK``: (text, replacement) pairs applied to the blocks only to make them cheap (fewer noises or steps),
   never to change what they do; each must occur in some block.
 * ``SKIP``: {text that identifies a block: why it cannot run here}. Keep it short; each key must match exactly
@@ -27,10 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 
-SKIP = {
-    "FluxPipeline.from_pretrained(flux_id)": "needs FLUX / SD3 weights with their T5 and CLIP text encoders (no tiny "
-                                             "local stand-in); the same scheduler runs in tests/test_flow_pipelines.py",
-}
+SKIP: dict[str, str] = {}
 SHRINK = [
     ("torch.randn(768, 1, 8, 8)", "torch.randn(12, 1, 8, 8)"),                          # learned plan: 12 noises
     ("learn_plan(model, sched, plan, z0, ref)", "learn_plan(model, sched, plan, z0, ref, iters=3, batch=8)"),
@@ -78,11 +76,38 @@ def _tiny_sd_folder(folder: str) -> str:
     return path
 
 
+def _tiny_flux_folder(folder: str) -> str:
+    """A tiny FluxPipeline (random weights, FLUX.1-dev's dynamic-shift scheduler config) saved to ``folder``: the
+    transformer and VAE of tests/_diffusers_common.py, a 1-layer CLIP text encoder (pooled output, dim 16) with the
+    CLIPTokenizer of ``tiny_tokenizer`` and a 1-layer T5 encoder (dim 16) with a T5Tokenizer built from a Unigram
+    vocabulary of the same words (no download). FluxPipeline's default size is 128 * vae_scale_factor (1 here):
+    128x128 images, 4096 image tokens, ~0.25 s a transformer call; the img2img pipeline resizes ``init`` to that."""
+    pytest.importorskip("transformers")
+    from _diffusers_common import tiny_flux_components, tiny_tokenizer
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+    parts = tiny_flux_components(dtype=torch.float32)
+    words = ["a", "cat", "dog", "photo", "of", "painting", "blurry"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    parts.update(text_encoder=clip.eval(), tokenizer=tiny_tokenizer(folder), text_encoder_2=t5.eval(),
+                 tokenizer_2=T5Tokenizer(vocab=vocab, extra_ids=0))
+    path = os.path.join(folder, "tiny-flux")
+    FluxPipeline(**parts).save_pretrained(path)
+    return path
+
+
 def standins(folder: str) -> dict:
     """The placeholders README snippets use for the user's own things (see the module docstring)."""
     from PIL import Image
     return {
         "model_id": _tiny_sd_folder(folder),
+        "flux_id": _tiny_flux_folder(folder),
         "prompt": "a photo of a cat",
         "init": Image.new("RGB", (8, 8), (120, 60, 200)),
         "mask": Image.new("L", (8, 8), 255),
