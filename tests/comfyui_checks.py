@@ -310,6 +310,15 @@ core = deis_fast.Sampler(flow_model, flow3, plan=ft.make_plan(flow3), prediction
                          time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
 tuned_rows["flow3 tuned here"] = [len(sig) - 1, rel(got, core)]
 tuned_rows["flow3 kind"] = ft.kind
+# a committed `deis-fast tune --model flow` file: tuned in the network's own time (x 1000, ComfyUI's multiplier)
+flow1_file = os.path.join(tuned_dir, "flow_tab3_nfe5.json")
+f1 = tuning.load_tuned(flow1_file)
+own1 = deis_fast.FlowSchedule(1.0)       # time_scale 1000: the network's time, as the file was tuned
+sig = dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 10, 1.0, tuned_file=flow1_file)[0]
+got = advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow1_file), sig)
+core = deis_fast.Sampler(lambda x, mt: flow_net(x, mt.float()), own1, plan=f1.make_plan(own1), prediction="flow",
+                         time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
+tuned_rows["flow1 committed"] = [len(sig) - 1, rel(got, core)]
 digits5 = os.path.join(tuned_dir, "digits_tab2_nfe5.json")
 for label, fn in (
         ("other NFE", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5), node_sigmas(VP, "karras", 7))),
@@ -317,10 +326,14 @@ for label, fn in (
                                                   node_sigmas(FLOW[1.0], "time_uniform", 5))),
         ("other flow shift", lambda: advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow_file),
                                               node_sigmas(FLOW[1.0], "time_uniform", 5))),
+        ("committed flow file, other shift", lambda: advanced(FLOW[3.0], node_sampler("tab3", tuned_file=flow1_file),
+                                                              node_sigmas(FLOW[3.0], "time_uniform", 5))),
         ("scheduler on another model", lambda: dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 5, 1.0,
                                                                                  tuned_file=digits5)),
         ("other method", lambda: node_sampler("tab3", tuned_file=digits5)),
         ("pfdiff file without pfdiff", lambda: node_sampler("ddim", tuned_file=os.path.join(
+            tuned_dir, "digits_pfdiff_nfe5.json"))),
+        ("pfdiff file, other k", lambda: node_sampler("pfdiff", pfdiff_k=3, pfdiff_h=1, tuned_file=os.path.join(
             tuned_dir, "digits_pfdiff_nfe5.json"))),
         ("denoise < 1", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5),
                                          node_sigmas(VP, "karras", 5, denoise=0.6))),

@@ -13,6 +13,7 @@ Loading: ComfyUI imports ``custom_nodes/<folder>/__init__.py`` and reads its ``N
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ from . import k_diffusion as dk
 
 __all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "tuned_sigmas",
-           "register", "install", "digits_model"]
+           "tuned_steps", "register", "install", "digits_model"]
 
 PREFIX = "deis_fast_"
 # the entries on the KSampler sampler list: name -> (method, options)
@@ -133,7 +134,9 @@ def _model_sampling_of(model: Any) -> Any:
 
 def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]:
     """A k-diffusion sampler function (ComfyUI's ``sample_<name>`` signature) running deis_fast ``method`` in the
-    model's own schedule. PFDiff counts the sigmas' steps as network calls unless ``pfdiff_steps="base grid"``."""
+    model's own schedule. PFDiff counts the sigmas' steps as network calls unless ``pfdiff_steps="base grid"``.
+    ``tuned_file``: a deis_fast tuned file run through ``sample_deis_fast(..., tuned=...)``, checked against the
+    model's schedule, the method and the steps (refusals as :class:`DeisFastInputError` in the nodes' terms)."""
     opts = dict(options)
     pfdiff_steps = opts.pop("pfdiff_steps", "calls")
     tuned_file = opts.pop("tuned_file", "") or ""
@@ -182,13 +185,14 @@ def _check_tuned_method(path: str, method: str, opts: dict) -> None:
     want = _node_method(t)
     fo = t.plan_options
     kh = fo.get("pfdiff")
-    pf = (f", pfdiff_k {kh[0]}, pfdiff_h {kh[1]}" if kh else "")
-    if resolve(method, PlanOptions(pfdiff=opts.get("pfdiff")))[0].name != resolve(t.method)[0].name or (method == "pfdiff") != bool(kh) or \
-            (kh and tuple(opts.get("pfdiff", ())) != tuple(kh)):
+    mine = opts.get("pfdiff")
+    pf = f", pfdiff_k {kh[0]}, pfdiff_h {kh[1]}" if kh else ""
+    base = resolve(method, PlanOptions(pfdiff=mine))[0].name
+    if base != resolve(t.method)[0].name or bool(mine) != bool(kh) or (kh and tuple(mine) != tuple(kh)):
+        have = f"{method}, pfdiff_k {mine[0]}, pfdiff_h {mine[1]}" if mine else method
         raise DeisFastInputError(f"DEIS-fast Sampler: tuned_file {path} was tuned for {want}{pf}"
-                                 f"{' (base ' + t.method + ')' if kh else ''}, not {method}"
-                                 f"{', pfdiff_k %d, pfdiff_h %d' % tuple(opts['pfdiff']) if opts.get('pfdiff') else ''}"
-                                 f": set method to {want}{pf}, or clear tuned_file")
+                                 f"{' (base ' + t.method + ')' if kh else ''}, not {have}: set method to {want}{pf}, "
+                                 "or clear tuned_file")
     for key, widget, default in (("corrector", "corrector", "default"), ("variant", "variant", "default"),
                                  ("lower_order_final", "lower_order_final", "auto")):
         if key in opts and opts[key] != fo.get(key):
@@ -202,6 +206,20 @@ def tuned_steps(t: Any, pfdiff_steps: str = "calls") -> int:
     if po.pfdiff is not None:
         return t.nfe if pfdiff_steps == "calls" else len(t.grid) - 1
     return len(t.grid) if spec.family == "rk" else len(t.grid) - 1
+
+
+def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_sampling: Any) -> Any:
+    """A flow file tuned in the network's own time (ComfyUI's ``multiplier``: ``deis-fast tune --model flow``'s
+    time scale 1000) holds the same grid in the node's time (sigma in [0, 1]): it is that file, for the node's
+    schedule. A learned plan keeps the network times it was fitted at, so it is left to be refused."""
+    from ..schedules import schedule_fingerprint
+    scale = float(getattr(model_sampling, "multiplier", 1.0))
+    if model_type != "const" or schedule is None or t.kind == "plan" or scale == 1.0:
+        return t
+    own = FlowSchedule(schedule.shift, time_scale=scale, mu=schedule.mu)
+    if schedule_fingerprint(own) != t.schedule_fingerprint:
+        return t
+    return dataclasses.replace(t, schedule_fingerprint=schedule_fingerprint(schedule), schedule=repr(schedule))
 
 
 def _check_tuned_schedule(t: Any, path: str, node: str, model_type: str, schedule: Schedule | None) -> None:
@@ -222,13 +240,13 @@ def _sample_tuned(path, model, x, sigmas, extra_args, callback, disable, method,
                   run) -> torch.Tensor:
     """The Sampler node with a tuned file: sample_deis_fast(..., tuned=path), its refusals in the node's terms."""
     from ..tuning import TunedMismatchError
-    t = _load_tuned(path, "DEIS-fast Sampler")
+    t = _as_solved(_load_tuned(path, "DEIS-fast Sampler"), model_type, schedule, _model_sampling_of(model))
     _check_tuned_schedule(t, path, "DEIS-fast Sampler", model_type, schedule)
     grid = "resample" if method == "pfdiff" and pfdiff_steps == "calls" else "given"
     try:
         return dk.sample_deis_fast(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                    method=method, model_type=model_type, schedule=schedule, pfdiff_grid=grid,
-                                   tuned=path, **run)
+                                   tuned=t, **run)
     except TunedMismatchError as e:
         steps, need = len(sigmas) - 1, tuned_steps(t, pfdiff_steps)
         if "NFE" in str(e):
@@ -248,8 +266,8 @@ def tuned_sigmas(model_sampling: Any, path: str, pfdiff_steps: str = "calls") ->
     """ComfyUI SIGMAS of a tuned file on a model (checked against its schedule): the sigmas of the tuned grid
     where the plan calls the network, then 0 (Runge-Kutta: every grid time, then 0; PFDiff with ``pfdiff_steps``
     'base grid': its base grid), the list the Sampler node with the same file runs on."""
-    t = _load_tuned(path, "DEIS-fast Scheduler")
     model_type, schedule = model_schedule(model_sampling)
+    t = _as_solved(_load_tuned(path, "DEIS-fast Scheduler"), model_type, schedule, model_sampling)
     if schedule is None:
         raise DeisFastInputError("DEIS-fast Scheduler: tuned_file needs a discrete (DDPM) or flow (CONST) model; "
                                  "for this MODEL (solved in sigma) use a karras SIGMAS with steps = the file's NFE and "
