@@ -345,7 +345,9 @@ for label, fn in (
         tuned_errors[label] = None
     except ValueError as e:
         tuned_errors[label] = [type(e).__name__, str(e)]
-R["tuned"] = {"rows": tuned_rows, "errors": tuned_errors, "seconds": _time.perf_counter() - began}
+sd15_vp = dc.model_schedule(SD.get_model_object("model_sampling"))[1]   # SD 1.5's float32 table: its preset
+R["tuned"] = {"rows": tuned_rows, "errors": tuned_errors, "seconds": _time.perf_counter() - began,
+              "sd15 schedule": [repr(sd15_vp), deis_fast.schedule_fingerprint(sd15_vp)]}
 
 # --- 7. bad input: messages in the nodes' terms
 errors = {}

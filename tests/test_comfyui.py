@@ -179,3 +179,7 @@ def test_tuned_files_through_the_nodes(comfy):
     assert "set denoise to 1.0" in e["denoise < 1"][1] and "set denoise to 1.0" in e["scheduler denoise < 1"][1]
     assert "does not exist" in e["missing file"][1]
     assert t["seconds"] < 20
+    # an SD 1.5 checkpoint's sigma table is diffusers' scaled_linear schedule: files tuned with tune_pipeline load
+    import deis_fast
+    sd15 = deis_fast.VPSchedule.discrete("scaled_linear", 1000, 0.00085, 0.012)
+    assert t["sd15 schedule"] == [repr(sd15), deis_fast.schedule_fingerprint(sd15)]
