@@ -289,12 +289,14 @@ _WARNED: set = set()
 
 
 def k_diffusion_plan(tuned: str | os.PathLike | Tuned, schedule: Schedule, method: str, nfe: int) -> tuple:
-    """(schedule, plan) of ``tuned`` for a k-diffusion denoiser (``prediction="x0"``) on ``schedule``; a VE range from
-    float32 sigmas is read at float32 precision (0.0020000000949949026 is the 0.002 the file was tuned for), and that
-    schedule is the one to sample with."""
+    """(schedule, plan) of ``tuned`` for a k-diffusion denoiser on ``schedule``; a VE range from float32 sigmas is read
+    at float32 precision (0.0020000000949949026 is the 0.002 the file was tuned for), and that schedule is the one to
+    sample with. The prediction type is not checked: a k-diffusion denoiser returns x0 whatever its network predicts
+    (ComfyUI wraps eps and v models so), and a plan is the same for every prediction of one model, so a file tuned
+    on the network's own eps (``tune(model, schedule)``) or on the denoiser (``prediction="x0"``) both load."""
     if isinstance(schedule, VESchedule):
         schedule = VESchedule(float(f"{schedule.sigma_min:.7g}"), float(f"{schedule.sigma_max:.7g}"))
-    return schedule, tuned_plan(tuned, schedule, method, nfe, prediction="x0")[0]
+    return schedule, tuned_plan(tuned, schedule, method, nfe)[0]
 
 
 # ----------------------------------------------------------------------------------------------- tuning

@@ -143,7 +143,7 @@ def own_time(sigmas, method="tab3", noise_scale=1.0, **kw):
     GRID[:] = [float(v) for v in sigmas if v > 0]
     noise = comfy.sample.prepare_noise(LAT, 5) * noise_scale
     return deis_fast.sample(x0_model, noise, schedule=vp, method=method, nfe=None, prediction="x0",
-                            grid={"rho": [float(v) for v in sigmas]}, time_dtype=torch.float64,
+                            grid={"rho": [min(float(v), vp.rho_max) for v in sigmas]}, time_dtype=torch.float64,
                             denoise_to_zero=True, **kw)
 
 
@@ -268,6 +268,86 @@ unet["finite tab3_pc with a post-CFG hook"] = float(not bool(torch.isfinite(sd("
                                                                                   model=sd_patched)).all()))
 unet["post-CFG hook calls"] = len(sd_hooked)
 R["unet"] = unet
+
+# --- 6d. tuned files (deis_fast.tuning) through the nodes: a committed `deis-fast tune --model digits` file on the
+# digits model (its float32 sigma table is the linear DDPM preset the file was tuned on), and a file tuned here, in a
+# tiny time budget, on the shift-3 flow model's own schedule; the node's output = deis_fast.Sampler with the file's
+# plan on the same noise, and mismatches refused in the nodes' terms
+import time as _time  # noqa: E402
+
+from deis_fast import tuning  # noqa: E402
+
+began = _time.perf_counter()
+tuned_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tuned")
+tuned_rows, tuned_errors = {}, {}
+for fname, method, kw in (("digits_tab2_nfe5.json", "tab2", {}),
+                          ("digits_pfdiff_nfe5.json", "pfdiff", {"pfdiff_k": 2, "pfdiff_h": 1})):
+    path = os.path.join(tuned_dir, fname)
+    t = tuning.load_tuned(path)
+    sig = dc.DeisFastScheduler().get_sigmas(VP, "karras", 10, 1.0, tuned_file=path)[0]
+    got = advanced(VP, node_sampler(method, tuned_file=path, **kw), sig)
+    GRID[:] = [float(v) for v in vp.rho(np.asarray(t.grid))]
+    noise = comfy.sample.prepare_noise(LAT, 5)
+    core = deis_fast.Sampler(x0_model, vp, plan=t.make_plan(vp), prediction="x0", time_dtype=torch.float64)(noise)
+    tuned_rows[f"vp {fname}"] = [len(sig) - 1, rel(got, core / float(vp.alpha(t.grid[-1])))]
+    tuned_rows[f"vp {fname} vs untuned"] = [len(sig) - 1, rel(got, advanced(VP, node_sampler(method, **kw), sig))]
+flow3_ms = FLOW[3.0].get_model_object("model_sampling")
+flow3 = dc.model_schedule(flow3_ms)[1]
+flow_net = FLOW[3.0].model.diffusion_model.net
+
+
+def flow_model(x, t):   # the flow network as ComfyUI's CONST sampling runs it: time = sigma * 1000 (float32)
+    return flow_net(x, flow3_ms.timestep(t.float()).float())
+
+
+flow_file = os.path.join(os.path.dirname(out_path), "flow3_tab3_nfe5.json")
+ft = tuning.tune(flow_model, flow3, "tab3", 5, prediction="flow", shape=(1, 8, 8), calibration=8, held_out=4,
+                 time_budget=1.0, reference_nfe=40)
+ft.save(flow_file)
+sig = dc.DeisFastScheduler().get_sigmas(FLOW[3.0], "karras", 10, 1.0, tuned_file=flow_file)[0]
+got = advanced(FLOW[3.0], node_sampler("tab3", tuned_file=flow_file), sig)
+core = deis_fast.Sampler(flow_model, flow3, plan=ft.make_plan(flow3), prediction="flow",
+                         time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
+tuned_rows["flow3 tuned here"] = [len(sig) - 1, rel(got, core)]
+tuned_rows["flow3 kind"] = ft.kind
+# a committed `deis-fast tune --model flow` file: tuned in the network's own time (x 1000, ComfyUI's multiplier)
+flow1_file = os.path.join(tuned_dir, "flow_tab3_nfe5.json")
+f1 = tuning.load_tuned(flow1_file)
+own1 = deis_fast.FlowSchedule(1.0)       # time_scale 1000: the network's time, as the file was tuned
+sig = dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 10, 1.0, tuned_file=flow1_file)[0]
+got = advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow1_file), sig)
+core = deis_fast.Sampler(lambda x, mt: flow_net(x, mt.float()), own1, plan=f1.make_plan(own1), prediction="flow",
+                         time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
+tuned_rows["flow1 committed"] = [len(sig) - 1, rel(got, core)]
+digits5 = os.path.join(tuned_dir, "digits_tab2_nfe5.json")
+for label, fn in (
+        ("other NFE", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5), node_sigmas(VP, "karras", 7))),
+        ("other model schedule", lambda: advanced(FLOW[1.0], node_sampler("tab2", tuned_file=digits5),
+                                                  node_sigmas(FLOW[1.0], "time_uniform", 5))),
+        ("other flow shift", lambda: advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow_file),
+                                              node_sigmas(FLOW[1.0], "time_uniform", 5))),
+        ("committed flow file, other shift", lambda: advanced(FLOW[3.0], node_sampler("tab3", tuned_file=flow1_file),
+                                                              node_sigmas(FLOW[3.0], "time_uniform", 5))),
+        ("scheduler on another model", lambda: dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 5, 1.0,
+                                                                                 tuned_file=digits5)),
+        ("other method", lambda: node_sampler("tab3", tuned_file=digits5)),
+        ("pfdiff file without pfdiff", lambda: node_sampler("ddim", tuned_file=os.path.join(
+            tuned_dir, "digits_pfdiff_nfe5.json"))),
+        ("pfdiff file, other k", lambda: node_sampler("pfdiff", pfdiff_k=3, pfdiff_h=1, tuned_file=os.path.join(
+            tuned_dir, "digits_pfdiff_nfe5.json"))),
+        ("denoise < 1", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5),
+                                         node_sigmas(VP, "karras", 5, denoise=0.6))),
+        ("scheduler denoise < 1", lambda: dc.DeisFastScheduler().get_sigmas(VP, "karras", 5, 0.6,
+                                                                            tuned_file=digits5)),
+        ("missing file", lambda: node_sampler("tab2", tuned_file=os.path.join(tuned_dir, "missing.json")))):
+    try:
+        fn()
+        tuned_errors[label] = None
+    except ValueError as e:
+        tuned_errors[label] = [type(e).__name__, str(e)]
+sd15_vp = dc.model_schedule(SD.get_model_object("model_sampling"))[1]   # SD 1.5's float32 table: its preset
+R["tuned"] = {"rows": tuned_rows, "errors": tuned_errors, "seconds": _time.perf_counter() - began,
+              "sd15 schedule": [repr(sd15_vp), deis_fast.schedule_fingerprint(sd15_vp)]}
 
 # --- 7. bad input: messages in the nodes' terms
 errors = {}

@@ -153,3 +153,33 @@ def test_schedule_from_model_sampling(comfy):
     assert s["edm"][:2] == ["eps", "None"] and s["edm"][2] < 1e-6
     assert s["v_prediction"][0] == "eps" and s["v_prediction"][1].startswith("VPSchedule")
     assert s["v_prediction"][2] < 1e-5
+
+
+def test_tuned_files_through_the_nodes(comfy):
+    """The Sampler node's tuned_file (and the Scheduler node's SIGMAS of it) = deis_fast.Sampler with the file's plan
+    on the same noise: a committed ``deis-fast tune --model digits`` file (VP: the model's float32 sigma table is the
+    file's linear DDPM schedule), a PFDiff one, a ``--model flow`` one (tuned in the network's time x 1000), and one
+    tuned inside ComfyUI on the shift-3 flow model; another NFE,
+    model schedule, flow shift, method or denoise is refused in the nodes' terms."""
+    t = comfy["tuned"]
+    rows, e = t["rows"], t["errors"]
+    for name in ("vp digits_tab2_nfe5.json", "vp digits_pfdiff_nfe5.json", "flow3 tuned here", "flow1 committed"):
+        steps, err = rows[name]
+        assert steps == 5 and err < 1e-5, (name, err)
+    assert rows["vp digits_tab2_nfe5.json vs untuned"][1] > 1e-3   # the tuned grid, not the SIGMAS' interior
+    assert all(v is not None and v[0] == "DeisFastInputError" for v in e.values()), e
+    assert "the SIGMAS have 7 steps" in e["other NFE"][1] and "set the scheduler's steps to 5" in e["other NFE"][1]
+    for k in ("other model schedule", "other flow shift", "scheduler on another model",
+              "committed flow file, other shift"):
+        assert "tuned for another model schedule" in e[k][1] and "this MODEL" in e[k][1], e[k]
+    assert "shift=3.0" in e["other flow shift"][1] and "shift=1.0" in e["other flow shift"][1]
+    assert "set method to tab2" in e["other method"][1]
+    for k in ("pfdiff file without pfdiff", "pfdiff file, other k"):
+        assert "set method to pfdiff, pfdiff_k 2, pfdiff_h 1" in e[k][1], e[k]
+    assert "set denoise to 1.0" in e["denoise < 1"][1] and "set denoise to 1.0" in e["scheduler denoise < 1"][1]
+    assert "does not exist" in e["missing file"][1]
+    assert t["seconds"] < 20
+    # an SD 1.5 checkpoint's sigma table is diffusers' scaled_linear schedule: files tuned with tune_pipeline load
+    import deis_fast
+    sd15 = deis_fast.VPSchedule.discrete("scaled_linear", 1000, 0.00085, 0.012)
+    assert t["sd15 schedule"] == [repr(sd15), deis_fast.schedule_fingerprint(sd15)]

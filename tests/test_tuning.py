@@ -208,3 +208,35 @@ def test_method_search_picks_on_calibration_and_loads_without_a_method(tuned, mi
         DEISFastScheduler.from_config(DEISFastScheduler().config, method="ipndm4", tuned=str(path))
     with pytest.raises(ValueError, match="need a method"):
         tuning.tune(model, VP, None, 5, shape=(16,), corrector=True)
+
+
+def test_k_diffusion_sampler_loads_a_vp_tuned_file_with_the_models_schedule(tuned, mixture, tmp_path):
+    """A file tuned on a VP model (its own eps, ``tune(model, VP)``) loads through the k-diffusion path with
+    ``schedule=`` the model's VP schedule (ComfyUI's convention) and runs the tuned plan exactly."""
+    from deis_fast.integrations import k_diffusion as dk
+    t, _ = tuned
+    path = tmp_path / "vp.json"
+    t.save(path)
+
+    def denoiser(x, sigma, **_):                   # the k-diffusion view: x = x0 + sigma eps -> x0
+        return mixture.predict(x, 1.0, sigma.double())[1].to(x.dtype)
+    smax = float(VP.rho(VP.t_max))
+    z = deis_fast.randn_per_sample((8, 16), range(500, 508), dtype=torch.float64)
+    seen = []
+    sigmas = dk.get_sigmas_karras(5, 0.03, smax, dtype=torch.float64)   # only its ends and its steps matter
+    out = dk.sample_deis_fast(denoiser, z * (1 + smax ** 2) ** 0.5, sigmas, method="ipndm4", schedule=VP,
+                              tuned=str(path), callback=lambda d: seen.append(d["sigma"]))
+    same = deis_fast.Sampler(mixture.model(VP), VP, plan=t.make_plan(VP), time_dtype=torch.float64)(z)
+    # k-diffusion's x is x_vp / alpha
+    assert torch.allclose(out * float(VP.alpha(t.grid[-1])), same, rtol=1e-10, atol=1e-10)
+    assert seen == pytest.approx([float(VP.rho(g)) for g in t.grid[:-1]], rel=1e-12)
+    with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):
+        dk.sample_deis_fast(denoiser, z, dk.get_sigmas_karras(7, 0.03, smax), method="ipndm4", schedule=VP,
+                            tuned=str(path))
+    sl = deis_fast.VPSchedule.discrete("scaled_linear")
+    with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+        dk.sample_deis_fast(denoiser, z, dk.get_sigmas_karras(5, 0.03, float(sl.rho(sl.t_max))), method="ipndm4",
+                            schedule=sl, tuned=str(path))
+    with pytest.raises(tuning.TunedMismatchError, match="whole grid"):   # denoise < 1: starts below the plan
+        dk.sample_deis_fast(denoiser, z, dk.get_sigmas_karras(5, 0.03, 20.0), method="ipndm4", schedule=VP,
+                            tuned=str(path))

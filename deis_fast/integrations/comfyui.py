@@ -13,6 +13,7 @@ Loading: ComfyUI imports ``custom_nodes/<folder>/__init__.py`` and reads its ``N
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,8 +30,8 @@ from ..solvers.pfdiff import check_kh
 from . import k_diffusion as dk
 
 __all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
-           "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "register",
-           "install", "digits_model"]
+           "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "tuned_sigmas",
+           "tuned_steps", "register", "install", "digits_model"]
 
 PREFIX = "deis_fast_"
 # the entries on the KSampler sampler list: name -> (method, options)
@@ -91,11 +92,32 @@ _VP_CACHE: dict[tuple, VPSchedule] = {}
 
 
 def _vp_of(model_sampling: Any) -> VPSchedule:
-    sig = model_sampling.sigmas.detach().to("cpu", torch.float64)
-    key = (sig.numel(), float(sig[0]), float(sig[-1]), float(sig.sum()))
+    """The VP schedule of a discrete model's sigma table: the DDPM beta preset (diffusers' names) whose sigmas
+    rounded to float32 are exactly the table, else the table itself (:func:`vp_schedule_from_sigmas`). ComfyUI
+    keeps its float64 schedule as float32 sigmas; the preset is that schedule, the one deis_fast, its diffusers
+    scheduler and ``deis-fast tune`` use, so a file tuned there is tuned for this model."""
+    sig32 = model_sampling.sigmas.detach().to("cpu", torch.float32)
+    sig = sig32.double()
+    lo, hi = (getattr(model_sampling, k, None) for k in ("linear_start", "linear_end"))
+    key = (sig.numel(), float(sig[0]), float(sig[-1]), float(sig.sum()), lo, hi)
     if key not in _VP_CACHE:
-        _VP_CACHE[key] = dk.vp_schedule_from_sigmas(sig, name="comfyui")
+        _VP_CACHE[key] = _preset_of(sig32, lo, hi) or dk.vp_schedule_from_sigmas(sig, name="comfyui")
     return _VP_CACHE[key]
+
+
+def _preset_of(sig32: torch.Tensor, lo: Any, hi: Any) -> VPSchedule | None:
+    n = sig32.numel()
+    steps = np.arange(n, dtype=np.float64)
+    for preset in ("linear", "scaled_linear", "squaredcos_cap_v2"):  # ComfyUI's "sqrt_linear", "linear", ...
+        if preset != "squaredcos_cap_v2" and not (isinstance(lo, float) and isinstance(hi, float)):
+            continue
+        try:
+            vp = VPSchedule.discrete(preset, n, lo, hi)
+        except ValueError:
+            continue
+        if torch.equal(torch.from_numpy(vp.rho(steps)).float(), sig32):
+            return vp
+    return None
 
 
 def _model_sampling_of(model: Any) -> Any:
@@ -112,14 +134,22 @@ def _model_sampling_of(model: Any) -> Any:
 
 def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]:
     """A k-diffusion sampler function (ComfyUI's ``sample_<name>`` signature) running deis_fast ``method`` in the
-    model's own schedule. PFDiff counts the sigmas' steps as network calls unless ``pfdiff_steps="base grid"``."""
+    model's own schedule. PFDiff counts the sigmas' steps as network calls unless ``pfdiff_steps="base grid"``.
+    ``tuned_file``: a deis_fast tuned file run through ``sample_deis_fast(..., tuned=...)``, checked against the
+    model's schedule, the method and the steps (refusals as :class:`DeisFastInputError` in the nodes' terms)."""
     opts = dict(options)
     pfdiff_steps = opts.pop("pfdiff_steps", "calls")
+    tuned_file = opts.pop("tuned_file", "") or ""
     _check_options(method, opts)
+    if tuned_file:
+        _check_tuned_method(tuned_file, method, opts)
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
         model_type, schedule = model_schedule(_model_sampling_of(model))
         run = {**opts, **kw}
+        if tuned_file:
+            return _sample_tuned(tuned_file, model, x, sigmas, extra_args, callback, disable, method, model_type,
+                                 schedule, pfdiff_steps, run)
         grid = "given"
         if resolve(method, PlanOptions(pfdiff=run.get("pfdiff")))[1].pfdiff is not None:
             grid = "resample" if pfdiff_steps == "calls" else "given"
@@ -130,6 +160,131 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
     sample.__name__ = f"sample_{PREFIX}{method}"
     sample.__doc__ = f"deis_fast {method} {opts or ''} in the model's own schedule (deis_fast.integrations.comfyui)"
     return sample
+
+
+# ----------------------------------------------------------------------------- tuned files (deis_fast.tuning)
+
+
+def _load_tuned(path: str, node: str) -> Any:
+    from ..tuning import TunedFileError, load_tuned
+    try:
+        return load_tuned(path)
+    except TunedFileError as e:
+        raise DeisFastInputError(f"{node}: tuned_file: {e} (a JSON written by deis_fast.tuning.tune / deis-fast "
+                                 "tune)") from None
+
+
+def _node_method(t: Any) -> str:
+    """The Sampler node's method for a tuned file: pfdiff for a PFDiff plan (its base method is the file's)."""
+    return "pfdiff" if t.options.get("pfdiff") else t.method
+
+
+def _check_tuned_method(path: str, method: str, opts: dict) -> None:
+    """A tuned file fixes the method and its options: refuse a Sampler node set otherwise, in the node's terms."""
+    t = _load_tuned(path, "DEIS-fast Sampler")
+    want = _node_method(t)
+    fo = t.plan_options
+    kh = fo.get("pfdiff")
+    mine = opts.get("pfdiff")
+    pf = f", pfdiff_k {kh[0]}, pfdiff_h {kh[1]}" if kh else ""
+    base = resolve(method, PlanOptions(pfdiff=mine))[0].name
+    if base != resolve(t.method)[0].name or bool(mine) != bool(kh) or (kh and tuple(mine) != tuple(kh)):
+        have = f"{method}, pfdiff_k {mine[0]}, pfdiff_h {mine[1]}" if mine else method
+        raise DeisFastInputError(f"DEIS-fast Sampler: tuned_file {path} was tuned for {want}{pf}"
+                                 f"{' (base ' + t.method + ')' if kh else ''}, not {have}: set method to {want}{pf}, "
+                                 "or clear tuned_file")
+    for key, widget, default in (("corrector", "corrector", "default"), ("variant", "variant", "default"),
+                                 ("lower_order_final", "lower_order_final", "auto")):
+        if key in opts and opts[key] != fo.get(key):
+            raise DeisFastInputError(f"DEIS-fast Sampler: tuned_file {path} fixes {widget} (the file: "
+                                     f"{fo.get(key, 'the method default')!r}): set {widget} to {default!r}")
+
+
+def tuned_steps(t: Any, pfdiff_steps: str = "calls") -> int:
+    """The scheduler steps (SIGMAS length - 1) the Sampler node runs a tuned file on."""
+    spec, po = resolve(t.method, PlanOptions.of(**t.plan_options))
+    if po.pfdiff is not None:
+        return t.nfe if pfdiff_steps == "calls" else len(t.grid) - 1
+    return len(t.grid) if spec.family == "rk" else len(t.grid) - 1
+
+
+def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_sampling: Any) -> Any:
+    """A flow file tuned in the network's own time (ComfyUI's ``multiplier``: ``deis-fast tune --model flow``'s
+    time scale 1000) holds the same grid in the node's time (sigma in [0, 1]): it is that file, for the node's
+    schedule. A learned plan keeps the network times it was fitted at, so it is left to be refused."""
+    from ..schedules import schedule_fingerprint
+    scale = float(getattr(model_sampling, "multiplier", 1.0))
+    if model_type != "const" or schedule is None or t.kind == "plan" or scale == 1.0:
+        return t
+    own = FlowSchedule(schedule.shift, time_scale=scale, mu=schedule.mu)
+    if schedule_fingerprint(own) != t.schedule_fingerprint:
+        return t
+    return dataclasses.replace(t, schedule_fingerprint=schedule_fingerprint(schedule), schedule=repr(schedule))
+
+
+def _check_tuned_schedule(t: Any, path: str, node: str, model_type: str, schedule: Schedule | None) -> None:
+    if schedule is None:   # EDM / continuous-sigma models: sample_deis_fast checks the VE range of the sigmas
+        return
+    from ..schedules import schedule_fingerprint
+    fp = schedule_fingerprint(schedule)
+    if fp != t.schedule_fingerprint:
+        kind = "flow (CONST) model" if model_type == "const" else "discrete (DDPM) model"
+        raise DeisFastInputError(
+            f"{node}: tuned_file {path} was tuned for another model schedule: the file's is {t.schedule} "
+            f"(fingerprint {t.schedule_fingerprint}), this MODEL is a {kind} with {schedule!r} (fingerprint {fp}). "
+            "Load the model the file was tuned for, or tune this one: deis_fast.tuning.tune(model, "
+            "deis_fast.integrations.comfyui.model_schedule(model_sampling)[1], ...) or deis-fast tune")
+
+
+def _sample_tuned(path, model, x, sigmas, extra_args, callback, disable, method, model_type, schedule, pfdiff_steps,
+                  run) -> torch.Tensor:
+    """The Sampler node with a tuned file: sample_deis_fast(..., tuned=path), its refusals in the node's terms."""
+    from ..tuning import TunedMismatchError
+    t = _as_solved(_load_tuned(path, "DEIS-fast Sampler"), model_type, schedule, _model_sampling_of(model))
+    _check_tuned_schedule(t, path, "DEIS-fast Sampler", model_type, schedule)
+    grid = "resample" if method == "pfdiff" and pfdiff_steps == "calls" else "given"
+    try:
+        return dk.sample_deis_fast(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                   method=method, model_type=model_type, schedule=schedule, pfdiff_grid=grid,
+                                   tuned=t, **run)
+    except TunedMismatchError as e:
+        steps, need = len(sigmas) - 1, tuned_steps(t, pfdiff_steps)
+        if "NFE" in str(e):
+            raise DeisFastInputError(
+                f"DEIS-fast Sampler: tuned_file {path} is for {t.nfe} network calls ({_node_method(t)}); the SIGMAS "
+                f"have {steps} steps, it needs {need}: set the scheduler's steps to {need}, or give the DEIS-fast "
+                "Scheduler the same tuned_file") from None
+        if "whole grid" in str(e):
+            raise DeisFastInputError(
+                f"DEIS-fast Sampler: tuned_file {path} samples its whole grid, from the model's largest sigma to the "
+                f"end; these SIGMAS run from {float(sigmas[0]):.6g} to {float(sigmas[-1]):.6g}: set denoise to 1.0 "
+                "(and start / end steps to the whole run), or clear tuned_file") from None
+        raise DeisFastInputError(f"DEIS-fast Sampler: tuned_file {path}: {e}") from None
+
+
+def tuned_sigmas(model_sampling: Any, path: str, pfdiff_steps: str = "calls") -> torch.Tensor:
+    """ComfyUI SIGMAS of a tuned file on a model (checked against its schedule): the sigmas of the tuned grid
+    where the plan calls the network, then 0 (Runge-Kutta: every grid time, then 0; PFDiff with ``pfdiff_steps``
+    'base grid': its base grid), the list the Sampler node with the same file runs on."""
+    model_type, schedule = model_schedule(model_sampling)
+    t = _as_solved(_load_tuned(path, "DEIS-fast Scheduler"), model_type, schedule, model_sampling)
+    if schedule is None:
+        raise DeisFastInputError("DEIS-fast Scheduler: tuned_file needs a discrete (DDPM) or flow (CONST) model; "
+                                 "for this MODEL (solved in sigma) use a karras SIGMAS with steps = the file's NFE and "
+                                 "the tuned_file on the DEIS-fast Sampler")
+    _check_tuned_schedule(t, path, "DEIS-fast Scheduler", model_type, schedule)
+    plan = t.make_plan(schedule, check=False)
+    spec, po = resolve(t.method, PlanOptions.of(**t.plan_options))
+    if spec.family == "rk" or (po.pfdiff is not None and pfdiff_steps != "calls"):
+        times = np.asarray(plan.times if spec.family == "rk" else plan.times[:-1], dtype=np.float64)
+    else:
+        times = np.asarray([op.t for op in plan.evals], dtype=np.float64)
+    sig = _to_sigmas(model_type, schedule, times)
+    sig = sig if sig[-1] == 0.0 else np.append(sig, 0.0)
+    if sig.size - 1 != tuned_steps(t, pfdiff_steps):
+        raise DeisFastInputError(f"DEIS-fast Scheduler: tuned_file {path}: no SIGMAS for {t.method} on a "
+                                 f"{'flow' if model_type == 'const' else 'discrete'} model's grid ending at 0")
+    return torch.from_numpy(np.ascontiguousarray(sig)).float()
 
 
 def _check_options(method: str, opts: dict) -> None:
@@ -255,16 +410,23 @@ class DeisFastSampler:
                 "pfdiff_steps": (["calls", "base grid"], {"tooltip": "calls: the scheduler's steps are PFDiff's "
                                                           "network calls; base grid: they are its (k+1)N-k grid"}),
             },
-            # further optional inputs (e.g. a tuned file) go here; get_sampler takes them as keywords
-            "optional": {},
+            "optional": {
+                "tuned_file": ("STRING", {"default": "", "tooltip": "a tuned file (deis_fast.tuning.tune / deis-fast "
+                                          "tune JSON): its grid or plan for this model replaces the SIGMAS' interior "
+                                          "(steps must be its NFE; the DEIS-fast Scheduler with the same file gives "
+                                          "them); it fixes the method and its options"}),
+            },
         }
 
     def get_sampler(self, method, corrector="default", lower_order_final="auto", eta=1.0, s_noise=1.0,
                     variant="default", pfdiff_k=2, pfdiff_h=1, pfdiff_steps="calls", **optional):
         import comfy.samplers
         opts = node_options(method, corrector, lower_order_final, eta, s_noise, variant, pfdiff_k, pfdiff_h)
+        tuned_file = str(optional.get("tuned_file", "") or "").strip()
         try:
-            fn = sampler_function(method, pfdiff_steps=pfdiff_steps, **opts)
+            fn = sampler_function(method, pfdiff_steps=pfdiff_steps, tuned_file=tuned_file, **opts)
+        except DeisFastInputError:
+            raise
         except ValueError as e:
             raise DeisFastInputError(f"DEIS-fast Sampler: {e}") from None
         return (comfy.samplers.KSAMPLER(fn),)
@@ -317,11 +479,22 @@ class DeisFastScheduler:
                                          "JSON"}),
                 "method": ("STRING", {"default": "", "tooltip": "grid 'optimized (file)': the method it was "
                                       "optimized for (empty: the only one with this many steps)"}),
+                "tuned_file": ("STRING", {"default": "", "tooltip": "a tuned file (deis_fast.tuning.tune / deis-fast "
+                                          "tune JSON): the SIGMAS of its tuned grid on this model (grid and steps "
+                                          "are then the file's; denoise 1); give the DEIS-fast Sampler the same "
+                                          "file"}),
             },
         }
 
-    def get_sigmas(self, model, grid, steps, denoise=1.0, grid_file="", method="", **optional):
-        return (sigmas_for(model.get_model_object("model_sampling"), grid, steps, denoise, grid_file, method),)
+    def get_sigmas(self, model, grid, steps, denoise=1.0, grid_file="", method="", tuned_file="", **optional):
+        ms = model.get_model_object("model_sampling")
+        tuned_file = str(tuned_file or "").strip()
+        if tuned_file:
+            if denoise < 0.9999:
+                raise DeisFastInputError("DEIS-fast Scheduler: a tuned_file samples its whole grid: set denoise to "
+                                         "1.0, or clear tuned_file")
+            return (tuned_sigmas(ms, tuned_file),)
+        return (sigmas_for(ms, grid, steps, denoise, grid_file, method),)
 
 
 NODE_CLASS_MAPPINGS = {"DeisFastSampler": DeisFastSampler, "DeisFastScheduler": DeisFastScheduler}

@@ -197,6 +197,7 @@ class _Kind:
     def __init__(self, model_type: str, s: np.ndarray, schedule: Schedule | None):
         positive = s[s > 0]
         self.vp: VPSchedule | None = None
+        self.given: FlowSchedule | None = None
         self.const = model_type == "const"
         if model_type == "const":
             if s[0] > 1.0:
@@ -205,8 +206,10 @@ class _Kind:
             if schedule is not None and not isinstance(schedule, FlowSchedule):
                 raise ValueError(f"model_type='const' is a flow model: schedule must be None or a FlowSchedule, got "
                                  f"{schedule!r}")
-            # a FlowSchedule's shift only moves named grids: the sigmas here are the grid itself
+            # a FlowSchedule's shift only moves named grids: the sigmas here are the grid itself (a tuned file is
+            # still checked against the model's own shift: ``given``)
             self.schedule, self.key = FlowSchedule(time_scale=1.0), "t"
+            self.given = None if schedule is None else FlowSchedule(schedule.shift, time_scale=1.0, mu=schedule.mu)
         elif model_type != "eps":
             raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma "
                              f"noise + (1 - sigma) x0), got {model_type!r}")
@@ -306,12 +309,21 @@ def _tuned_grid(tuned: Any, kind: _Kind, method: str, plan_opts: PlanOptions, gr
                 options: dict) -> tuple[np.ndarray, dict]:
     """The sigmas of a tuned file's plan (checked against this call's schedule, method and NFE) and the options
     that run it: the plan alone, with the noise options the caller gave."""
-    from ..tuning import k_diffusion_plan
+    from ..tuning import TunedMismatchError, k_diffusion_plan
     stages = resolve(method, plan_opts)[0].stages
     nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts) or (len(grid) - 1) * stages
-    kind.schedule, plan = k_diffusion_plan(tuned, kind.schedule, method, nfe)
+    sched = kind.given if kind.const and kind.given is not None else kind.schedule
+    kind.schedule, plan = k_diffusion_plan(tuned, sched, method, nfe)
     kept = {k: v for k, v in options.items() if k in ("eta", "s_noise")}
-    return np.asarray([kind.sigma_of_t(float(t)) for t in plan.times]), {**kept, "plan": plan}
+    sig = np.asarray([kind.sigma_of_t(float(t)) for t in plan.times])
+    # the tuned plan runs its whole grid: sigmas that start below it (img2img, denoise < 1) or stop above its end
+    # (a split run) would be solved from the wrong noise level
+    if not np.isclose(grid[0], sig[0], rtol=1e-5, atol=0) or not (
+            grid[-1] == 0.0 or np.isclose(grid[-1], sig[-1], rtol=1e-5, atol=0)):
+        raise TunedMismatchError(
+            f"the tuned plan runs from sigma {sig[0]:.6g} to {sig[-1]:.6g}; these sigmas run from {grid[0]:.6g} to "
+            f"{grid[-1]:.6g}: a tuned file samples the whole grid (no img2img start, denoise < 1 or split run)")
+    return sig, {**kept, "plan": plan}
 
 
 def _auto_lower_order_final(options: dict, spec, plan_opts: PlanOptions, s: np.ndarray) -> dict:
