@@ -165,6 +165,10 @@ def test_k_diffusion_sampler_loads_a_tuned_file(mixture, tmp_path):
                               callback=lambda d: seen.append(d["sigma"]))
     same = deis_fast.Sampler(denoiser, ve, plan=t.make_plan(ve), prediction="x0")(x)
     assert torch.allclose(out, same, rtol=1e-12, atol=1e-12) and seen == pytest.approx(t.grid[:-1])
+    # without method= the file's own method runs (the default, tab3, would be refused for this ipndm4 file)
+    assert torch.equal(dk.sample_deis_fast(denoiser, x, sigmas, tuned=str(path)), out)
+    with pytest.raises(tuning.TunedMismatchError, match="method"):
+        dk.sample_deis_fast(denoiser, x, sigmas, method="tab3", tuned=str(path))
     with pytest.raises(tuning.TunedMismatchError, match="schedule"):
         dk.sample_deis_fast(denoiser, x, dk.get_sigmas_karras(5, 0.002, 14.6), method="ipndm4", tuned=str(path))
     with pytest.raises(tuning.TunedMismatchError, match="NFE 5, not 7"):

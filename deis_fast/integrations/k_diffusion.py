@@ -94,7 +94,7 @@ def _sigmas_to_numpy(sigmas: Any) -> np.ndarray:
 
 def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any,
                      extra_args: Mapping[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                     disable: bool | None = None, method: str = "tab3", model_type: str = "eps",
+                     disable: bool | None = None, method: str | None = None, model_type: str = "eps",
                      schedule: Schedule | None = None, pfdiff_grid: str = "given", **options: Any) -> torch.Tensor:
     """Any deis_fast method on a k-diffusion denoiser over the given ``sigmas``.
 
@@ -126,9 +126,15 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     extrapolates over the whole last interval). A one-step list ``[sigma, 0]`` is one first-order step to the
     denoised output; a list of one sigma returns
     ``x`` unchanged (as k-diffusion's samplers do).
+    ``tuned``: a tuned file (:mod:`deis_fast.tuning`) for this model's schedule as solved here (the VE view of these
+    sigmas, ``schedule=`` a VP model's own schedule, CONST's flow time): its grid or plan replaces the sigmas between
+    their ends, and ``method`` defaults to the file's; another schedule, method or NFE is refused.
+    ``method`` defaults to "tab3".
     """
     generator = options.pop("generator", None)
     tuned = options.pop("tuned", None)
+    if method is None:  # tab3, or a tuned file's own method and options (its corrector, PFDiff's k and h)
+        method, options = _default_method(tuned, options)
     noise_sampler = options.pop("noise_sampler", None)
     extra_args = dict(extra_args or {})
     s = _sigmas_to_numpy(sigmas)
@@ -303,6 +309,14 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
         starts = {k: (k * (kk + 1), kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
     box.append(_Steps(callback, kind, x_in, starts))
     return sampler, box[0]
+
+
+def _default_method(tuned: Any, options: dict) -> tuple[str, dict]:
+    if tuned is None:
+        return "tab3", options
+    from ..tuning import load_tuned
+    t = load_tuned(tuned)
+    return t.method, {**t.plan_options, **options}
 
 
 def _tuned_grid(tuned: Any, kind: _Kind, method: str, plan_opts: PlanOptions, grid: np.ndarray,
