@@ -48,9 +48,6 @@ def measure(root: str, stubs: str) -> dict:
     lat = torch.zeros(N_NOISE, 1, 8, 8)
     noise = comfy.sample.prepare_noise(lat, 0)
 
-    def rel(x, ref):
-        x, ref = x.reshape(x.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
-        return float(((x - ref).norm(dim=1) / ref.norm(dim=1)).median())
 
     def reference(model, steps):
         guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
@@ -75,6 +72,12 @@ def measure(root: str, stubs: str) -> dict:
     return out
 
 
+def rel(x, ref) -> float:
+    """The median relative error of the project's quality tables (deis_fast.testing.relative_errors)."""
+    from deis_fast.testing import relative_errors
+    return float(relative_errors(x, ref).median())
+
+
 def measure_lower_order_final(root: str, stubs: str) -> dict:
     """``--lower-order-final``: unipc3 / dpmpp3 / logrho3 through the DEIS-fast Sampler node with lower_order_final
     off / on / auto on ComfyUI's karras, simple and exponential lists (same models, noises and reference)."""
@@ -92,9 +95,6 @@ def measure_lower_order_final(root: str, stubs: str) -> dict:
     lat = torch.zeros(N_NOISE, 1, 8, 8)
     noise = comfy.sample.prepare_noise(lat, 0)
 
-    def rel(x, ref):
-        x, ref = x.reshape(x.shape[0], -1).double(), ref.reshape(ref.shape[0], -1).double()
-        return float(((x - ref).norm(dim=1) / ref.norm(dim=1)).median())
     rows = {}
     for label, model in (("eps (VP)", dc.digits_model("digits")), ("flow (CONST)", dc.digits_model("flow", 1.0))):
         guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]

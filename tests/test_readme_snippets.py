@@ -142,6 +142,7 @@ def runner(tmp_path_factory):
                         raise
         finally:
             os.chdir(cwd)
+        return state["ns"]
     return run
 
 
@@ -150,4 +151,5 @@ def test_readme_snippet(i, runner):
     why = skip_reason(BLOCKS[i])
     if why is not None:
         pytest.skip(why)
-    runner(i)
+    ns = runner(i)
+    assert ns is not None and ns["__name__"] == "readme"   # the block ran in the shared namespace without raising
