@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flow_yardstick as fy  # noqa: E402
 
 import deis_fast  # noqa: E402
-from deis_fast.benchmarking import digits_problem  # noqa: E402
-from deis_fast.schedules import FlowSchedule  # noqa: E402
+from deis_fast.cli.bench import digits_problem  # noqa: E402
+from deis_fast.core.schedules import FlowSchedule  # noqa: E402
 from deis_fast.testing import GaussianMixture, reference_solution, relative_errors  # noqa: E402
 
 CASES = {"mixture": [("ddim", {"pfdiff": (1, 1)}), ("rhoab3", {}), ("tab2", {}), ("ipndm4", {}), ("dpmpp3", {})],

@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-from deis_fast.benchmarking import Result, deis_runner, digits_problem, evaluate, markdown_table
-from deis_fast.schedules import FlowSchedule
+from deis_fast.cli.bench import Result, deis_runner, digits_problem, evaluate, markdown_table
+from deis_fast.core.schedules import FlowSchedule
 from deis_fast.testing import GaussianMixture, reference_solution
 
 # (method, grid (None: the default FlowMatch grid, shifted), options). The shift is a transform of the time grids

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from deis_fast import GaussianStart
-from deis_fast.benchmarking import deis_runner, digits_problem, evaluate, mixture_problem, report
+from deis_fast.cli.bench import deis_runner, digits_problem, evaluate, mixture_problem, report
 from deis_fast.testing import relative_errors
 
 METHODS = [("tab3", {"corrector": True}), ("tab2", {"corrector": True}), ("ipndm4", {"corrector": True}),
@@ -40,7 +40,7 @@ def label(method, kw):
 
 def start_for(name, prob):
     if name in ("digits", "flow"):
-        from deis_fast.digits import load_digits_data
+        from deis_fast.zoo.digits import load_digits_data
         return GaussianStart.from_samples(load_digits_data())
     mix = prob.mixture
     mean = mix.means.mean(0)

@@ -22,9 +22,9 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import qmc
 
-from deis_fast.benchmarking import mixture_problem
-from deis_fast.grid_opt import grid_from_theta, grid_intervals, optimize_grid
-from deis_fast.grids import make_grid
+from deis_fast.cli.bench import mixture_problem
+from deis_fast.tuning.grids import grid_from_theta, grid_intervals, optimize_grid
+from deis_fast.core.grids import make_grid
 from deis_fast.sampler import Sampler, build_plan
 from deis_fast.testing import reference_solution, relative_errors
 

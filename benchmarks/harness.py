@@ -227,7 +227,7 @@ def make_net(name: str, device: str, dtype: torch.dtype) -> Callable[..., torch.
     if name == "null":
         return NullNet(NET_SHAPES["null"], device, dtype)
     if name == "digits":
-        from deis_fast.digits import load_digits_model
+        from deis_fast.zoo.digits import load_digits_model
         return load_digits_model(device=device, dtype=dtype)
     if name == "unet":
         return _unet(device, dtype)

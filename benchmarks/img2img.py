@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 import deis_fast
-from deis_fast.benchmarking import make_diffusers_scheduler
-from deis_fast.digits import load_digits_data, load_digits_model
+from deis_fast.cli.bench import make_diffusers_scheduler
+from deis_fast.zoo.digits import load_digits_data, load_digits_model
 from deis_fast.integrations.diffusers import DEISFastScheduler
 from deis_fast.testing import relative_errors
 

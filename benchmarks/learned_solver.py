@@ -17,9 +17,9 @@ import time
 import torch
 
 from deis_fast import GaussianStart, build_plan
-from deis_fast.benchmarking import digits_problem, evaluate, report
-from deis_fast.digits import digits_kind, load_digits_data, load_digits_model
-from deis_fast.learned import learn_plan, load_plan, save_plan
+from deis_fast.cli.bench import digits_problem, evaluate, report
+from deis_fast.zoo.digits import digits_kind, load_digits_data, load_digits_model
+from deis_fast.tuning.plans import learn_plan, load_plan, save_plan
 from deis_fast.sampler import Sampler
 
 

@@ -7,7 +7,7 @@ mean ± std over 4 held-out noise seeds; writes a markdown table and a PNG plot.
 """
 import sys
 
-from deis_fast.benchmarking import quality_main
+from deis_fast.cli.bench import quality_main
 
 if __name__ == "__main__":
     sys.exit(quality_main())

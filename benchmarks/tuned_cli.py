@@ -22,7 +22,8 @@ from deis_fast.cli_common import initial_noise, load_model
 from deis_fast.generate import make_sampler, sample_images
 from deis_fast.sampler import Sampler
 from deis_fast.testing import relative_errors
-from deis_fast.tuning import load_tuned, _label, _reference_grid
+from deis_fast.tuning.files import _label, load_tuned
+from deis_fast.tuning.search import _reference_grid
 
 
 @functools.lru_cache(maxsize=None)

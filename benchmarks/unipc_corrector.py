@@ -15,9 +15,9 @@ import time
 import torch
 
 import deis_fast
-from deis_fast.benchmarking import (report, Result, deis_runner, digits_problem, evaluate, markdown_table, mixture_problem,
+from deis_fast.cli.bench import (report, Result, deis_runner, digits_problem, evaluate, markdown_table, mixture_problem,
                                     nfe_to_reach)
-from deis_fast.grid_opt import optimize_grid
+from deis_fast.tuning.grids import optimize_grid
 from deis_fast.testing import GaussianMixture
 
 BASELINES = [("tab2", "time_quadratic"), ("tab3", "time_quadratic"), ("logrho3", "logsnr"),

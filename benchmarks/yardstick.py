@@ -8,7 +8,7 @@ endpoint. deis_fast methods x grids against diffusers' schedulers (default spaci
 """
 import sys
 
-from deis_fast.benchmarking import yardstick_main
+from deis_fast.cli.bench import yardstick_main
 
 if __name__ == "__main__":
     sys.exit(yardstick_main())

@@ -9,25 +9,23 @@
 """
 from __future__ import annotations
 
-from . import ops
-from .cli_common import LoadedModel, load_model
-from .gaussian_start import GaussianStart
-from .grid_opt import OptimizedGrid, load_grid, optimize_grid, save_grid
-from .grids import GRIDS, make_grid
-from .learned import LearnedPlan, learn_plan, load_plan, save_plan
-from .models import PREDICTIONS, ModelAdapter, denoiser_to_model
-from .plan import Combine, Eval, Plan
+from ._version import __version__
+from .core import ops
+from .core.adapters import PREDICTIONS, ModelAdapter, denoiser_to_model
+from .core.grids import GRIDS, make_grid
+from .core.plan import Combine, Eval, Plan
+from .core.schedules import (FlowSchedule, Schedule, VESchedule, VPSchedule, schedule_fingerprint,
+                             schedule_from_diffusers_config)
 from .sampler import NonFiniteError, Sampler, build_plan, randn_per_sample, sample
-from .schedules import (FlowSchedule, Schedule, VESchedule, VPSchedule, schedule_fingerprint,
-                        schedule_from_diffusers_config)
 from .solvers import METHOD_SPECS, METHODS
-
-__version__ = "0.1.0"
+from .tuning import (GaussianStart, LearnedPlan, OptimizedGrid, learn_plan, load_grid, load_plan, optimize_grid,
+                     save_grid, save_plan)
+from .zoo import LoadedModel, load_model
 
 ops._dispatch.warn_if_no_ext()  # once, at import: the C++ kernel is missing (why, and how to get it)
 
 __all__ = ["GRIDS", "METHODS", "METHOD_SPECS", "PREDICTIONS", "Combine", "Eval", "FlowSchedule", "GaussianStart", "LearnedPlan", "LoadedModel",
            "ModelAdapter", "NonFiniteError",
-           "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_model", "load_plan", "optimize_grid", "save_grid",
+           "OptimizedGrid", "Plan", "Sampler", "learn_plan", "load_grid", "load_model", "load_plan", "__version__", "optimize_grid", "save_grid",
            "save_plan", "Schedule", "VESchedule", "VPSchedule", "build_plan", "schedule_fingerprint", "denoiser_to_model",
            "make_grid", "ops", "randn_per_sample", "sample", "schedule_from_diffusers_config"]

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .executor import Workspace, check_noise, finish_finite_check
+from .core.executor import Workspace, check_noise, finish_finite_check
 
 __all__ = ["CUDAGraphSampler", "GraphShapeError", "ENV_VAR", "cond_signature"]
 

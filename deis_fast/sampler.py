@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from .graph import CUDAGraphSampler, cond_signature
-from .grids import MODEL_GRIDS, GridSpec
-from .models import ModelAdapter
-from .plan import Eval, Plan
-from .executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
+from .core.grids import MODEL_GRIDS, GridSpec
+from .core.adapters import ModelAdapter
+from .core.plan import Eval, Plan
+from .core.executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
                        inpaint_args, run_plan)
-from .schedules import Schedule, VESchedule, VPSchedule, schedule_fingerprint
+from .core.schedules import Schedule, VESchedule, VPSchedule, schedule_fingerprint
 from .solvers import DEFAULT_NFE, MAX_NFE, PlanOptions, build_plan, default_grid, resolve  # noqa: F401  (re-exported)
 
 __all__ = ["Sampler", "sample", "build_plan", "default_grid", "PlanOptions", "NonFiniteError", "randn_per_sample",
@@ -79,7 +79,7 @@ class Sampler:
         method = "tab3" if method is None else method
         self.method = method
         if plan is None and isinstance(grid, str) and grid in MODEL_GRIDS:
-            # a grid that needs the model (grid='optimized': registered by deis_fast.grid_opt)
+            # a grid that needs the model (grid='optimized': registered by deis_fast.tuning.grids)
             self.optimized_grid = grid = MODEL_GRIDS[grid](
                 model, self.schedule, method, DEFAULT_NFE if nfe is None else nfe, calibration_noise, t_start, t_end,
                 prediction=prediction, options=self.options, **dict(calibration_cond or {}))
@@ -211,7 +211,7 @@ class Sampler:
             guidance: float | torch.Tensor | None = None, inpaint: Inpaint | None = None,
             grad: bool = False) -> torch.Tensor:
         """Run the whole plan on ``x`` with workspace ``ws`` (in place, or out of place with ``grad``) through
-        :func:`deis_fast.executor.run_plan`; the first eager call also detects models that hand back a reused
+        :func:`deis_fast.core.executor.run_plan`; the first eager call also detects models that hand back a reused
         output buffer. Used by ``__call__`` and by the CUDA-graph sampler."""
         adapter = self.adapter
         pcond = adapter.prepare_cond(cond)

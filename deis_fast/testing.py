@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode as _TorchDispatchMode
 from scipy.integrate import solve_ivp
 
-from .schedules import Schedule
+from .core.schedules import Schedule
 
 __all__ = ["GaussianMixture", "reference_solution", "relative_errors", "yardstick_problem", "DispatchRecorder",
            "comfyui_sandbox", "import_comfyui_cpu"]
@@ -70,7 +70,7 @@ class GaussianMixture:
     def model(self, schedule: Schedule, prediction: str = "eps") -> Callable[..., torch.Tensor]:
         """A ``model(x, t)`` returning the exact prediction ('eps', 'x0', 'v', 'score' or 'flow' = eps - x0),
         with t the schedule's model time."""
-        from .models import normalize_prediction
+        from .core.adapters import normalize_prediction
         pred = normalize_prediction(prediction)
 
         def fn(x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
@@ -126,7 +126,7 @@ def yardstick_problem(n_samples: int = 400, seed: int = 0, mixture_seed: int = 1
 
     Returns (mixture, schedule, noise [n, 64] float64, reference endpoint [n, 64]).
     """
-    from .schedules import VPSchedule
+    from .core.schedules import VPSchedule
     mix = GaussianMixture.random(8, 64, 0.3, mixture_seed)
     sched = VPSchedule.discrete("linear") if schedule is None else schedule
     noise = torch.randn(n_samples, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from deis_fast.digits import (  # noqa: E402
+from deis_fast.zoo.digits import (  # noqa: E402
     DEFAULT_CONFIG,
     DIGITS_BETA_END,
     DIGITS_BETA_START,

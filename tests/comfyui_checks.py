@@ -1,4 +1,4 @@
-"""Runs inside a ComfyUI process (started by tests/test_comfyui.py): deis_fast's nodes and KSampler entries through
+"""Runs inside a ComfyUI process (started by tests/integrations/test_comfyui.py): deis_fast's nodes and KSampler entries through
 ComfyUI's own sampling code, on the embedded digits models wrapped as ComfyUI models. Writes one JSON of
 measurements; the tests assert on it.
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import deis_fast
 from deis_fast import NonFiniteError
-from deis_fast.plan import Combine, Eval
-from deis_fast.schedules import VESchedule, VPSchedule
+from deis_fast.core.plan import Combine, Eval
+from deis_fast.core.schedules import VESchedule, VPSchedule
 from deis_fast.solvers import METHOD_SPECS
 
 VP = VPSchedule.discrete("linear")
@@ -488,7 +488,7 @@ def test_channels_last_noise_gives_the_contiguous_result(conv_model, method):
 
 
 def test_digits_model_channels_last_is_bitwise_equal():
-    from deis_fast.digits import load_digits_model
+    from deis_fast.zoo.digits import load_digits_model
     m = load_digits_model()
     x = make_noise((4, 1, 8, 8))
     with torch.inference_mode():

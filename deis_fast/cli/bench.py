@@ -12,10 +12,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .cli_common import ArgumentParser, method_arg, positive_int
-from .sampler import sample
-from .schedules import Schedule
-from .testing import relative_errors
+from .common import ArgumentParser, method_arg, positive_int
+from ..sampler import sample
+from ..core.schedules import Schedule
+from ..testing import relative_errors
 
 __all__ = ["quality_main", "yardstick_main", "DIFFUSERS_SCHEDULERS", "run_diffusers", "Result", "evaluate", "markdown_table", "nfe_to_reach", "report"]
 
@@ -148,8 +148,8 @@ YARDSTICK_GRIDS = ["time_quadratic", "logsnr", "karras", "time_uniform"]
 def _optimized_result(label: str, model: Callable, sched: Schedule, method: str, kw: dict,
                       problems: Sequence[tuple[torch.Tensor, torch.Tensor]], nfes: Sequence[int], mix) -> Result:
     """Optimized grids, fit on 32 calibration noises (seed 100, exact reference), evaluated on ``problems``."""
-    from .grid_opt import optimize_grid
-    from .testing import reference_solution
+    from ..tuning.grids import optimize_grid
+    from ..testing import reference_solution
     cal = torch.randn(32, mix.dim, generator=torch.Generator().manual_seed(100), dtype=torch.float64)
     cref = reference_solution(mix, sched, cal, sched.t_max, sched.t_min)
     res = Result(label, "deis_fast")
@@ -187,7 +187,7 @@ def yardstick_main(argv: Sequence[str] | None = None) -> int:
     _require_diffusers(ap, args.no_diffusers)
     torch.set_num_threads(2)
     t0 = time.time()
-    from .testing import yardstick_problem
+    from ..testing import yardstick_problem
     mix, sched, noise, ref = yardstick_problem(args.samples)
     model = mix.model(sched)
     problems = [(noise, ref)]
@@ -247,8 +247,8 @@ class Problem:
 
 
 def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
-    from .testing import GaussianMixture, reference_solution
-    from .schedules import VPSchedule
+    from ..testing import GaussianMixture, reference_solution
+    from ..core.schedules import VPSchedule
     mix = GaussianMixture.random(8, 64, 0.3, 1234)
     sched = VPSchedule.discrete("linear")
 
@@ -262,8 +262,8 @@ def mixture_problem(seeds: int = 4, per_seed: int = 100) -> Problem:
 def digits_problem(seeds: int = 4, per_seed: int = 32, reference_nfe: int = 800, kind: str = "digits") -> Problem:
     """An embedded digits model in float64 (``kind`` 'digits': eps, VP; 'flow': rectified flow from t = 1);
     reference: rho_rk4 at ``reference_nfe`` NFE (logsnr grid for VP, the uniform FlowMatch grid for flow)."""
-    from .digits import digits_kind, load_digits_model
-    from .sampler import Sampler
+    from ..zoo.digits import digits_kind, load_digits_model
+    from ..sampler import Sampler
     k = digits_kind(kind)
     net = load_digits_model(dtype=torch.float64, kind=k.name)
     sched = k.schedule()
@@ -286,7 +286,7 @@ def quality_results(problem: Problem, nfes: Sequence[int], methods: Sequence[str
                     opt_nfes: dict[str, Sequence[int]], opt_budget: float, diffusers: bool = True,
                     log: Callable[[str], None] = print) -> list[Result]:
     """Fixed grids for every method x grid at every NFE; optimized grids for ``opt_nfes[method]``."""
-    from .grid_opt import optimize_grid
+    from ..tuning.grids import optimize_grid
     results: list[Result] = []
     for m in methods:
         for g in grids:

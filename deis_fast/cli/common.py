@@ -9,7 +9,6 @@ import json
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -22,7 +21,9 @@ __all__ = ["ArgumentParser", "UsageError", "int_at_least", "positive_int", "nonn
            "quiet_third_party"]
 
 
-from .solvers import DEFAULT_NFE  # noqa: E402  (one default NFE for the API and the CLI)
+from ..solvers import DEFAULT_NFE  # noqa: E402  (one default NFE for the API and the CLI)
+from .. import zoo as _zoo  # noqa: E402
+from ..zoo import MODEL_SCHEDULES, LoadedModel  # noqa: E402,F401  (LoadedModel: the return type of load_model)
 
 
 class UsageError(ValueError):
@@ -91,7 +92,7 @@ def pfdiff_arg(s: str) -> tuple[int, int]:
 
 def grid_arg(s: str) -> str | list[float]:
     """A grid name, or comma-separated times."""
-    from .grids import GRIDS, check_grid_name
+    from ..core.grids import GRIDS, check_grid_name
     if "," not in s:
         try:
             check_grid_name(s)
@@ -109,7 +110,7 @@ def grid_arg(s: str) -> str | list[float]:
 
 def method_arg(s: str) -> str:
     """A registered method name (with a 'did you mean' for near misses)."""
-    from .solvers import check_method
+    from ..solvers import check_method
     try:
         return check_method(s)
     except ValueError as e:
@@ -121,7 +122,7 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=method_arg, default="tab3", help="solver; 'deis-fast methods' lists them")
     p.add_argument("--nfe", type=positive_int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_NFE}; with a list --grid: from the grid)")
-    from .grids import GRIDS
+    from ..core.grids import GRIDS
     p.add_argument("--grid", type=grid_arg, default=None,
                    help=" | ".join(GRIDS) + ", or comma-separated times, which also set the NFE (default: the "
                         "method's recommended grid)")
@@ -214,7 +215,7 @@ def add_output_arguments(p: argparse.ArgumentParser, default: str) -> None:
 def check_backend_env(device_type: str = "cpu") -> None:
     """A bad ``DEIS_FAST_BACKEND`` (unknown, or unusable on ``device_type``) as a :class:`UsageError`, before any
     work is done."""
-    from .kernels import dispatch
+    from ..kernels import dispatch
     name = os.environ.get(dispatch.ENV_VAR) or None
     if name is None:
         return
@@ -255,7 +256,6 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------- models
-MODEL_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_CHOICES = ("eps", "epsilon", "x0", "sample", "v", "v_prediction")
 
 
@@ -271,76 +271,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "config's prediction_type for a folder, else eps)")
 
 
-@dataclass
-class LoadedModel:
-    """What :func:`load_model` returns: ``model(x, t)`` (t in the model's own units) with the ``schedule`` it was
-    trained under, its ``prediction`` type, the ``shape`` of one sample [C, H, W] and an id (name or folder)."""
-
-    model: Callable[..., Any]
-    schedule: Any
-    prediction: str
-    shape: tuple[int, ...]
-    model_id: str
-
-
-def _scheduler_config(root: str) -> dict | None:
-    for cand in (os.path.join(root, "scheduler", "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
-        if os.path.isfile(cand):
-            try:
-                with open(cand) as f:
-                    return json.load(f)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read {cand}: {e}") from None
-    return None
-
-
-def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               prediction: str | None = None, schedule: str | None = None) -> LoadedModel:
-    """An embedded digits model (``spec='digits'``: eps on DDPM's linear betas, ``'flow'``: rectified flow,
-    velocity, network time 1000 t; both [1, 8, 8], ~1 ms a call on a CPU) or a diffusers ``UNet2DModel`` folder,
-    frozen and in eval mode, with its schedule, prediction type and sample shape (``deis_fast.load_model``).
-    A bad spec or folder raises a :class:`UsageError` (a ValueError)."""
-    from .digits import DIGITS_KINDS
-    from .schedules import VPSchedule, schedule_from_diffusers_config
-    if spec in DIGITS_KINDS:
-        from .digits import DIGITS_SHAPE, load_digits_model
-        kind = DIGITS_KINDS[spec]
-        sched = kind.schedule()
-        if schedule is not None:
-            if kind.objective != "eps":
-                raise UsageError(f"--schedule is for VP models; the embedded {spec!r} model is a rectified-flow "
-                                 "model (x_t = (1 - t) x0 + t eps): drop --schedule")
-            sched = VPSchedule.discrete(schedule)
-        return LoadedModel(load_digits_model(device=device, dtype=dtype, kind=spec), sched,
-                           prediction or kind.prediction, tuple(DIGITS_SHAPE), spec)
-    root = os.path.abspath(spec)
-    if not os.path.isdir(root):
-        raise UsageError(f"--model {spec!r}: not one of {', '.join(map(repr, DIGITS_KINDS))} and not a directory")
-    unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
-    cfg = _scheduler_config(root)
-    if cfg is None and schedule is None:
-        raise UsageError(f"--model {spec!r} has no scheduler/scheduler_config.json: pass --schedule "
-                         f"({'|'.join(MODEL_SCHEDULES)}) and, unless it predicts eps, --prediction")
-    if schedule is not None:
-        cfg = dict(cfg or {}, beta_schedule=schedule)
+def load_model(spec: str, *args: Any, **kw: Any) -> LoadedModel:
+    """:func:`deis_fast.zoo.load_model` for the command line: a bad ``--model`` is a :class:`UsageError`."""
     try:
-        from diffusers import UNet2DModel
-    except ImportError:
-        raise UsageError(f"--model {spec!r} needs diffusers: pip install 'deis_fast[diffusers]'") from None
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # safetensors only, never pickle
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UsageError(f"--model {spec!r}: cannot load a UNet2DModel with safetensors weights: {e}") from None
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    size = unet.config.sample_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    shape = (int(unet.config.in_channels),) + tuple(int(s) for s in size)
-    pred = prediction or cfg.get("prediction_type", "epsilon")
-    try:
-        sched = schedule_from_diffusers_config(cfg)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"--model {spec!r}: unusable scheduler config: {e}") from None
-    return LoadedModel(unet, sched, pred, shape, root)
+        return _zoo.load_model(spec, *args, **kw)
+    except ValueError as e:
+        raise UsageError(f"--model {spec!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- noise

@@ -1,7 +1,7 @@
 """``deis-fast generate``: sharded, resumable, seed-deterministic bulk sample generation.
 
     deis-fast generate --num 50000 --outdir out --batch-size 64 --method tab3 --nfe 10
-    torchrun --nproc_per_node 4 -m deis_fast.generate --num 50000 --outdir out ...
+    torchrun --nproc_per_node 4 -m deis_fast.cli.generate --num 50000 --outdir out ...
 
 * Runs as one process, or under ``torchrun`` (``torch.distributed`` is initialised only when the
   ``WORLD_SIZE`` environment variable is > 1; backend nccl on CUDA, gloo on CPU). Rank r of K takes the
@@ -46,10 +46,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cli_common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_solver_arguments,
+from .common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_solver_arguments,
                          check_backend_env, initial_noise, load_model, nonneg_int, png_bytes, positive_int, resolve_nfe,
                          solver_options)
-from .sampler import NonFiniteError
+from ..sampler import NonFiniteError
 
 __all__ = ["add_arguments", "run", "main", "build_parser", "FixedBatchModel", "initial_noise", "make_sampler",
            "sample_images", "GenerateError", "verify_outdir", "write_png", "read_records", "MODEL_BATCH"]
@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU intra-op threads per process (default 1 on CPU: results depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .cli_tune import add_tuned_argument
+    from .tune import add_tuned_argument
     add_tuned_argument(parser)
 
 
@@ -338,14 +338,14 @@ def run(args: argparse.Namespace) -> int:
 
 def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL_BATCH):
     """The sampler both ``sample`` and ``generate`` run: the model called on fixed chunks of ``model_batch``."""
-    import deis_fast
-    from .cli_tune import tuned_plan_for
+    from ..sampler import Sampler
+    from .tune import tuned_plan_for
     opts = solver_options(args)
     plan = tuned_plan_for(args, loaded) if getattr(args, "tuned", None) else None
     try:
         what = {"plan": plan} if plan is not None else {"method": args.method, "nfe": resolve_nfe(args),
                                                         "grid": args.grid}
-        return deis_fast.Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule,
+        return Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule,
                                  prediction=loaded.prediction, **what, **opts)
     except (ValueError, TypeError) as e:
         raise GenerateError(f"invalid sampler options: {e}") from None
@@ -473,7 +473,7 @@ def _short(v: Any) -> str:
 def _write_batch(outdir: str, fmt: str, idx: list[int], seeds: list[int], x: torch.Tensor, common: dict) -> None:
     """Write one batch: a pending journal naming its data files, the files, their record, then drop the journal.
     A crash at any point leaves only files that the journal or the record names (see :func:`_cleanup`)."""
-    from .digits import to_image
+    from ..zoo.digits import to_image
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     arr = x.detach().cpu().numpy()
     if fmt == "png":

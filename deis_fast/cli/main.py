@@ -9,7 +9,7 @@
     deis-fast tune --model digits --nfe 5 --out digits_nfe5.json # tune a grid (--plan: a plan) to a model
     deis-fast plan --method pfdiff --nfe 4 [--json]              # the compiled plan, with coefficients
     deis-fast bench yardstick --nfe 5 10 20                      # the public yardstick table
-    deis-fast bench quality ...                                  # when deis_fast.benchmarking has it
+    deis-fast bench quality ...                                  # when deis_fast.cli.bench has it
 
 Exit codes: 0 success, 2 bad usage, input, environment variable or output folder (one-line message),
 1 internal failure (with the traceback), 130 interrupted (Ctrl-C).
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .cli_common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_output_arguments,
+from .common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_output_arguments,
                          add_solver_arguments, check_backend_env, claim_outdir, method_arg, nonneg_int, png_bytes,
                          positive_int, quiet_third_party, solver_options)
 
@@ -35,7 +35,7 @@ SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "vp-linear", "vp-co
 
 
 def _schedule(name: str):
-    from .schedules import VESchedule, VPSchedule
+    from ..core.schedules import VESchedule, VPSchedule
     if name in ("linear", "scaled_linear", "squaredcos_cap_v2"):
         return VPSchedule.discrete(name)
     if name == "vp-linear":
@@ -102,10 +102,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    import deis_fast
-    from .cli_common import load_model
-    from .digits import to_image
-    from .testing import relative_errors
+    from ..sampler import randn_per_sample, sample
+    from .common import load_model
+    from ..zoo.digits import to_image
+    from ..testing import relative_errors
 
     _require("matplotlib", "PIL")  # before computing anything
     check_backend_env("cpu")
@@ -120,11 +120,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     claim_outdir(args.outdir, "demo", DEMO_FILES, args.overwrite)
     loaded = load_model(args.model)
     model, sched, pred = loaded.model, loaded.schedule, loaded.prediction
-    noise = deis_fast.randn_per_sample((n_samples,) + loaded.shape, range(args.seed, args.seed + n_samples))
+    noise = randn_per_sample((n_samples,) + loaded.shape, range(args.seed, args.seed + n_samples))
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     with torch.no_grad():
         t0 = time.time()
-        ref = deis_fast.sample(model, noise, sched, ref_method, ref_nfe, prediction=pred)
+        ref = sample(model, noise, sched, ref_method, ref_nfe, prediction=pred)
         t_ref = time.time() - t0
         log(f"reference: {ref_method} at {ref_nfe} NFE, {n_samples} samples, {t_ref:.1f} s")
         results: dict[str, dict[int, float]] = {}
@@ -132,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for m in methods:
             results[m] = {}
             for n in nfes:
-                x = deis_fast.sample(model, noise, sched, m, n, prediction=pred)
+                x = sample(model, noise, sched, m, n, prediction=pred)
                 results[m][n] = float(relative_errors(x, ref).median())
                 images[(m, n)] = to_image(x[:DEMO_COLS, 0])
     # samples.png: reference row, then one row per (method, NFE)
@@ -195,8 +195,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_common import load_model
-    from .digits import DIGITS_KINDS, to_image
+    from .common import load_model
+    from ..zoo.digits import DIGITS_KINDS, to_image
     from .generate import make_sampler, sample_images
 
     check_backend_env("cpu")
@@ -246,7 +246,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def plan_to_dict(plan) -> dict:
-    from .plan import Eval
+    from ..core.plan import Eval
     ops = []
     for op in plan.ops:
         if isinstance(op, Eval):
@@ -262,12 +262,12 @@ def plan_to_dict(plan) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import deis_fast
-    from .cli_common import resolve_nfe
+    from ..sampler import build_plan
+    from .common import resolve_nfe
     sched = _schedule(args.schedule)
     opts = solver_options(args)
     try:
-        plan = deis_fast.build_plan(sched, args.method, resolve_nfe(args), args.grid, args.t_start, args.t_end,
+        plan = build_plan(sched, args.method, resolve_nfe(args), args.grid, args.t_start, args.t_end,
                                     lower_order_final=args.lower_order_final,
                                     integer_timesteps=args.integer_timesteps, **opts)
     except (ValueError, TypeError) as e:
@@ -286,7 +286,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import benchmarking
+    from . import bench as benchmarking
     check_backend_env("cpu")
     rest = list(args.args)
     if args.which == "yardstick":
@@ -298,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .solvers import ALIASES, describe_methods
+    from ..solvers import ALIASES, describe_methods
     for name, text in describe_methods():
         print(f"{name:14s} {text}")
     print("aliases: " + ", ".join(f"{a} = {m}" for a, m in ALIASES.items()))
@@ -306,8 +306,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from . import cli_tune, generate
+    from .._version import __version__
+    from . import tune as cli_tune, generate
     fmt = HelpFormatter
     p = ArgumentParser(
         prog="deis-fast",

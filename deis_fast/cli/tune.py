@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
-from .cli_common import (UsageError, finite_float, nonneg_int, pfdiff_arg, positive_int,
+from .common import (UsageError, finite_float, nonneg_int, pfdiff_arg, positive_int,
                          solver_options)
 
 __all__ = ["add_tune_parser", "add_tuned_argument", "tuned_plan_for", "cmd_tune"]
@@ -31,7 +30,7 @@ def add_tuned_argument(p: argparse.ArgumentParser) -> None:
 
 def tuned_plan_for(args: argparse.Namespace, loaded: Any):
     """The plan of ``args.tuned``, checked against the loaded model and the options given (UsageError if not)."""
-    from .tuning import TunedFileError, TunedMismatchError, load_tuned, tuned_plan
+    from ..tuning.files import TunedFileError, TunedMismatchError, load_tuned, tuned_plan
     try:
         t = load_tuned(args.tuned)
         if args.grid is not None:
@@ -47,7 +46,7 @@ def tuned_plan_for(args: argparse.Namespace, loaded: Any):
 
 
 def add_tune_parser(sub: Any) -> None:
-    from .tuning import AUTO_METHODS
+    from ..tuning import AUTO_METHODS
     fmt = argparse.ArgumentDefaultsHelpFormatter
     t = sub.add_parser("tune", formatter_class=fmt,
                        help="tune a method, its grid (and optionally a plan) to a model; writes a file for --tuned",
@@ -97,7 +96,7 @@ def _methods_arg(s: str) -> str | list[str]:
     """'auto', one method name, or a comma-separated list of candidates (each NAME or NAME+corrector)."""
     if s == "auto":
         return s
-    from .tuning import _candidates
+    from ..tuning.search import _candidates
     names = [m.strip() for m in s.split(",") if m.strip()]
     try:
         _candidates(names, {})
@@ -121,8 +120,9 @@ def _prompts(path: str, n_cal: int, n_ho: int) -> tuple[list[str], list[str]]:
 def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
-    from . import tuning
-    from .tuning import AUTO_METHODS
+    from .. import tuning
+    from ..tuning import AUTO_METHODS
+    from ..tuning.files import _fmt, _label
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -148,13 +148,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 pipe = DiffusionPipeline.from_pretrained(args.model, use_safetensors=True)   # never pickle
             except (OSError, ValueError) as e:
                 raise UsageError(f"--model {args.model!r}: cannot load a diffusers pipeline: {e}") from None
-            t = tuning.tune_pipeline(pipe, cal, ho, method, args.nfe, guidance_scale=args.guidance_scale,
-                                     negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                                     noises_per_prompt=args.noises_per_prompt, seed=args.seed,
-                                     meta={"model": os.path.abspath(args.model)}, **common)
+            from ..integrations.diffusers.pipeline import tune_pipeline
+            t = tune_pipeline(pipe, cal, ho, method, args.nfe, guidance_scale=args.guidance_scale,
+                              negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                              noises_per_prompt=args.noises_per_prompt, seed=args.seed,
+                              meta={"model": os.path.abspath(args.model)}, **common)
         else:
-            from .cli_common import load_model
-            from .digits import DIGITS_KINDS
+            from .common import load_model
+            from ..zoo.digits import DIGITS_KINDS
             # the embedded models are tiny: tune in float64 (a cleaner reference); the grid serves float32 too
             loaded = load_model(args.model, dtype=torch.float64 if args.model in DIGITS_KINDS else torch.float32)
             t = tuning.tune(loaded.model, loaded.schedule, method, args.nfe, prediction=loaded.prediction,
@@ -170,14 +171,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
                           "errors": e, "candidates": t.meta.get("candidates"),
                           "seconds": round(secs, 1)}))
     elif not args.quiet:
-        label = tuning._label(t.method, t.options)
+        label = _label(t.method, t.options)
         cands = t.meta.get("candidates")
         if cands:
             print(f"\nmethod search at NFE {t.nfe} (each on its tuned grid; chosen on the {t.meta.get('calibration')} "
                   "calibration noises, the held-out column only for the record):\n")
             print("| candidate | calibration error | held-out error |\n|---|---|---|")
             for c in cands:
-                print(f"| {c['method']} | {tuning._fmt(c['calibration_error'])} | {tuning._fmt(c['held_out_error'])} |")
+                print(f"| {c['method']} | {_fmt(c['calibration_error'])} | {_fmt(c['held_out_error'])} |")
         rows = [(f"untuned ({cands[0]['method']}, default grid)" if cands else "untuned", e.get("held_out_untuned")),
                 (f"tuned grid ({t.meta['chosen']})" if cands else "tuned grid", e.get("held_out_grid"))]
         if "held_out_plan" in e:
@@ -186,9 +187,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"({t.meta.get('reference')}, {t.meta.get('held_out')} held-out samples):\n")
         print("| configuration | held-out error |\n|---|---|")
         for name, v in rows:
-            print(f"| {name} | {tuning._fmt(v)} |")
+            print(f"| {name} | {_fmt(v)} |")
         kept = {"untuned": "the untuned configuration (tuning did not beat it)", "grid": "the tuned grid",
                 "plan": "the tuned plan"}[t.kind]
-        print(f"\nkept {kept}: {tuning._fmt(e.get('held_out_untuned'))} -> {tuning._fmt(e.get('held_out_tuned'))}; "
+        print(f"\nkept {kept}: {_fmt(e.get('held_out_untuned'))} -> {_fmt(e.get('held_out_tuned'))}; "
               f"wrote {args.out} ({secs:.1f} s)")
     return 0

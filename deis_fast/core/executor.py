@@ -3,7 +3,7 @@
 :class:`~deis_fast.sampler.Sampler` runs whole plans with a preallocated :class:`Workspace`; the CUDA-graph
 sampler captures the same loop; :class:`~deis_fast.integrations.diffusers.DEISFastScheduler` runs one
 segment per ``step()`` (the ops from Eval k up to Eval k+1) with the pipeline's own network output.
-Evals are handed to an ``evaluate`` callback; every Combine is one :func:`deis_fast.ops.combine`.
+Evals are handed to an ``evaluate`` callback; every Combine is one :func:`deis_fast.core.ops.combine`.
 """
 from __future__ import annotations
 

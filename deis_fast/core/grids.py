@@ -64,7 +64,7 @@ def linear_quadratic_fractions(steps: int, threshold_noise: float = 0.025, linea
 
 
 # Grid names that need the model and calibration noise to be resolved (name -> resolver(model, schedule, method,
-# nfe, calibration_noise, t_start, t_end, **kw) -> a grid with .method and .pfdiff). deis_fast.grid_opt registers
+# nfe, calibration_noise, t_start, t_end, **kw) -> a grid with .method and .pfdiff). deis_fast.tuning.grids registers
 # "optimized"; the sampler looks names up here, so it never imports the optimizer.
 MODEL_GRIDS: dict = {}
 

@@ -6,11 +6,11 @@ from typing import Sequence
 
 import torch
 
-from .kernels import dispatch as _dispatch
-from .kernels.dispatch import BackendUnavailableError  # noqa: F401  (re-export)
-from .kernels.reference import combine_torch  # noqa: F401  (re-export, the reference)
+from ..kernels import dispatch as _dispatch
+from ..kernels.dispatch import BackendUnavailableError  # noqa: F401  (re-export)
+from ..kernels.reference import combine_torch  # noqa: F401  (re-export, the reference)
 
-from .kernels import MAX_SOURCES  # noqa: E402  (re-export)
+from ..kernels import MAX_SOURCES  # noqa: E402  (re-export)
 
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack

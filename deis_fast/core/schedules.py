@@ -433,7 +433,7 @@ def flow_schedule_from_diffusers_config(config: Mapping[str, Any], mu: float | N
     if cfg.get("use_dynamic_shifting", False):
         if mu is None:
             raise ValueError("use_dynamic_shifting=True needs mu (FLUX pipelines pass mu = calculate_shift(image "
-                             "token count); deis_fast.schedules.flux_mu computes it)")
+                             "token count); deis_fast.core.schedules.flux_mu computes it)")
         kind = cfg.get("time_shift_type", "exponential")
         if kind not in ("exponential", "linear"):
             raise ValueError(f"unknown time_shift_type {kind!r}; use 'exponential' or 'linear'")

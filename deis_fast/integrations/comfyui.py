@@ -22,8 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..grids import make_grid
-from ..schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from ..core.grids import make_grid
+from ..core.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from ..solvers import PlanOptions, resolve
 from ..solvers.build import builder_options
 from ..solvers.pfdiff import check_kh
@@ -166,7 +166,7 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
 
 
 def _load_tuned(path: str, node: str) -> Any:
-    from ..tuning import TunedFileError, load_tuned
+    from ..tuning.files import TunedFileError, load_tuned
     try:
         return load_tuned(path)
     except TunedFileError as e:
@@ -212,7 +212,7 @@ def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_samplin
     """A flow file tuned in the network's own time (ComfyUI's ``multiplier``: ``deis-fast tune --model flow``'s
     time scale 1000) holds the same grid in the node's time (sigma in [0, 1]): it is that file, for the node's
     schedule. A learned plan keeps the network times it was fitted at, so it is left to be refused."""
-    from ..schedules import schedule_fingerprint
+    from ..core.schedules import schedule_fingerprint
     scale = float(getattr(model_sampling, "multiplier", 1.0))
     if model_type != "const" or schedule is None or t.kind == "plan" or scale == 1.0:
         return t
@@ -225,7 +225,7 @@ def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_samplin
 def _check_tuned_schedule(t: Any, path: str, node: str, model_type: str, schedule: Schedule | None) -> None:
     if schedule is None:   # EDM / continuous-sigma models: sample_deis_fast checks the VE range of the sigmas
         return
-    from ..schedules import schedule_fingerprint
+    from ..core.schedules import schedule_fingerprint
     fp = schedule_fingerprint(schedule)
     if fp != t.schedule_fingerprint:
         kind = "flow (CONST) model" if model_type == "const" else "discrete (DDPM) model"
@@ -239,7 +239,7 @@ def _check_tuned_schedule(t: Any, path: str, node: str, model_type: str, schedul
 def _sample_tuned(path, model, x, sigmas, extra_args, callback, disable, method, model_type, schedule, pfdiff_steps,
                   run) -> torch.Tensor:
     """The Sampler node with a tuned file: sample_deis_fast(..., tuned=path), its refusals in the node's terms."""
-    from ..tuning import TunedMismatchError
+    from ..tuning.files import TunedMismatchError
     t = _as_solved(_load_tuned(path, "DEIS-fast Sampler"), model_type, schedule, _model_sampling_of(model))
     _check_tuned_schedule(t, path, "DEIS-fast Sampler", model_type, schedule)
     grid = "resample" if method == "pfdiff" and pfdiff_steps == "calls" else "given"
@@ -545,7 +545,7 @@ def digits_model(kind: str = "digits", shift: float = 1.0, device: str = "cpu") 
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models_base
-    from ..digits import DIGITS_BETA_END, DIGITS_BETA_START, load_digits_model
+    from ..zoo.digits import DIGITS_BETA_END, DIGITS_BETA_START, load_digits_model
 
     class DigitsLatent(comfy.latent_formats.LatentFormat):
         latent_channels = 1

@@ -23,10 +23,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..grids import ays_sigmas, kl_optimal_sigmas, linear_quadratic_fractions
-from ..plan import Eval
+from ..core.grids import ays_sigmas, kl_optimal_sigmas, linear_quadratic_fractions
+from ..core.plan import Eval
 from ..sampler import Sampler
-from ..schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
+from ..core.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
 from ..solvers import PlanOptions, nfe_for_intervals, resolve
 from ..solvers.pfdiff import check_kh
 
@@ -314,7 +314,7 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
 def _default_method(tuned: Any, options: dict) -> tuple[str, dict]:
     if tuned is None:
         return "tab3", options
-    from ..tuning import load_tuned
+    from ..tuning.files import load_tuned
     t = load_tuned(tuned)
     return t.method, {**t.plan_options, **options}
 
@@ -323,7 +323,7 @@ def _tuned_grid(tuned: Any, kind: _Kind, method: str, plan_opts: PlanOptions, gr
                 options: dict) -> tuple[np.ndarray, dict]:
     """The sigmas of a tuned file's plan (checked against this call's schedule, method and NFE) and the options
     that run it: the plan alone, with the noise options the caller gave."""
-    from ..tuning import TunedMismatchError, k_diffusion_plan
+    from ..tuning.files import TunedMismatchError, k_diffusion_plan
     stages = resolve(method, plan_opts)[0].stages
     nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts) or (len(grid) - 1) * stages
     sched = kind.given if kind.const and kind.given is not None else kind.schedule

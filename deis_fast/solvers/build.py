@@ -1,4 +1,4 @@
-"""From (schedule, method, nfe, grid, options) to a :class:`~deis_fast.plan.Plan`: the one place that resolves a
+"""From (schedule, method, nfe, grid, options) to a :class:`~deis_fast.core.plan.Plan`: the one place that resolves a
 method name (PFDiff included), checks the NFE budget, makes the grid and applies the plan options."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..grids import BETA_AB, GridSpec, grid_rho, make_grid
-from ..plan import Plan
-from ..schedules import FlowSchedule, Schedule, schedule_fingerprint
-from . import METHOD_SPECS, MethodSpec, get_method
+from ..core.grids import BETA_AB, GridSpec, grid_rho, make_grid
+from ..core.plan import Plan
+from ..core.schedules import FlowSchedule, Schedule, schedule_fingerprint
+from .registry import METHOD_SPECS, MethodSpec, get_method
 from .pfdiff import DEFAULT_KH, check_kh, pfdiff_plan
 from .restart import eval_at_time, tail_plan
 from .unipc import check_variant

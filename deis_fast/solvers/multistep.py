@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..coefficients import StepRow, data_ab_rows, dpmsolver_eps_rows, eps_ab_rows, ipndm_rows, points_per_step
-from ..plan import Plan, PlanBuilder
+from ..core.coefficients import StepRow, data_ab_rows, dpmsolver_eps_rows, eps_ab_rows, ipndm_rows, points_per_step
+from ..core.plan import Plan, PlanBuilder
 
 
 def _points(n_steps: int, points: int, rho: np.ndarray, lower_order_final: bool, single_point_to_zero: bool) -> list[int]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..coefficients import lagrange_integrals_inf, pure_noise_row
-from ..grids import BETA_AB, grid_rho, make_grid
-from ..plan import Plan, PlanBuilder
+from ..core.coefficients import lagrange_integrals_inf, pure_noise_row
+from ..core.grids import BETA_AB, grid_rho, make_grid
+from ..core.plan import Plan, PlanBuilder
 from .multistep import start_eps_terms
-from ..schedules import FlowSchedule
+from ..core.schedules import FlowSchedule
 from .stochastic import ancestral_split
 
 DEFAULT_KH = (2, 1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 
-from ..plan import Combine, Eval, Plan, PlanBuilder
+from ..core.plan import Combine, Eval, Plan, PlanBuilder
 
 __all__ = ["eval_at_time", "tail_plan"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import Plan, PlanBuilder
+from ..core.plan import Plan, PlanBuilder
 
 # name: (A lower-triangular rows, b, c, order)
 TABLEAUS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...], tuple[float, ...], int]] = {

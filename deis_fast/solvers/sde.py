@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from ..coefficients import dpmsolver_eps_rows, dpmsolver_rows
-from ..plan import Plan
+from ..core.coefficients import dpmsolver_eps_rows, dpmsolver_rows
+from ..core.plan import Plan
 from .multistep import _points, multistep_plan
 from .unipc import check_variant
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..coefficients import StepRow, pure_noise_row
-from ..plan import Plan
+from ..core.coefficients import StepRow, pure_noise_row
+from ..core.plan import Plan
 from .multistep import multistep_plan
 
 

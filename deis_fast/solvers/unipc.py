@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..coefficients import _data_form_rows
-from ..plan import Plan
+from ..core.coefficients import _data_form_rows
+from ..core.plan import Plan
 from .multistep import _points, check_disable_corrector, corrections, multistep_plan
 
 VARIANTS = ("bh2", "bh1")

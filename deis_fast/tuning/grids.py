@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .grids import MODEL_GRIDS, make_grid
-from . import solvers as _solvers
-from .sampler import Sampler, build_plan
-from .schedules import Schedule, VPSchedule, schedule_fingerprint
+from ..core.grids import MODEL_GRIDS, make_grid
+from .. import solvers as _solvers
+from ..sampler import Sampler, build_plan
+from ..core.schedules import Schedule, VPSchedule, schedule_fingerprint
 
 __all__ = ["OptimizedGrid", "optimize_grid", "grid_intervals", "grid_from_theta", "theta_from_grid", "save_grid",
            "load_grid"]

@@ -5,7 +5,7 @@ NFE that model is coarse, and the best linear combination of the same network ou
 different. :func:`learn_plan` fits it end to end, S4S-style (Frankel et al. 2025, "S4S: Solving for a diffusion
 model solver"): Adam on multiplicative changes of the Combine coefficients and log-changes of the time each Eval
 feeds the network, through the unrolled solve, against a fine reference solution of calibration noises, keeping the
-iterate that does best on a held-out part of them. The result is a :class:`~deis_fast.plan.Plan` like any other:
+iterate that does best on a held-out part of them. The result is a :class:`~deis_fast.core.plan.Plan` like any other:
 the same executor, fused combines, CUDA graphs and ``torch.compile``. The fit needs a model that autograd can run
 through (a plain ``nn.Module``); a model whose time input is not differentiable keeps its Eval times.
 """
@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .models import ModelAdapter
-from .plan import Combine, Eval, Plan
-from .schedules import Schedule
+from ..core.adapters import ModelAdapter
+from ..core.plan import Combine, Eval, Plan
+from ..core.schedules import Schedule
 
 __all__ = ["LearnedPlan", "learn_plan", "save_plan", "load_plan"]
 
@@ -108,8 +108,8 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     ``cond``: the model's keyword arguments; tensors with one row per noise are indexed with it. Stochastic plans
     (noise draws) are refused.
     """
-    from .sampler import check_plan_for
-    from .testing import relative_errors  # here, not at import: it pulls in scipy
+    from ..sampler import check_plan_for
+    from ..testing import relative_errors  # here, not at import: it pulls in scipy
 
     check_plan_for(plan, schedule)
     if plan.num_noise:

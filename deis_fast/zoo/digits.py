@@ -89,7 +89,7 @@ class DigitsKind:
 
     def schedule(self) -> Any:
         """The :class:`deis_fast.Schedule` the model was trained under."""
-        from .schedules import FlowSchedule, VPSchedule
+        from ..core.schedules import FlowSchedule, VPSchedule
         if self.objective == "flow":
             return FlowSchedule(shift=1.0, time_scale=FLOW_TIME_SCALE)
         return VPSchedule.discrete(DIGITS_SCHEDULE)

@@ -7,7 +7,7 @@
 How it works. ``set_timesteps(n)`` compiles a deis_fast :class:`~deis_fast.Plan` with ``n`` network
 evaluations (Evals) and sets ``timesteps`` to the model times of those Evals, in order. The pipeline
 then calls the network once per timestep and hands the output to ``step()``; ``step()`` receives the
-output of Eval k, runs the plan's Combines up to the next Eval (one fused ``deis_fast.ops.combine``
+output of Eval k, runs the plan's Combines up to the next Eval (one fused ``deis_fast.core.ops.combine``
 each, python-float coefficients, no host sync) and returns the state Eval k+1 is called on — the
 solver state, or for PFDiff the springboard, or for Runge-Kutta methods a stage — and after the last
 Eval the final sample. The model-output history lives in the scheduler's slots. So every plan works,
@@ -75,17 +75,17 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("deis_fast.integrations.diffusers needs diffusers: pip install diffusers") from e
 
-from ..grids import GRIDS, grid_rho, make_grid
-from ..models import check_prediction, check_threshold, convert_output, normalize_prediction
-from ..executor import run_plan, segments
-from ..plan import Eval, Plan
-from ..sampler import build_plan, default_grid
-from ..schedules import (FlowSchedule, Schedule, VPSchedule, flow_schedule_from_diffusers_config,
+from ...core.grids import GRIDS, grid_rho, make_grid
+from ...core.adapters import check_prediction, check_threshold, convert_output, normalize_prediction
+from ...core.executor import run_plan, segments
+from ...core.plan import Eval, Plan
+from ...sampler import build_plan, default_grid
+from ...core.schedules import (FlowSchedule, Schedule, VPSchedule, flow_schedule_from_diffusers_config,
                          schedule_from_diffusers_config)
-from ..solvers import PlanOptions, check_method, resolve
-from ..solvers.build import builder_options
-from . import diffusers_config as dc
-from .diffusers_config import equivalent_method
+from ...solvers import PlanOptions, check_method, resolve
+from ...solvers.build import builder_options
+from . import config as dc
+from .config import equivalent_method
 
 __all__ = ["DEISFastScheduler", "equivalent_method"]
 
@@ -197,13 +197,13 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                           "(as diffusers' DPM-Solver and UniPC do), since an eps prediction says nothing about x0 at "
                           "alpha = 0; use a v_prediction model for true zero terminal SNR", UserWarning, stacklevel=3)
         if method is None:  # the tuned file's method (and its options: the plan is the file's), else the default
-            from ..tuning import load_tuned
+            from ...tuning.files import load_tuned
             method = "tab3" if tuned is None else load_tuned(tuned).method
             self.register_to_config(method=method)
         check_method(method)  # validates the name with a helpful message
         _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)
         if tuned is not None:  # a file from deis_fast.tuning: refused now if corrupt or for another model / method
-            from ..tuning import load_tuned
+            from ...tuning.files import load_tuned
             load_tuned(tuned).check(schedule=None if use_dynamic_shifting else self.schedule, method=method,
                                     prediction=self.prediction, source=str(tuned))
         if timestep_type not in _TIMESTEP_TYPES:
@@ -372,7 +372,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if self.config.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("use_dynamic_shifting=True needs set_timesteps(..., mu=): FLUX-style pipelines pass "
-                                 "it; deis_fast.schedules.flux_mu(image_seq_len) computes it")
+                                 "it; deis_fast.core.schedules.flux_mu(image_seq_len) computes it")
             return float(mu)
         if mu is not None and not self._warned_mu:
             self._warned_mu = True
@@ -388,7 +388,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             if timesteps is not None:
                 raise ValueError("this scheduler has tuned= (its grid is the tuned one): call set_timesteps("
                                  "num_inference_steps) without timesteps")
-            from ..tuning import tuned_plan
+            from ...tuning.files import tuned_plan
             plan, self._build_kw = tuned_plan(cfg.tuned, self.schedule, cfg.method, n, prediction=self.prediction)
             return plan
         spec, o = resolve(cfg.method, PlanOptions(pfdiff=tuple(cfg.pfdiff) if cfg.pfdiff is not None else None))
@@ -594,7 +594,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._start(timestep)
             if self.config.tuned is not None:  # the scheduler sees the latent size, not the guidance scale
-                from ..tuning import check_latent_shape
+                from ...tuning.files import check_latent_shape
                 check_latent_shape(self.config.tuned, sample.shape)
         k = self._step_index - (self.plan.nfe - self._run_plan.nfe)  # the Eval of the plan being run
         if k >= len(self._segments):

@@ -1,0 +1,84 @@
+"""deis-fast tune / sample --tuned / generate --tuned on the embedded models (small sizes: the real measurement is
+benchmarks/tuned_cli.py)."""
+import json
+
+import pytest
+
+from deis_fast import cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tuned_digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    out = d / "d5.json"
+    rc = cli.main(["tune", "--model", "digits", "--nfe", "5", "--method", "ipndm4", "--out", str(out),
+                   "--calibration", "12", "--held-out", "6", "--time-budget", "2", "--reference-nfe", "40",
+                   "--cache", str(d / "cache"), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_tune_writes_a_file_that_sample_and_generate_load(tuned_digits, tmp_path, capsys):
+    d = json.loads(tuned_digits.read_text())["payload"]
+    assert d["method"] == "ipndm4" and d["nfe"] == 5 and d["meta"]["model"] == "digits"
+    assert d["errors"]["held_out_tuned"] <= d["errors"]["held_out_untuned"]
+    capsys.readouterr()
+    assert cli.main(["sample", "--tuned", str(tuned_digits), "--num", "2", "--outdir", str(tmp_path / "s"),
+                     "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "ipndm4" and info["nfe"] == 5
+    assert cli.main(["generate", "--tuned", str(tuned_digits), "--num", "2", "--outdir", str(tmp_path / "g"),
+                     "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert cfg["times"] == pytest.approx(d["grid"]) and cfg["tuned"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--nfe", "7"], "NFE 5, not 7"),
+                                            (["--model", "flow"], "schedule"),
+                                            (["--method", "tab3", "--grid", "logsnr"], "drop --grid"),
+                                            (["--method", "dpmpp2"], "method 'ipndm4'")])
+def test_sample_refuses_a_mismatched_tuned_file(tuned_digits, tmp_path, capsys, extra, message):
+    rc = cli.main(["sample", "--tuned", str(tuned_digits), "--num", "1", "--outdir", str(tmp_path / "s")] + extra)
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_sample_refuses_an_edited_tuned_file(tuned_digits, tmp_path, capsys):
+    d = json.loads(tuned_digits.read_text())
+    d["payload"]["grid"][1] += 1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    rc = cli.main(["sample", "--tuned", str(bad), "--num", "1", "--outdir", str(tmp_path / "s")])
+    assert rc == 2 and "checksum" in capsys.readouterr().err
+
+
+def test_tune_prints_the_table(tmp_path, capsys):
+    """No --method: the method search (its table), the file's method then runs `sample --tuned` without --method."""
+    out_file = tmp_path / "f.json"
+    rc = cli.main(["tune", "--model", "flow", "--nfe", "3", "--out", str(out_file), "--calibration", "8",
+                   "--held-out", "4", "--time-budget", "1", "--reference-nfe", "20", "--cache", ""])
+    out = capsys.readouterr().out
+    assert rc == 0 and "method search" in out and "| tab2+corrector |" in out and "wrote" in out
+    assert "| untuned (tab3, default grid) |" in out and "| tuned grid (" in out
+    d = json.loads(out_file.read_text())["payload"]
+    assert cli.main(["sample", "--model", "flow", "--tuned", str(out_file), "--num", "1", "--outdir",
+                     str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == d["method"]
+    rc = cli.main(["tune", "--model", "flow", "--corrector", "--out", str(tmp_path / "g.json")])
+    assert rc == 2 and "--corrector needs --method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["flow_tab3_nfe5.json", "digits_tab2_nfe5.json", "digits_pfdiff_nfe7.json",
+                                  "digits_nfe5.json", "flow_nfe7.json"])
+def test_committed_tuned_files_load_for_their_model(name):
+    import os
+
+    from deis_fast.cli.common import load_model
+    from deis_fast.tuning import load_tuned
+    t = load_tuned(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tuned", name))
+    if name.count("_") == 1:   # a method search's file: the method it chose
+        from deis_fast.tuning.files import _label
+        assert t.meta["chosen"] == _label(t.method, t.options)
+    plan = t.make_plan(load_model(name.split("_")[0]).schedule)
+    assert plan.nfe == t.nfe and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]
