@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from deis_fast import cli
-from deis_fast.cli_common import initial_noise, load_model
-from deis_fast.generate import make_sampler, sample_images
+from deis_fast.cli import main as cli
+from deis_fast.cli.common import initial_noise, load_model
+from deis_fast.cli.generate import make_sampler, sample_images
 from deis_fast.sampler import Sampler
 from deis_fast.testing import relative_errors
 from deis_fast.tuning.files import _label, load_tuned

@@ -1,20 +1,20 @@
-"""Every ```python block of README.md runs, as written, in README order.
+"""Every ```python block of README.md and of the docs/ pages runs, as written, each on its own.
 
-How it works (follow this when you add a README snippet):
+How it works (follow this when you add a snippet):
 
-* The blocks run one after another in one namespace, like notebook cells: a block may use what an earlier block
-  defined (``model``, ``sched``, ``noise``, ...). A snippet should define what it needs itself, with
-  ``deis_fast.load_model("digits" | "flow")`` (the embedded 8x8 models) as its model where it needs one.
+* Each block runs in a fresh namespace, so a block must define what it uses (imports, the model, the schedule):
+  a reader can paste any one block alone. ``deis_fast.load_model("digits" | "flow")`` (the embedded 8x8 models)
+  is the model to use where a snippet needs one.
 * What a snippet cannot define offline is a *stand-in* in :func:`standins`: a name the snippet uses as a
   placeholder for the user's own thing (``model_id`` = a tiny Stable Diffusion pipeline saved to a temporary
   folder, ``flux_id`` = a tiny FLUX pipeline with CLIP and T5 text encoders, likewise, ``prompt``, ``init``,
-  ``mask``, a k-diffusion ``denoiser`` and its ``c``). Add the smallest one that works.
+  ``mask``). Add the smallest one that works.
 * ``SHRINK``: (text, replacement) pairs applied to the blocks only to make them cheap (fewer noises or steps),
   never to change what they do; each must occur in some block.
 * ``SKIP``: {text that identifies a block: why it cannot run here}. Keep it short; each key must match exactly
   one block, so that a stale entry fails.
-* Each block is one test (``test_readme_snippet[N]``); running one runs the blocks before it first. The blocks run
-  in a temporary working folder (files they write, e.g. ``save_plan(..., "x.json")``, land there).
+* Each block is one test (``test_snippet[docs/x.md:N]``), run in a temporary working folder (files it writes, e.g.
+  ``save_plan(..., "x.json")``, land there).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                              if f.endswith(".md"))
 
 SKIP: dict[str, str] = {}
 SHRINK = [
@@ -52,15 +53,16 @@ def skip_reason(code: str) -> str | None:
     return next((why for key, why in SKIP.items() if key in code), None)
 
 
-BLOCKS = readme_blocks(open(README, encoding="utf-8").read())
+BLOCKS = {f"{doc}:{i}": code for doc in DOCS
+          for i, code in enumerate(readme_blocks(open(os.path.join(ROOT, doc), encoding="utf-8").read()))}
 
 
 def test_readme_has_snippets_and_the_lists_are_current():
-    assert len(BLOCKS) >= 6
+    assert sum(k.startswith("README.md:") for k in BLOCKS) >= 3 and len(BLOCKS) >= 10
     for key in SKIP:
-        assert sum(key in b for b in BLOCKS) == 1, f"SKIP key {key!r} must match exactly one README block"
+        assert sum(key in b for b in BLOCKS.values()) == 1, f"SKIP key {key!r} must match exactly one block"
     for old, _ in SHRINK:
-        assert any(old in b for b in BLOCKS), f"SHRINK text {old!r} is in no README block"
+        assert any(old in b for b in BLOCKS.values()), f"SHRINK text {old!r} is in no block"
 
 
 def _tiny_sd_folder(folder: str) -> str:
@@ -111,45 +113,26 @@ def standins(folder: str) -> dict:
         "prompt": "a photo of a cat",
         "init": Image.new("RGB", (8, 8), (120, 60, 200)),
         "mask": Image.new("L", (8, 8), 255),
-        "denoiser": lambda x, sigma, cond=None: x / (1.0 + sigma.reshape(-1, *[1] * (x.dim() - 1)) ** 2),
-        "c": torch.zeros(1),
     }
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    """Runs the blocks in order in one namespace, each at most once; ``runner(i)`` runs blocks 0..i."""
-    folder = str(tmp_path_factory.mktemp("readme"))
-    state = {"done": 0, "ns": None, "failed": None}
-
-    def run(i: int) -> None:
-        if state["ns"] is None:
-            state["ns"] = {"__name__": "readme"} | standins(folder)
-        cwd = os.getcwd()
-        os.chdir(folder)
-        try:
-            torch.manual_seed(0)
-            while state["done"] <= i:
-                k = state["done"]
-                state["done"] += 1
-                if state["failed"] is not None:
-                    pytest.fail(f"an earlier README block ({state['failed']}) failed")
-                if skip_reason(BLOCKS[k]) is None:
-                    try:
-                        exec(compile(shrink(BLOCKS[k]), f"README.md python block {k}", "exec"), state["ns"])
-                    except BaseException:
-                        state["failed"] = k
-                        raise
-        finally:
-            os.chdir(cwd)
-        return state["ns"]
-    return run
+def stand_ins(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("snippets"))
+    return folder, standins(folder)
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_snippet(i, runner):
-    why = skip_reason(BLOCKS[i])
+@pytest.mark.parametrize("key", list(BLOCKS))
+def test_snippet(key, stand_ins, tmp_path, monkeypatch):
+    code = BLOCKS[key]
+    why = skip_reason(code)
     if why is not None:
         pytest.skip(why)
-    ns = runner(i)
-    assert ns is not None and ns["__name__"] == "readme"   # the block ran in the shared namespace without raising
+    folder, names = stand_ins
+    used = {k: v for k, v in names.items() if re.search(rf"\b{k}\b", code)}
+    ns = {"__name__": "snippet"} | used
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(shrink(code), f"{key} (python block)", "exec"), ns)
+    assert len(ns) > 1 + len(used)   # the block ran and defined something
+

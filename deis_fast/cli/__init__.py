@@ -1,5 +1,3 @@
-"""The ``deis-fast`` command line: ``main`` (sample, demo, plan, bench, methods), ``generate`` (resumable, sharded
-generation at scale), ``tune`` and the shared argument helpers (``common``)."""
-from .main import main
-
-__all__ = ["main"]
+"""The ``deis-fast`` command line (console script ``deis_fast.cli.main:main``): ``main`` (sample, demo, plan,
+bench, methods, and the dispatch to the others), ``generate`` (resumable, sharded generation at scale), ``tune``,
+``bench`` (the quality drivers) and ``common`` (the shared argument types, model loading and PNG writer)."""

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from deis_fast import cli
+from deis_fast.cli import main as cli
 from deis_fast.cli.main import main
 
 
@@ -239,7 +239,7 @@ def _parsers():
     from deis_fast import generate
     out.append(("generate", generate.build_parser()))
     try:
-        from deis_fast import cli
+        from deis_fast.cli import main as cli
     except ImportError:
         return out
     for name in ("build_parser", "make_parser", "get_parser", "create_parser", "parser"):

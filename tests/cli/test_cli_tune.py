@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deis_fast import cli
+from deis_fast.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -126,7 +126,7 @@ def test_tuned_scheduler_refuses_other_nfe_method_and_schedule(pipe, tuned_file,
 
 
 def test_cli_tunes_a_pipeline_folder(pipe, tmp_path, capsys):
-    from deis_fast import cli
+    from deis_fast.cli import main as cli
     folder = tmp_path / "sd"
     pipe.save_pretrained(folder)
     prompts = tmp_path / "prompts.txt"

@@ -28,7 +28,7 @@ Drop-in. A config of ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`
 then takes that scheduler's own ``set_timesteps`` timesteps and sigmas (every spacing key with diffusers' meaning:
 Karras, exponential, beta, lu, lambda_min_clipped, flow sigmas, the final sigma), its rule for the last steps'
 order and its model-output conversion, so the equivalent method (``dpmpp_2m``, ``unipc2``, ``logrho3``, ``ddim``,
-...) gives its images. How each source key is read is one table, :mod:`.diffusers_config`.
+...) gives its images. How each source key is read is one table, :mod:`.config`.
 
 Grids: ``grid="auto"`` follows diffusers' ``timestep_spacing`` (plus a final step to t = 0) for the
 ``logrho*`` methods — ``method="logrho3"`` then reproduces ``DEISMultistepScheduler(solver_order=3)`` —
