@@ -271,12 +271,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "config's prediction_type for a folder, else eps)")
 
 
+_FLAGS = {"schedule=": "--schedule", "prediction=": "--prediction"}   # load_model's keywords as the CLI names them
+
+
 def load_model(spec: str, *args: Any, **kw: Any) -> LoadedModel:
-    """:func:`deis_fast.zoo.load_model` for the command line: a bad ``--model`` is a :class:`UsageError`."""
+    """:func:`deis_fast.zoo.load_model` for the command line: a bad ``--model`` is a :class:`UsageError` that names
+    the command's flags, not the function's keywords."""
     try:
         return _zoo.load_model(spec, *args, **kw)
     except ValueError as e:
-        raise UsageError(f"--model {spec!r}: {e}") from None
+        msg = str(e)
+        for keyword, flag in _FLAGS.items():
+            msg = msg.replace(keyword, flag)
+        raise UsageError(f"--model {spec!r}: {msg.removeprefix(repr(spec) + ': ')}") from None
 
 
 # ----------------------------------------------------------------------------------------- noise

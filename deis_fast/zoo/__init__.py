@@ -51,20 +51,19 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         sched = kind.schedule()
         if schedule is not None:
             if kind.objective != "eps":
-                raise ValueError(f"a beta schedule (schedule={schedule!r}) is for VP models; the embedded {spec!r} model is "
-                                 "a rectified-flow model (x_t = (1 - t) x0 + t eps): leave the schedule out")
+                raise ValueError(f"schedule= is for VP models; the embedded {spec!r} model is a rectified-flow "
+                                 "model (x_t = (1 - t) x0 + t eps): drop schedule=")
             sched = VPSchedule.discrete(schedule)
         return LoadedModel(load_digits_model(device=device, dtype=dtype, kind=spec), sched,
                            prediction or kind.prediction, tuple(DIGITS_SHAPE), spec)
     root = os.path.abspath(spec)
     if not os.path.isdir(root):
-        raise ValueError(f"{spec!r} is neither an embedded model ({', '.join(map(repr, DIGITS_KINDS))}) nor a "
-                         "diffusers UNet2DModel folder (no such directory)")
+        raise ValueError(f"{spec!r}: not one of {', '.join(map(repr, DIGITS_KINDS))} and not a directory")
     unet_dir = os.path.join(root, "unet") if os.path.isdir(os.path.join(root, "unet")) else root
     cfg = _scheduler_config(root)
     if cfg is None and schedule is None:
-        raise ValueError(f"{spec!r} has no scheduler/scheduler_config.json: give its beta schedule "
-                         f"({'|'.join(MODEL_SCHEDULES)}) and, unless it predicts eps, its prediction type")
+        raise ValueError(f"{spec!r} has no scheduler/scheduler_config.json: pass schedule= "
+                         f"({'|'.join(MODEL_SCHEDULES)}) and, unless it predicts eps, prediction=")
     if schedule is not None:
         cfg = dict(cfg or {}, beta_schedule=schedule)
     try:

@@ -8,7 +8,7 @@ pending journal and the batch's data files, leaves a partial temporary file, and
 import os
 import sys
 
-from deis_fast import generate as gen
+from deis_fast.cli import generate as gen
 
 
 def main() -> None:

@@ -172,7 +172,7 @@ def test_sample_diffusers_model_dir(tmp_path, capsys):
 
 
 def test_bench_dispatch(capsys, monkeypatch):
-    from deis_fast import benchmarking
+    from deis_fast.cli import bench as benchmarking
     seen = {}
     monkeypatch.setattr(benchmarking, "quality_main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "quality", "--x", "1"]) == 0 and seen["argv"] == ["--x", "1"]
@@ -236,7 +236,7 @@ def test_python_dash_m():
 # ---------------------------------------------------------------- fuzzing the argument parsers
 def _parsers():
     out = []
-    from deis_fast import generate
+    from deis_fast.cli import generate
     out.append(("generate", generate.build_parser()))
     try:
         from deis_fast.cli import main as cli
@@ -367,7 +367,7 @@ def test_bad_backend_env_exits_2_and_generate_leaves_nothing(value, tmp_path, ca
 
 def test_generate_failed_start_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
     """Item 4: a failure inside the first batch removes the config.json and records/ generate made."""
-    from deis_fast import generate as gen
+    from deis_fast.cli import generate as gen
     def boom(*a, **k):
         raise RuntimeError("model exploded")
     monkeypatch.setattr(gen, "sample_images", boom)
@@ -394,7 +394,7 @@ def test_help_has_no_doubled_defaults_and_documents_every_option(capsys):
         assert not re.search(r"\(default [^)]*\) \(default: ", out), cmd
         if cmd != "demo":
             assert "beta |" in out or "| beta" in out, cmd
-    from deis_fast import generate as gen
+    from deis_fast.cli import generate as gen
     helps = {a.dest: a.help for p in (gen.build_parser(), cli.build_parser()._subparsers._group_actions[0].choices["plan"])
              for a in p._actions}
     assert helps["dtype"] and helps["lower_order_final"]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed
 
 import deis_fast
-from deis_fast import generate as gen
+from deis_fast.cli import generate as gen
 
 COMMON = ["-n", "12", "--nfe", "4", "--no-progress"]
 STOCH = ["--method", "ddim_eta", "--eta", "1.0"]  # stochastic: exercises the per-sample step-noise generators

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deis_fast
-from deis_fast import digits as D
+from deis_fast.zoo import digits as D
 
 
 @pytest.fixture(scope="module")

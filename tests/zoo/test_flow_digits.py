@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import deis_fast
-from deis_fast import digits as D
+from deis_fast.zoo import digits as D
 from deis_fast.testing import relative_errors
 
 N_STATS, N_CONV = 128, 16
