@@ -43,7 +43,7 @@ print("FILE", deis_fast.__file__)
 
 @pytest.mark.parametrize("editable", [True, False], ids=["editable", "regular"])
 def test_install_without_a_compiler_succeeds_and_falls_back(editable, tmp_path):
-    pytest.importorskip("pybind11")
+    pytest.importorskip("pybind11", reason="building the extension needs pybind11: pip install pybind11")
     src, prefix = tmp_path / "src", tmp_path / "prefix"
     src.mkdir()
     _copy_sources(str(src))
@@ -72,7 +72,7 @@ def test_install_without_a_compiler_succeeds_and_falls_back(editable, tmp_path):
 def test_wheel_installs_into_a_fresh_venv_without_a_compiler(tmp_path):
     """The release path (issue 27): a wheel, with LICENSE and py.typed, installs into a fresh venv with pip and no
     compiler (CC=false), and that venv imports the wheel's deis_fast, not the checkout's."""
-    pytest.importorskip("pybind11")
+    pytest.importorskip("pybind11", reason="building the extension needs pybind11: pip install pybind11")
     src, wheels, venv = tmp_path / "src", tmp_path / "wheels", tmp_path / "venv"
     src.mkdir()
     _copy_sources(str(src))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")  # Python 3.11+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

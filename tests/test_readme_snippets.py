@@ -67,7 +67,7 @@ def test_readme_has_snippets_and_the_lists_are_current():
 
 def _tiny_sd_folder(folder: str) -> str:
     """A tiny Stable Diffusion pipeline (random weights, SD's PNDM scheduler config) saved to ``folder``."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
     from _diffusers_common import tiny_sd_components
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     parts = tiny_sd_components(folder, dtype=torch.float32)
@@ -84,7 +84,7 @@ def _tiny_flux_folder(folder: str) -> str:
     CLIPTokenizer of ``tiny_tokenizer`` and a 1-layer T5 encoder (dim 16) with a T5Tokenizer built from a Unigram
     vocabulary of the same words (no download). FluxPipeline's default size is 128 * vae_scale_factor (1 here):
     128x128 images, 4096 image tokens, ~0.25 s a transformer call; the img2img pipeline resizes ``init`` to that."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
     from _diffusers_common import tiny_flux_components, tiny_tokenizer
     from diffusers import FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer

@@ -153,7 +153,7 @@ def test_sample_embedded(tmp_path, capsys):
 
 def _save_tiny_unet(path, channels: int):
     """A tiny random-weight diffusers UNet2DModel (8x8) saved to ``path``; returns the diffusers module."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
                           layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                           up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).save_pretrained(path)

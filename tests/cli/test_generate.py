@@ -105,7 +105,7 @@ def test_fixed_batch_model_is_batch_invariant():
 
 
 def test_png_encoder_roundtrip():
-    PIL = pytest.importorskip("PIL.Image")
+    PIL = pytest.importorskip("PIL.Image", reason="needs Pillow: pip install -e '.[test]'")
     img = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
     import io
     for c in (1, 3, 4):
@@ -126,7 +126,7 @@ def test_batch_size_does_not_change_a_bit(reference, tmp_path):
 
 
 def test_outputs_layout_manifest_and_png_content(reference):
-    PIL = pytest.importorskip("PIL.Image")
+    PIL = pytest.importorskip("PIL.Image", reason="needs Pillow: pip install -e '.[test]'")
     from deis_fast.zoo.digits import to_image
     d = reference["dir"]
     rows = _manifest(d / "png")

@@ -37,7 +37,7 @@ def test_rho_zero_end_is_exactly_zero_not_nan(s):
 
 @pytest.mark.parametrize("preset", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_discrete_matches_diffusers_alphas_cumprod(preset):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     kw = {"beta_start": 0.00085, "beta_end": 0.012} if preset == "scaled_linear" else {}
     d = diffusers.DDPMScheduler(beta_schedule=preset, **kw)
     s = VPSchedule.discrete(preset)

@@ -76,7 +76,7 @@ def test_named_tabulated_grids_sample(grid, small_mixture, small_noise):
 
 
 def test_diffusers_scheduler_accepts_tabulated_grids():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     from deis_fast.integrations.diffusers import DEISFastScheduler
     sch = DEISFastScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, method="unipc3",
                             grid="ays", timestep_type="float")

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
+pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
 from diffusers import (DEISMultistepScheduler, StableDiffusionImg2ImgPipeline,  # noqa: E402
                        StableDiffusionInpaintPipeline, StableDiffusionPipeline)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
+pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
 from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,

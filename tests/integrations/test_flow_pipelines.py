@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
 from diffusers import (FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline,  # noqa: E402
                        StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline)
 

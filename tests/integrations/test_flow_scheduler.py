@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
 from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DEISMultistepScheduler,  # noqa: E402
                        UNet2DModel)
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402

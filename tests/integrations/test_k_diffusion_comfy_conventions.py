@@ -1,6 +1,8 @@
 """The k-diffusion functions under ComfyUI's conventions (no ComfyUI needed): seeds from extra_args, one-step
 lists, the callback order and count, solving in a VP model's own time, PFDiff steps as network calls, and the
 automatic lower-order final step. tests/integrations/test_comfyui.py runs the same paths inside ComfyUI itself."""
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,14 @@ SIGMAS_TABLE = VP.rho(np.arange(1000.0))      # ComfyUI's ModelSamplingDiscrete.
 SMIN, SMAX = float(SIGMAS_TABLE[0]), float(SIGMAS_TABLE[-1])
 VE = deis_fast.VESchedule(0.002, 80.0)
 MIX = GaussianMixture.random(4, 8, 0.3, seed=3)
+# a seed gives dpmpp_*_sde k-diffusion's Brownian-tree noise, which needs torchsde (the [comfyui] extra)
+NEEDS_TORCHSDE = pytest.mark.skipif(importlib.util.find_spec("torchsde") is None,
+                                    reason="seeded dpmpp_*_sde noise needs torchsde: pip install -e '.[comfyui]'")
+
+
+def _sde(*methods):
+    """Parametrize values: the dpmpp_*_sde ones marked NEEDS_TORCHSDE."""
+    return [pytest.param(m, marks=NEEDS_TORCHSDE) if "sde" in m else m for m in methods]
 
 
 def _denoiser(schedule):
@@ -37,7 +47,7 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m_sde", "ddim_eta", "pfdiff_eta"])
+@pytest.mark.parametrize("method", _sde("dpmpp_2m_sde", "dpmpp_3m_sde", "ddim_eta", "pfdiff_eta"))
 def test_seed_in_extra_args_reproduces_the_sample(method):
     """ComfyUI passes its seed as extra_args['seed']: the same seed gives the same sample, another seed another."""
     sig = dk.get_sigmas_karras(8, 0.03, 14.6, dtype=torch.float64)
@@ -51,6 +61,7 @@ def test_seed_in_extra_args_reproduces_the_sample(method):
     assert _rel(runs[0], runs[2]) > 1e-3
 
 
+@NEEDS_TORCHSDE
 def test_brownian_tree_noise_sampler():
     """k-diffusion's Brownian-tree noise: unit variance per increment, reproducible from the seed, additive
     (the increments over [a, b] and [b, c] make the one over [a, c]), one tree per sample with a list of seeds."""
@@ -67,8 +78,8 @@ def test_brownian_tree_noise_sampler():
     assert not torch.allclose(b[0], b[1])
 
 
-@pytest.mark.parametrize("method", ["tab3", "ddim", "logrho3", "dpmpp3", "unipc3", "ipndm4", "ipndm_v", "rho_heun",
-                                    "rho_rk4", "dpmpp_2m", "dpmpp_2m_sde", "ddim_eta", "pfdiff"])
+@pytest.mark.parametrize("method", _sde("tab3", "ddim", "logrho3", "dpmpp3", "unipc3", "ipndm4", "ipndm_v", "rho_heun",
+                                         "rho_rk4", "dpmpp_2m", "dpmpp_2m_sde", "ddim_eta", "pfdiff"))
 def test_one_step_lists(method):
     """[sigma, 0] (SDTurboScheduler steps=1, karras 1) is one step to the denoised output; CONST [1, 0] too."""
     x = _noise() * 14.6
@@ -89,8 +100,8 @@ def test_one_step_lists(method):
     assert dk.sample_deis_fast(DEN, x, torch.tensor([3.0]), method=method, disable=True) is x
 
 
-@pytest.mark.parametrize("method", ["tab3", "dpmpp3", "unipc3", "rho_heun", "ipndm4", "pfdiff", "dpmpp_3m_sde",
-                                    "ddim_eta"])
+@pytest.mark.parametrize("method", _sde("tab3", "dpmpp3", "unipc3", "rho_heun", "ipndm4", "pfdiff", "dpmpp_3m_sde",
+                                         "ddim_eta"))
 def test_callback_reaches_the_step_total(method):
     """One callback per step with i = 0 .. len(sigmas) - 2 (ComfyUI's progress total), PFDiff included when its
     steps are the calls (pfdiff_grid='resample')."""
@@ -170,8 +181,10 @@ def test_lower_order_final_auto():
     sigma (ComfyUI's karras / exponential lists); other methods and lists keep the full order."""
     sig = dk.get_sigmas_karras(8, 0.03, 14.6, dtype=torch.float64)
     x = _noise() * 14.6
-    for method, on in [("unipc3", True), ("dpmpp3", True), ("logrho3", True), ("tab3", False), ("ipndm4", False),
-                       ("dpmpp_3m_sde", False)]:
+    rows = [("unipc3", True), ("dpmpp3", True), ("logrho3", True), ("tab3", False), ("ipndm4", False)]
+    if importlib.util.find_spec("torchsde") is not None:   # the seed's Brownian tree (NEEDS_TORCHSDE)
+        rows.append(("dpmpp_3m_sde", False))
+    for method, on in rows:
         auto = dk.sample_deis_fast(DEN, x, sig, method=method, disable=True, extra_args={"seed": 0})
         forced = dk.sample_deis_fast(DEN, x, sig, method=method, disable=True, lower_order_final=on,
                                      extra_args={"seed": 0})

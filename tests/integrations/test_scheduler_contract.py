@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
 from diffusers import DEISMultistepScheduler  # noqa: E402
 
 import deis_fast  # noqa: E402

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", reason="needs triton: pip install -e '.[gpu]'")
 
 from _combine_common import DTYPES  # noqa: E402
 

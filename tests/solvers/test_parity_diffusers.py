@@ -5,7 +5,7 @@ import torch
 
 import deis_fast
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
 
 SCHED = deis_fast.VPSchedule.discrete("linear")
 

@@ -30,7 +30,7 @@ def mix():
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 def test_dpmpp_2m_sde_matches_diffusers(mix, n, solver_type):
     """Same timesteps, same noise (diffusers' variance_noise); diffusers steps in float32, hence ~1e-6."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     model = mix.model(SCHED)
     noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     z = torch.randn(n, 8, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

@@ -21,7 +21,7 @@ def _rel(a, b):
 
 
 def _diffusers_unipc(model, noise, n, **cfg):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     sch = diffusers.UniPCMultistepScheduler(predict_x0=True, **cfg)
     sch.set_timesteps(n)
     sch.sigmas = sch.sigmas.double()  # its float32 sigmas would cap agreement at ~1e-5
@@ -143,7 +143,7 @@ def test_cli_plan_with_solver_options(capsys):
 def test_diffusers_scheduler_runs_the_same_plan(problem, method):
     """DEISFastScheduler(method=...) steps through the same plan as deis_fast.sample (corrector Combines and
     SDE noise included: the noise is drawn from the step() generator)."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     from deis_fast.integrations.diffusers import DEISFastScheduler
     model, noise = problem
     sch = DEISFastScheduler(method=method, timestep_type="float")
@@ -169,7 +169,7 @@ def test_diffusers_scheduler_solver_keys_reach_the_plan(problem, method, keys):
     """variant / corrector / disable_corrector / s_noise given to the scheduler (also through from_config and a
     saved config) build the same plan as the same options in the core API, and that plan differs from the
     default one."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     from deis_fast.integrations.diffusers import DEISFastScheduler
     sch = DEISFastScheduler(method=method, timestep_type="float", **keys)
     sch.set_timesteps(6)
@@ -193,7 +193,7 @@ def test_diffusers_scheduler_solver_keys_reach_the_plan(problem, method, keys):
     (dict(method="pfdiff", corrector=True), "PFDiff wraps a plain first-order step"),
 ])
 def test_diffusers_scheduler_refuses_bad_solver_keys_at_construction(kwargs, match):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     from deis_fast.integrations.diffusers import DEISFastScheduler
     with pytest.raises(ValueError, match=match):
         DEISFastScheduler(**kwargs)

@@ -159,7 +159,7 @@ def test_to_image():
 
 
 def test_eps_prediction_beats_zero(model):
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="needs scikit-learn: pip install -e '.[test]'")
     data = D.load_digits_data()
     assert data.shape == (1797, 1, 8, 8) and data.dtype == torch.float32
     assert float(data.min()) == -1.0 and float(data.max()) == 1.0
@@ -177,7 +177,7 @@ def test_eps_prediction_beats_zero(model):
 @pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
 def test_flow_velocity_prediction_beats_zero(t):
     """The flow model predicts v = eps - x0 on noised real digits far better than 0 does."""
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="needs scikit-learn: pip install -e '.[test]'")
     data = D.load_digits_data()
     g = torch.Generator().manual_seed(0)
     x0 = data[torch.randperm(data.shape[0], generator=g)[:256]]

@@ -54,7 +54,7 @@ LIMITS = {"mean": 0.1, "std": 0.1, "nn": 2.0, "out_of_range": 0.01}
 
 
 def test_fine_samples_have_digit_statistics(flow):
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn", reason="needs scikit-learn: pip install -e '.[test]'")
     data = D.load_digits_data()
     z = noise(N_STATS)
     got, base = digit_statistics(solve(flow, z, "rho_rk4", 80), data), digit_statistics(z, data)
