@@ -154,23 +154,24 @@ def resolve_nfe(args: argparse.Namespace) -> int | None:
 OUTPUT_MARKER = ".deis-fast-output.json"   # what sample and demo write first: the files they own in a folder
 
 
-def _owned_files(outdir: str) -> list[str] | None:
-    """The files an earlier ``sample``/``demo`` run recorded in ``outdir``'s marker (None: no marker)."""
+def _marker(outdir: str) -> tuple[str, list[str]] | None:
+    """(written_by, files) of the marker an earlier ``sample``/``demo`` run left in ``outdir`` (None: no marker)."""
     path = os.path.join(outdir, OUTPUT_MARKER)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            files = json.load(f)["files"]
-        return [str(x) for x in files]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            d = json.load(f)
+        return str(d.get("written_by", "")), [str(x) for x in d["files"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--outdir {outdir}: unreadable {OUTPUT_MARKER} ({e}); pick a new or empty folder") from None
 
 
-def check_outdir(outdir: str, overwrite: bool) -> list[str]:
+def check_outdir(outdir: str, overwrite: bool, rerun: str | None = None) -> list[str]:
     """Refuse an ``outdir`` that ``sample``/``demo`` may not write into; return the files they own there
     already. Allowed: a new or empty folder, or, with ``overwrite``, a folder holding only files its marker lists
-    (an earlier run's output). Writes nothing."""
+    (an earlier run's output); ``rerun`` (a command, e.g. ``"demo"``): that command's own earlier output is replaced
+    without ``overwrite`` too. Writes nothing."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UsageError(f"--outdir {outdir} exists and is not a folder; pick a new folder")
     if not os.path.isdir(outdir):
@@ -179,21 +180,23 @@ def check_outdir(outdir: str, overwrite: bool) -> list[str]:
         present = sorted(n for n in os.listdir(outdir) if n != OUTPUT_MARKER)
     except OSError as e:
         raise UsageError(f"--outdir {outdir}: cannot list it ({e.strerror or e})") from None
-    owned = _owned_files(outdir) or []
+    marker = _marker(outdir)
+    owned = marker[1] if marker else []
     foreign = [n for n in present if n not in set(owned)]
     if foreign:
         raise UsageError(f"--outdir {outdir} holds files deis-fast did not write (e.g. {foreign[0]!r}); "
                          "pick a new or empty folder")
-    if present and not overwrite:
+    if present and not overwrite and not (rerun and marker and marker[0] == f"deis-fast {rerun}"):
         raise UsageError(f"--outdir {outdir} holds an earlier deis-fast output (e.g. {present[0]!r}); pass "
                          "--overwrite to replace it, or pick a new folder")
     return owned
 
 
-def claim_outdir(outdir: str, command: str, files: Sequence[str], overwrite: bool) -> None:
-    """Check ``outdir`` (:func:`check_outdir`), create it and write the marker listing ``files`` (and the files
-    earlier runs own there) before any of them is written; an unusable path is a :class:`UsageError`."""
-    owned = check_outdir(outdir, overwrite)
+def claim_outdir(outdir: str, command: str, files: Sequence[str], overwrite: bool, rerun: bool = False) -> None:
+    """Check ``outdir`` (:func:`check_outdir`; ``rerun``: this command's own earlier output there is replaced without
+    ``overwrite``), create it and write the marker listing ``files`` (and the files earlier runs own there) before
+    any of them is written; an unusable path is a :class:`UsageError`."""
+    owned = check_outdir(outdir, overwrite, command if rerun else None)
     body = json.dumps({"written_by": f"deis-fast {command}", "files": sorted(set(owned) | set(files))}, indent=1)
     try:
         os.makedirs(outdir, exist_ok=True)

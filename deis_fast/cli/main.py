@@ -117,7 +117,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     nfes = args.nfe or list(DEMO_NFES)
     if args.threads:
         torch.set_num_threads(args.threads)
-    claim_outdir(args.outdir, "demo", DEMO_FILES, args.overwrite)
+    # the demo's own earlier output (its marker says "deis-fast demo") is replaced: the main command runs twice
+    claim_outdir(args.outdir, "demo", DEMO_FILES, args.overwrite, rerun=True)
     loaded = load_model(args.model)
     model, sched, pred = loaded.model, loaded.schedule, loaded.prediction
     noise = randn_per_sample((n_samples,) + loaded.shape, range(args.seed, args.seed + n_samples))

@@ -17,7 +17,7 @@ from typing import Any
 from .common import (UsageError, finite_float, nonneg_int, pfdiff_arg, positive_int,
                          solver_options)
 
-__all__ = ["add_tune_parser", "add_tuned_argument", "tuned_plan_for", "cmd_tune"]
+__all__ = ["add_tune_parser", "add_tuned_argument", "tuned_plan_for", "cmd_tune", "check_out"]
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "deis_fast", "references")
 
@@ -59,7 +59,9 @@ def add_tune_parser(sub: Any) -> None:
                                    "pipeline folder with --prompts.")
     t.add_argument("--model", default="digits", metavar="digits|flow|PATH",
                    help="'digits', 'flow', a diffusers UNet2DModel folder, or a pipeline folder (with --prompts)")
-    t.add_argument("--out", required=True, help="the tuned file to write (JSON)")
+    t.add_argument("--out", required=True, help="the tuned file to write (JSON); checked before the run: an existing "
+                                                "file is replaced only if it is a tuned file, or with --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file that is not a tuned file")
     t.add_argument("--method", type=_methods_arg, default="auto",
                    help="'auto': choose among " + ", ".join(AUTO_METHODS) + " (each with its tuned grid, chosen on the "
                         "calibration noises); or a method, or a comma-separated list of candidates (NAME or "
@@ -90,6 +92,36 @@ def add_tune_parser(sub: Any) -> None:
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_tune)
+
+
+def _is_tuned_file(path: str) -> bool:
+    """Whether ``path`` holds a file 'deis-fast tune' wrote (its JSON format tag; the checksum is not needed here)."""
+    from ..tuning.files import FORMAT
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def check_out(path: str, overwrite: bool) -> None:
+    """Refuse a ``--out`` that tune could not write, or that holds a file it did not write (unless ``overwrite``),
+    before any work: a folder, a missing folder, an unwritable place (tried with a probe file, removed again)."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'tuned.json')!r}")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out {path!r}: folder {out_dir!r} does not exist")
+    if os.path.exists(path) and not overwrite and not _is_tuned_file(path):
+        raise UsageError(f"--out {path!r} exists and is not a tuned file; pass --overwrite to replace it, or pick "
+                         "another name")
+    probe = os.path.join(out_dir, f".{os.path.basename(path)}.{os.getpid()}.probe")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {path!r}: cannot write in {out_dir!r} ({e.strerror or e})") from None
 
 
 def _methods_arg(s: str) -> str | list[str]:
@@ -125,9 +157,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..tuning.files import _fmt, _label
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--out {args.out!r}: folder {out_dir!r} does not exist")
+    check_out(args.out, args.overwrite)   # before the run: a bad --out must not cost a whole tuning run
     opts = {k: v for k, v in dict(pfdiff=args.pfdiff, corrector=args.corrector).items() if v is not None}
     if args.method == "auto" and opts:
         raise UsageError(f"--{'pfdiff' if 'pfdiff' in opts else 'corrector'} needs --method (the automatic search "
@@ -163,7 +193,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             meta={"model": loaded.model_id}, **common)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UsageError(str(e)) from None
-    t.save(args.out)
+    try:
+        t.save(args.out)
+    except OSError as e:   # checked above; the folder changed during the run
+        raise UsageError(f"--out {args.out!r}: cannot write it ({e.strerror or e})") from None
     secs = time.time() - began
     e = t.errors
     if args.json:

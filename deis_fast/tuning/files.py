@@ -177,11 +177,14 @@ def _label(method: str, options: Mapping[str, Any]) -> str:
 
 
 def save_tuned(tuned: Tuned, path: str | os.PathLike) -> None:
-    """Write ``tuned`` as JSON (atomically: a temporary file, then renamed)."""
+    """Write ``tuned`` as JSON (atomically: a temporary file, then renamed; the temporary file never stays)."""
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(tuned.to_json(), indent=1, allow_nan=False))
-    tmp.replace(p)
+    tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(tuned.to_json(), indent=1, allow_nan=False))
+        tmp.replace(p)
+    finally:   # never leave the temporary file behind (a folder or an unwritable place at ``path``)
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -434,3 +434,22 @@ def test_quiet_silences_diffusers(tmp_path):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_demo_runs_twice_in_a_row_and_still_refuses_a_users_file(tmp_path, capsys, monkeypatch):
+    """Issue 33 item 2: the main command run again replaces its own marked output (exit 0 both times, default
+    --outdir); a user's file in that folder is still refused, and kept."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--quick", "--methods", "ddim", "--nfe", "2", "--samples", "2"]
+    assert main(argv) == 0
+    first = (tmp_path / "deis_fast_demo" / "results.json").read_text()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(first)["errors"] == json.loads((tmp_path / "deis_fast_demo" / "results.json").read_text())["errors"]
+    (tmp_path / "deis_fast_demo" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "'notes.txt'" in _one_line_error(capsys.readouterr().err)
+    assert (tmp_path / "deis_fast_demo" / "notes.txt").read_text() == "mine"
+    # another command's output is not the demo's: sample's folder still needs --overwrite for the demo
+    assert main(["sample", "--nfe", "2", "--num", "1", "--outdir", "s", "--quiet"]) == 0
+    assert main(argv + ["--outdir", "s"]) == 2 and "--overwrite" in capsys.readouterr().err

@@ -82,3 +82,60 @@ def test_committed_tuned_files_load_for_their_model(name):
         assert t.meta["chosen"] == _label(t.method, t.options)
     plan = t.make_plan(load_model(name.split("_")[0]).schedule)
     assert plan.nfe == t.nfe and t.errors["held_out_tuned"] <= t.errors["held_out_untuned"]
+
+
+TINY = ["--model", "digits", "--nfe", "3", "--method", "tab3", "--calibration", "4", "--held-out", "1",
+        "--time-budget", "0.5", "--reference-nfe", "8", "--cache", "", "--quiet"]
+
+
+@pytest.fixture
+def no_tuning(monkeypatch):
+    """tune() must not run: the --out checks come first."""
+    import deis_fast.tuning
+
+    def boom(*a, **k):
+        raise AssertionError("the tuning run started before --out was checked")
+    monkeypatch.setattr(deis_fast.tuning, "tune", boom)
+
+
+def test_tune_refuses_to_overwrite_a_users_file(tmp_path, capsys, no_tuning):
+    """Issue 33 item 3: an existing file that is not a tuned file is kept (exit 2) unless --overwrite."""
+    mine = tmp_path / "my_tuned.json"
+    mine.write_text("my notes")
+    assert cli.main(["tune", "--out", str(mine)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "not a tuned file" in err and "Traceback" not in err
+    assert mine.read_text() == "my notes"
+
+
+def test_tune_overwrites_its_own_file_and_a_users_with_overwrite(tmp_path, capsys):
+    mine = tmp_path / "my_tuned.json"
+    mine.write_text("my notes")
+    assert cli.main(["tune", "--out", str(mine), "--overwrite"] + TINY) == 0
+    assert json.loads(mine.read_text())["format"] == "deis_fast.tuned"
+    assert cli.main(["tune", "--out", str(mine)] + TINY) == 0          # a tuned file: replaced without --overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_tuned.json"]   # no temporary file left
+
+
+def test_tune_checks_out_before_the_run(tmp_path, capsys, no_tuning):
+    """Issue 33 item 4: --out DIR, or a path that cannot be written (below a file: root ignores chmod), exits 2 with
+    one line before any tuning, and leaves nothing behind."""
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, needle in ((folder, "is a folder"), (blocker / "t.json", "does not exist")):
+        assert cli.main(["tune", "--out", str(out)] + TINY) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not list(folder.iterdir())
+
+
+def test_save_tuned_leaves_no_temporary_file(tmp_path, tuned_digits):
+    from deis_fast.tuning import load_tuned
+    t = load_tuned(tuned_digits)
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    with pytest.raises(OSError):
+        t.save(folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["dir"] and not list(folder.iterdir())
