@@ -150,11 +150,18 @@ class Sampler:
         if not self._scale_checked and not torch.compiler.is_compiling():
             self._scale_checked = True
             _check_noise_scale(self.schedule, self.plan, noise)
-        if self.grad:
-            with torch.enable_grad():
-                return self._call_grad(noise, generator, step_noise, callback, out, guidance_scale, cond, known, mask)
-        with torch.no_grad():
-            return self._call(noise, generator, step_noise, callback, out, guidance_scale, cond, known, mask)
+        try:
+            if self.grad:
+                with torch.enable_grad():
+                    return self._call_grad(noise, generator, step_noise, callback, out, guidance_scale, cond, known,
+                                           mask)
+            with torch.no_grad():
+                return self._call(noise, generator, step_noise, callback, out, guidance_scale, cond, known, mask)
+        except RuntimeError as e:   # the network's first layer refused the noise: say so in the noise's terms
+            msg = channel_mismatch(e, noise)
+            if msg is None:
+                raise
+            raise ValueError(msg) from e
 
     def _call_grad(self, noise, generator, step_noise, callback, out, guidance_scale, cond, known=None,
                    mask=None) -> torch.Tensor:
@@ -273,16 +280,48 @@ def check_plan_for(plan: Plan, schedule: Schedule, method: str | None = None, nf
 
 def check_model_input(model: Any, noise: torch.Tensor) -> None:
     """One clear error when ``noise`` has another dtype or device than an ``nn.Module`` model's parameters (torch
-    would stop inside the network with 'Input type ... and bias type ... should be the same')."""
+    would stop inside the network with 'Input type ... and bias type ... should be the same'), or another channel
+    count than the model's declared ``in_channels`` (a ValueError; other models: :func:`channel_mismatch`)."""
     params = getattr(model, "parameters", None)
     if not isinstance(model, torch.nn.Module) or not callable(params):
         return
+    c = _in_channels(model)
+    if c is not None and noise.ndim >= 3 and noise.shape[1] != c:
+        raise ValueError(f"the noise has shape {tuple(noise.shape)} ({noise.shape[1]} channels) but the model takes "
+                         f"{c} channels (its in_channels): draw noise of shape "
+                         f"{(noise.shape[0], c) + tuple(noise.shape[2:])}")
     p = next(iter(model.parameters()), None)
     if p is None or torch.is_autocast_enabled(noise.device.type):
         return
     if p.dtype != noise.dtype or p.device != noise.device:
         raise TypeError(f"the noise is {noise.dtype} on {noise.device} but the model's parameters are {p.dtype} on "
                         f"{p.device}: pass noise.to({p.device.type!r}, {p.dtype}) (or move the model)")
+
+
+def _in_channels(model: Any) -> int | None:
+    """The input channels an ``nn.Module`` model declares (diffusers' ``config.in_channels``, an ``in_channels``
+    attribute); None when it declares none."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    cfg = getattr(model, "config", None)
+    c = cfg.get("in_channels") if isinstance(cfg, Mapping) else getattr(cfg, "in_channels", None)
+    c = getattr(model, "in_channels", None) if c is None else c
+    return c if isinstance(c, int) and not isinstance(c, bool) else None
+
+
+def channel_mismatch(err: BaseException, noise: torch.Tensor) -> str | None:
+    """The message for torch's convolution error on noise with the wrong channel count (None for any other error)."""
+    import re
+    m = re.search(r"expected input\[([\d, ]*)\] to have (\d+) channels, but got (\d+) channels", str(err))
+    if m is None or noise.ndim < 3:
+        return None
+    got = tuple(int(v) for v in m.group(1).split(","))
+    if got[1:] != tuple(noise.shape[1:]):   # a layer inside the network, not the noise itself: not ours to explain
+        return None
+    want = int(m.group(2))
+    return (f"the noise has shape {tuple(noise.shape)} ({noise.shape[1]} channels) but the model's input "
+            f"convolution takes {want} channels: draw noise of shape {(noise.shape[0], want) + tuple(noise.shape[2:])} "
+            f"(torch: {str(err).splitlines()[0]})")
 
 
 def _check_noise_scale(schedule: Schedule, plan: Plan, noise: torch.Tensor) -> None:

@@ -661,3 +661,25 @@ def test_embedded_models_are_public():
         x = deis_fast.sample(m.model, torch.randn(2, *m.shape), m.schedule, nfe=2, prediction=m.prediction)
         assert torch.isfinite(x).all()
     assert "load_model" in deis_fast.__all__
+
+
+def test_noise_with_the_wrong_channel_count_is_named_before_the_conv_error():
+    """Issue 33 item 18: a model that declares in_channels refuses noise with another channel count before any call;
+    any other model's input convolution error is re-raised naming the noise's shape and the one to draw."""
+    m = deis_fast.load_model("digits")
+    calls = []
+
+    def counted(x, t):
+        calls.append(1)
+        return m.model(x, t)
+    bad = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\) \(3 channels\).*takes 1 channels.*\(2, 1, 8, 8\)"):
+        deis_fast.sample(m.model, bad, m.schedule, nfe=3)
+    with pytest.raises(ValueError, match=r"\(3 channels\).*input convolution takes 1 channels.*\(2, 1, 8, 8\)"):
+        deis_fast.sample(counted, bad, m.schedule, nfe=3)
+    assert len(calls) == 1
+
+    def inner(x, t):   # an error deeper in the network is not the noise's: passed on as it is
+        return torch.nn.functional.conv2d(x.repeat(1, 2, 1, 1), torch.zeros(1, 3, 1, 1))
+    with pytest.raises(RuntimeError, match="channels"):
+        deis_fast.sample(inner, torch.randn(2, 1, 8, 8), m.schedule, nfe=3)

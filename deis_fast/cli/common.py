@@ -17,6 +17,7 @@ import torch
 __all__ = ["ArgumentParser", "UsageError", "int_at_least", "positive_int", "nonneg_int", "finite_float", "nonneg_float", "grid_arg",
            "pfdiff_arg", "method_arg", "resolve_nfe", "DEFAULT_NFE", "LoadedModel", "load_model", "MODEL_SCHEDULES", "PREDICTION_CHOICES",
            "initial_noise", "png_bytes", "add_model_arguments", "add_solver_arguments", "HelpFormatter", "OUTPUT_MARKER",
+           "cli_terms",
            "claim_outdir", "check_outdir", "add_output_arguments", "check_backend_env",
            "quiet_third_party"]
 
@@ -134,6 +135,33 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
                    help="UniC-style corrector on a multistep method (default: on for unipc*, off otherwise)")
     p.add_argument("--variant", default=None, help="bh1 | bh2 for unipc*, midpoint | heun for dpmpp_2m_sde")
     p.add_argument("--s-noise", type=nonneg_float, default=None, help="noise scale of the SDE methods (default 1)")
+
+
+# the Python API's keywords in error messages, as the command line spells them (the library speaks Python: its
+# messages name keywords; a command's message must name its flags)
+_CLI_TERMS: tuple[tuple[str, str], ...] = (
+    (r"\. Pass pfdiff_experimental=True to try it on a multistep eps-form base \([^)]*\)",
+     ": use --method ddim, dpmpp1 or ddim_eta with --pfdiff"),
+    (r"\bdrop nfe=", "drop --nfe"),
+    (r"\bnfe=(\d+)", r"--nfe \1"),
+    (r"\bnfe=", "--nfe"),
+    (r"\ba list grid=", "a list --grid"),
+    (r"\bgrid=", "--grid "),
+    (r"\bmethod=", "--method "),
+    (r"\b(eta|s_noise|pfdiff|corrector|variant)=", lambda m: "--" + m.group(1).replace("_", "-") + " "),
+)
+
+
+def cli_terms(message: str, t_flags: bool = False) -> str:
+    """A library error message in the command line's terms: ``nfe=`` -> ``--nfe``, ``pass t_start/t_end`` -> the
+    ``--t-start``/``--t-end`` flags (``t_flags``) or ``--grid`` times, ``pfdiff_experimental=True`` (not a flag) ->
+    the first-order methods that take ``--pfdiff``."""
+    import re
+    msg = message.replace("pass t_start/t_end", "pass --t-start/--t-end" if t_flags else "give --grid times")
+    msg = msg.replace("t_start/t_end", "--t-start/--t-end" if t_flags else "the grid's ends")
+    for pattern, repl in _CLI_TERMS:
+        msg = re.sub(pattern, repl, msg)
+    return msg
 
 
 def solver_options(args: argparse.Namespace) -> dict:

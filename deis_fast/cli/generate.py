@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_solver_arguments,
+from .common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_solver_arguments, cli_terms,
                          check_backend_env, initial_noise, load_model, nonneg_int, png_bytes, positive_int, resolve_nfe,
                          solver_options)
 from ..sampler import NonFiniteError
@@ -348,7 +348,7 @@ def make_sampler(loaded: Any, args: argparse.Namespace, model_batch: int = MODEL
         return Sampler(FixedBatchModel(loaded.model, model_batch), loaded.schedule,
                                  prediction=loaded.prediction, **what, **opts)
     except (ValueError, TypeError) as e:
-        raise GenerateError(f"invalid sampler options: {e}") from None
+        raise GenerateError(f"invalid sampler options: {cli_terms(str(e))}") from None
 
 
 def sample_images(sampler: Any, shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",

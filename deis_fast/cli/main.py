@@ -24,7 +24,7 @@ import time
 from typing import Any, Sequence
 
 from .common import (ArgumentParser, HelpFormatter, UsageError, add_model_arguments, add_output_arguments,
-                         add_solver_arguments, check_backend_env, claim_outdir, method_arg, nonneg_int, png_bytes,
+                         add_solver_arguments, check_backend_env, claim_outdir, cli_terms, method_arg, nonneg_int, png_bytes,
                          positive_int, quiet_third_party, solver_options)
 
 __all__ = ["main", "build_parser"]
@@ -213,7 +213,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     files: list[str] = []
     t0 = time.time()
     all_imgs = []
-    bar = tqdm(total=args.num, desc=f"deis-fast {args.method} @ {sampler.nfe} NFE", unit="img",
+    from ..tuning.files import _label
+    label = getattr(args, "method_label", None) or _label(args.method, solver_options(args))
+    bar = tqdm(total=args.num, desc=f"deis-fast {label} @ {sampler.nfe} NFE", unit="img",
                disable=args.json or args.quiet)
     for start in range(0, args.num, args.batch_size):
         b = min(args.batch_size, args.num - start)
@@ -239,7 +241,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     elif not args.quiet:
-        print(f"wrote {len(files)} images + {grid_png} ({args.method}, {sampler.nfe} NFE, {secs:.1f} s)")
+        print(f"wrote {len(files)} images + {grid_png} ({label}, {sampler.nfe} NFE, {secs:.1f} s)")
     return 0
 
 
@@ -272,7 +274,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                     lower_order_final=args.lower_order_final,
                                     integer_timesteps=args.integer_timesteps, **opts)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(cli_terms(str(e), t_flags=True)) from None
     if args.json:
         d = plan_to_dict(plan)
         d["schedule"] = repr(sched)

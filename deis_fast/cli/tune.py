@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from .common import (UsageError, finite_float, nonneg_int, pfdiff_arg, positive_int,
+from .common import (UsageError, cli_terms, finite_float, nonneg_int, pfdiff_arg, positive_int,
                          solver_options)
 
 __all__ = ["add_tune_parser", "add_tuned_argument", "tuned_plan_for", "cmd_tune", "check_out"]
@@ -30,7 +30,7 @@ def add_tuned_argument(p: argparse.ArgumentParser) -> None:
 
 def tuned_plan_for(args: argparse.Namespace, loaded: Any):
     """The plan of ``args.tuned``, checked against the loaded model and the options given (UsageError if not)."""
-    from ..tuning.files import TunedFileError, TunedMismatchError, load_tuned, tuned_plan
+    from ..tuning.files import TunedFileError, TunedMismatchError, _label, load_tuned, tuned_plan
     try:
         t = load_tuned(args.tuned)
         if args.grid is not None:
@@ -42,6 +42,7 @@ def tuned_plan_for(args: argparse.Namespace, loaded: Any):
     except (TunedFileError, TunedMismatchError) as e:
         raise UsageError(f"--tuned: {e}") from None
     args.method = t.method
+    args.method_label = _label(t.method, t.options)   # what the summary prints: the corrector, PFDiff's k and h
     return plan
 
 
@@ -192,7 +193,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             shape=loaded.shape, calibration=args.calibration, held_out=args.held_out, seed=args.seed,
                             meta={"model": loaded.model_id}, **common)
     except (ValueError, TypeError, NotImplementedError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(cli_terms(str(e))) from None
     try:
         t.save(args.out)
     except OSError as e:   # checked above; the folder changed during the run
@@ -207,13 +208,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         label = _label(t.method, t.options)
         cands = t.meta.get("candidates")
         if cands:
-            print(f"\nmethod search at NFE {t.nfe} (each on its tuned grid; chosen on the {t.meta.get('calibration')} "
+            print(f"\nmethod search at NFE {t.nfe} (each on the best grid the search found for it; chosen on the {t.meta.get('calibration')} "
                   "calibration noises, the held-out column only for the record):\n")
             print("| candidate | calibration error | held-out error |\n|---|---|---|")
             for c in cands:
                 print(f"| {c['method']} | {_fmt(c['calibration_error'])} | {_fmt(c['held_out_error'])} |")
-        rows = [(f"untuned ({cands[0]['method']}, default grid)" if cands else "untuned", e.get("held_out_untuned")),
-                (f"tuned grid ({t.meta['chosen']})" if cands else "tuned grid", e.get("held_out_grid"))]
+        # what the grid row holds: the tuned grid, or the default one where the search kept it (files from before
+        # grid_tuned existed: tuned); then a gain is the method or its options, not the grid
+        grid_name = "tuned grid" if t.meta.get("grid_tuned", True) or "held_out_plan" in e else "default grid"
+        first = cands[0]["method"] if cands else label
+        chosen = t.meta["chosen"] if cands else label
+        rows = [(f"untuned ({first}, default grid)", e.get("held_out_untuned")),
+                (f"{chosen}, {grid_name}", e.get("held_out_grid"))]
         if "held_out_plan" in e:
             rows.append(("tuned plan", e.get("held_out_plan")))
         print(f"\n{label} @ NFE {t.nfe}, held-out median relative error to the reference "
@@ -221,7 +227,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("| configuration | held-out error |\n|---|---|")
         for name, v in rows:
             print(f"| {name} | {_fmt(v)} |")
-        kept = {"untuned": "the untuned configuration (tuning did not beat it)", "grid": "the tuned grid",
+        kept = {"untuned": "the untuned configuration (tuning did not beat it)", "grid": f"{label} on the {grid_name}",
                 "plan": "the tuned plan"}[t.kind]
         print(f"\nkept {kept}: {_fmt(e.get('held_out_untuned'))} -> {_fmt(e.get('held_out_tuned'))}; "
               f"wrote {args.out} ({secs:.1f} s)")

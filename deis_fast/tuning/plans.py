@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
                reference: torch.Tensor, *, prediction: str = "eps", iters: int = 1000, batch: int = 64,
                lr: float = 4e-3, validation_fraction: float = 0.25, learn_times: bool = True, seed: int = 0,
                check_every: int = 25, time_dtype: torch.dtype | None = None,
-               log: Callable[[str], None] | None = None, **cond: Any) -> LearnedPlan:
+               log: Callable[[str], None] | None = None, progress: bool = False, **cond: Any) -> LearnedPlan:
     """Fit ``plan``'s Combine coefficients (and, with ``learn_times``, its Eval network times) to ``model``.
 
     noise: calibration states at the plan's first time (e.g. noise, or a :class:`GaussianStart` of it);
@@ -106,7 +107,8 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     relative error on them, so it is never worse there than the plan it started from. The loss is the mean log
     relative error of a minibatch of ``batch`` training rows; the learning rate decays from ``lr`` to zero (cosine).
     ``cond``: the model's keyword arguments; tensors with one row per noise are indexed with it. Stochastic plans
-    (noise draws) are refused.
+    (noise draws) are refused. ``progress``: a bar over the Adam steps on stderr (loss, best validation error);
+    ``log`` gets a line at each validation check.
     """
     from ..sampler import check_plan_for
     from ..testing import relative_errors  # here, not at import: it pulls in scipy
@@ -155,23 +157,28 @@ def learn_plan(model: Callable[..., torch.Tensor], schedule: Schedule, plan: Pla
     # cosine decay to zero: the late steps settle instead of hopping around the minimum at the minibatch noise level
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
     gen = torch.Generator().manual_seed(seed)
-    for it in range(1, iters + 1):
-        idx = torch.randperm(n_tr, generator=gen)[:batch]
-        with torch.enable_grad():
-            x = unroll(plan, adapter, x_tr[idx], *scales(), _rows(cond_tr, idx, n_tr), time_dtype)
-            # the mean log error: the median is the metric, and a plain mean is ruled by a few hard samples
-            loss = relative_errors(x, ref_tr[idx]).log().mean()
-            opt.zero_grad()
-            loss.backward()
-        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
-            raise FloatingPointError(f"learn_plan: non-finite gradient at step {it}; lower lr (now {lr})")
-        opt.step()
-        decay.step()
-        if it % check_every == 0 or it == iters:
-            v = validation()
-            if v < best[0]:
-                best = (v, _with(plan, *scales()), it)
-            log(f"  step {it}: loss {loss.item():.4g}, validation {v:.4g} (best {best[0]:.4g} at step {best[2]})")
+    from tqdm.auto import tqdm
+    with tqdm(total=iters, desc=f"learn_plan {plan.method}", unit="step", disable=not progress,
+              file=sys.stderr) as bar:
+        for it in range(1, iters + 1):
+            idx = torch.randperm(n_tr, generator=gen)[:batch]
+            with torch.enable_grad():
+                x = unroll(plan, adapter, x_tr[idx], *scales(), _rows(cond_tr, idx, n_tr), time_dtype)
+                # the mean log error: the median is the metric, and a plain mean is ruled by a few hard samples
+                loss = relative_errors(x, ref_tr[idx]).log().mean()
+                opt.zero_grad()
+                loss.backward()
+            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                raise FloatingPointError(f"learn_plan: non-finite gradient at step {it}; lower lr (now {lr})")
+            opt.step()
+            decay.step()
+            if it % check_every == 0 or it == iters:
+                v = validation()
+                if v < best[0]:
+                    best = (v, _with(plan, *scales()), it)
+                log(f"  step {it}: loss {loss.item():.4g}, validation {v:.4g} (best {best[0]:.4g} at step {best[2]})")
+                bar.set_postfix_str(f"best validation {best[0]:.4g}", refresh=False)
+            bar.update(1)
     return LearnedPlan(best[1], best[0], start, best[2], time.time() - began)
 
 
@@ -201,5 +208,16 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan written by :func:`save_plan` (files from before the schedule fingerprint load too, unchecked)."""
-    return plan_from_json(json.loads(Path(path).read_text()))
+    """Read a plan written by :func:`save_plan` (files from before the schedule fingerprint load too, unchecked); a
+    missing, unreadable or malformed file is a ValueError (FileNotFoundError for a missing one) naming it."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {str(path)!r} does not exist (write one with deis_fast.save_plan)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"plan file {str(path)!r}: cannot read it ({e})") from None
+    try:
+        return plan_from_json(json.loads(text))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"plan file {str(path)!r} is not a plan written by deis_fast.save_plan ({type(e).__name__}: "
+                         f"{e})") from None

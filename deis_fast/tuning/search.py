@@ -93,16 +93,17 @@ def reference_solutions(model: Callable[..., torch.Tensor], schedule: Schedule, 
                     return ref.to(noise.device, noise.dtype)
             except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
                 pass
-    sampler = Sampler(model, schedule, method, nfe, _reference_grid(schedule), prediction, check_finite=False)
     from tqdm.auto import tqdm
     n = noise.shape[0]
     out = []
-    with torch.no_grad(), tqdm(total=n, desc=f"reference ({method} @ {nfe} NFE)", unit="sample",
-                               disable=not progress, file=sys.stderr) as bar:
+    # the bar counts network calls (a batch of a fine reference is minutes of them), its text the samples
+    with torch.no_grad(), tqdm(total=-(-n // batch) * nfe, desc=f"reference ({method} @ {nfe} NFE, {n} samples)",
+                               unit="call", disable=not progress, file=sys.stderr) as bar:
+        sampler = Sampler(_Ticking(model, lambda: bar.update(1)) if progress else model, schedule, method, nfe,
+                          _reference_grid(schedule), prediction, check_finite=False)
         for i in range(0, n, batch):
             s = slice(i, min(i + batch, n))
             out.append(sampler(noise[s], **_rows(cond, s, n)))
-            bar.update(out[-1].shape[0])
     ref = torch.cat(out)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,7 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str | S
         try:
             lp = learn_plan(net, schedule, start_plan, x_all[cal], ref_cal, prediction=prediction, iters=plan_iters,
                             batch=min(plan_batch, max(1, n_cal - max(1, round(n_cal / 4)))), lr=plan_lr,
-                            log=say if progress else None, **c_cal)
+                            log=say if progress else None, progress=progress, **c_cal)
         except (RuntimeError, MemoryError) as e:
             if not _is_oom(e):
                 raise
@@ -347,6 +348,10 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str | S
     errors["held_out_tuned"] = err
     if kind == "untuned":
         say("tuning did not beat the untuned configuration on the held-out set: keeping the untuned grid")
+    # whether the kept grid is the method's default one (the optimizer found nothing better on it): a summary must
+    # then not call it a tuned grid (the gain, if any, is the method or its options)
+    default_times = build_plan(schedule, spec.name, nfe, options=o).times
+    grid_tuned = kind == "plan" or not np.allclose(best.times, default_times, rtol=1e-9, atol=0)
     cand_meta = {} if len(fits) < 2 else {"chosen": best_fit["label"], "candidates": [
         {"method": f["label"], "calibration_error": _finite(f["cal"]), "held_out_error": _finite(f["held_out"]),
          "grid_start": f["og"].start_grid, "grid_seconds": round(f["og"].seconds, 1)} for f in fits]}
@@ -358,5 +363,5 @@ def tune(model: Callable[..., torch.Tensor], schedule: Schedule, method: str | S
                  errors=errors, deis_fast_version=__version__,
                  meta=dict(meta or {}, **cand_meta, calibration=n_cal, held_out=n_ho,
                            reference=f"{reference_method}@{reference_nfe}",
-                           seconds=round(time.time() - began, 1), grid_start=og.start_grid,
+                           seconds=round(time.time() - began, 1), grid_start=og.start_grid, grid_tuned=grid_tuned,
                            grid_evaluations=og.evaluations))

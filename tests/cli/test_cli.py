@@ -453,3 +453,19 @@ def test_demo_runs_twice_in_a_row_and_still_refuses_a_users_file(tmp_path, capsy
     # another command's output is not the demo's: sample's folder still needs --overwrite for the demo
     assert main(["sample", "--nfe", "2", "--num", "1", "--outdir", "s", "--quiet"]) == 0
     assert main(argv + ["--outdir", "s"]) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag, python_name", [
+    (["plan", "--method", "tab3", "--nfe", "5", "--grid", "999,500,0"], "drop --nfe", "nfe="),
+    (["plan", "--t-start", "2000"], "pass --t-start/--t-end", "t_start"),
+    (["plan", "--method", "tab3", "--pfdiff", "2,1"], "--method ddim", "pfdiff_experimental"),
+    (["sample", "--grid", "2000,500,0", "--nfe", "2"], "--grid times", "t_start"),
+    (["plan", "--method", "rho_heun", "--nfe", "5"], "--nfe 4 or 6", "nfe=")])
+def test_cli_errors_name_flags_not_python_keywords(argv, flag, python_name, tmp_path, capsys):
+    """Issue 33 item 18: the command line's messages name its flags (--nfe, --t-start), never the library's keywords
+    (nfe=, t_start, pfdiff_experimental=True, which no flag sets)."""
+    if argv[0] == "sample":
+        argv = argv + ["--outdir", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert flag in err and python_name not in err, err

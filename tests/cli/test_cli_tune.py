@@ -1,6 +1,7 @@
 """deis-fast tune / sample --tuned / generate --tuned on the embedded models (small sizes: the real measurement is
 benchmarks/tuned_cli.py)."""
 import json
+import re
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_tune_prints_the_table(tmp_path, capsys):
                    "--held-out", "4", "--time-budget", "1", "--reference-nfe", "20", "--cache", ""])
     out = capsys.readouterr().out
     assert rc == 0 and "method search" in out and "| tab2+corrector |" in out and "wrote" in out
-    assert "| untuned (tab3, default grid) |" in out and "| tuned grid (" in out
+    assert "| untuned (tab3, default grid) |" in out and re.search(r"\| tab[23](\+corrector)?, (tuned|default) grid \|", out)
     d = json.loads(out_file.read_text())["payload"]
     assert cli.main(["sample", "--model", "flow", "--tuned", str(out_file), "--num", "1", "--outdir",
                      str(tmp_path / "s"), "--json"]) == 0
@@ -139,3 +140,34 @@ def test_save_tuned_leaves_no_temporary_file(tmp_path, tuned_digits):
     with pytest.raises(OSError):
         t.save(folder)
     assert [p.name for p in tmp_path.iterdir()] == ["dir"] and not list(folder.iterdir())
+
+
+def test_summary_says_default_grid_when_the_grid_was_not_tuned(tmp_path, capsys, monkeypatch):
+    """Issue 33 item 6: when the search keeps the method's default grid (here: the optimizer returns it), the summary
+    says so; it does not call the corrector's gain a "tuned grid"."""
+    import deis_fast.tuning.grids as go
+    real = go.optimize_grid
+
+    def keeps_default(model, schedule, method, nfe, *a, **k):
+        g = real(model, schedule, method, nfe, *a, **dict(k, time_budget=0.2))
+        g.times = list(deis_fast.build_plan(schedule, method, nfe).times)
+        return g
+    import deis_fast
+    monkeypatch.setattr(go, "optimize_grid", keeps_default)
+    out_file = tmp_path / "f.json"
+    argv = ["tune", "--model", "digits", "--nfe", "3", "--method", "tab3,tab3+corrector", "--out", str(out_file),
+            "--calibration", "6", "--held-out", "3", "--reference-nfe", "20", "--cache", ""]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    t = json.loads(out_file.read_text())["payload"]
+    assert t["meta"]["grid_tuned"] is False
+    assert "tuned grid" not in out and "| untuned (tab3, default grid) |" in out
+    assert f"| {t['meta']['chosen']}, default grid |" in out
+
+
+def test_sample_tuned_prints_the_corrector(tmp_path, capsys):
+    """Issue 33 item 6: `sample --tuned` names the file's method with its options (tab3+corrector), not bare tab3."""
+    import os
+    f = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tuned", "digits_nfe5.json")
+    assert cli.main(["sample", "--tuned", f, "--num", "1", "--outdir", str(tmp_path / "s")]) == 0
+    assert "(tab3+corrector, 5 NFE" in capsys.readouterr().out

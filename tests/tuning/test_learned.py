@@ -93,3 +93,15 @@ def test_shipped_digits_plan_reaches_one_percent_at_nfe7_on_fresh_noise(model):
     base = build_plan(SCHED, "tab3", 7, "time_quadratic", t_start=800, corrector=True)
     fixed = float(relative_errors(Sampler(model, SCHED, plan=base)(x), ref).median())
     assert learned < 0.0125 and learned < 0.6 * fixed, (learned, fixed)
+
+
+def test_load_plan_names_a_missing_or_corrupt_file(tmp_path):
+    """Issue 33 item 18: load_plan on a missing, non-JSON or non-plan file names the file."""
+    from deis_fast.tuning.plans import load_plan
+    missing = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_plan(missing)
+    for name, text in (("junk.json", "{not json"), ("other.json", '{"a": 1}'), ("list.json", "[1, 2]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*save_plan"):
+            load_plan(tmp_path / name)

@@ -244,3 +244,43 @@ def test_k_diffusion_sampler_loads_a_vp_tuned_file_with_the_models_schedule(tune
     with pytest.raises(tuning.TunedMismatchError, match="whole grid"):   # denoise < 1: starts below the plan
         dk.sample_deis_fast(denoiser, z, dk.get_sigmas_karras(5, 0.03, 20.0), method="ipndm4", schedule=VP,
                             tuned=str(path))
+
+
+def _active_bars():
+    from tqdm import tqdm as std_tqdm
+    return [b for b in list(std_tqdm._instances) if not b.disable]
+
+
+def test_reference_bar_moves_inside_a_batch(mixture):
+    """Issue 33 item 5: the reference bar counts network calls, so it moves during the first batch (it sat at 0/96
+    for minutes: it counted finished batches of samples)."""
+    seen = []
+    base = mixture.model(VP)
+
+    def model(x, t, **kw):
+        seen.append([(b.n, b.total, b.desc) for b in _active_bars()])
+        return base(x, t, **kw)
+    noise = torch.randn(10, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tuning.reference_solutions(model, VP, noise, nfe=40, batch=8, progress=True)
+    bars = [s[0] for s in seen if s]
+    assert len(bars) == len(seen) == 80 and "10 samples" in bars[0][2]   # two batches of 40 calls
+    assert bars[20][0] == 21 and bars[-1] == (80, 80, bars[0][2])        # inside the first batch: 21 calls counted
+
+
+def test_learn_plan_shows_progress(mixture, capsys):
+    """Issue 33 item 7: learn_plan with progress=True (and tune(plan=True, progress=True)) shows a bar over its Adam
+    steps on stderr, from the first step (it printed nothing for minutes)."""
+    from deis_fast.tuning.plans import learn_plan
+    model = mixture.model(VP)
+    noise = torch.randn(8, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = tuning.reference_solutions(model, VP, noise, nfe=40)
+    steps = []
+
+    def counting(x, t, **kw):
+        steps.extend(b.n for b in _active_bars() if b.desc.startswith("learn_plan"))
+        return model(x, t, **kw)
+    learn_plan(counting, VP, deis_fast.build_plan(VP, "tab3", 4), noise, ref, iters=6, batch=4, check_every=3,
+               progress=True)
+    assert steps and steps[0] == 0 and max(steps) == 5      # the bar was up during the fit and moved every step
+    err = capsys.readouterr().err
+    assert "learn_plan tab3" in err and "6/6" in err and "best validation" in err

@@ -235,3 +235,19 @@ def test_embedded_weights_are_safetensors_and_load_without_torch_load(monkeypatc
     for kind in DIGITS_KINDS:
         m = load_digits_model(kind=kind)
         assert sum(p.numel() for p in m.parameters()) > 1000
+
+
+def test_load_model_speaks_python_the_cli_speaks_flags(capsys):
+    """Issue 33 item 18: deis_fast.load_model raises a plain ValueError naming its own keywords (no CLI UsageError,
+    no --model); the command line wraps it into its flags."""
+    import pytest as _pytest
+
+    import deis_fast
+    from deis_fast.cli.common import UsageError
+    from deis_fast.cli.main import main
+    with _pytest.raises(ValueError) as info:
+        deis_fast.load_model("mnist")
+    assert type(info.value) is ValueError and not isinstance(info.value, UsageError)
+    assert "--model" not in str(info.value) and "mnist" in str(info.value)
+    assert main(["sample", "--model", "mnist", "--outdir", "unused"]) == 2
+    assert "--model 'mnist'" in capsys.readouterr().err
