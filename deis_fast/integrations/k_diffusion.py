@@ -155,6 +155,8 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         grid, options = _tuned_grid(tuned, kind, method, plan_opts, grid, options)
         split_final = False
     seed = extra_args.get("seed")
+    if "seed" in extra_args and not _takes_seed(model):
+        del extra_args["seed"]   # the noise's seed, not the network's: only a denoiser that names it gets it (ComfyUI's)
     if generator is None and noise_sampler is None and seed is not None and spec.family in ("sde", "stochastic"):
         if spec.family == "sde" and plan_opts.pfdiff is None:
             noise_sampler = BrownianTreeNoiseSampler(x, float(s[s > 0].min()), float(s.max()), seed=seed)
@@ -182,6 +184,17 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
             callback({"x": out, "i": len(grid) - 1, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
         out = denoised
     return out
+
+
+def _takes_seed(model: Callable[..., Any]) -> bool:
+    """Whether ``model`` names a ``seed`` parameter (ComfyUI's denoiser does); a plain k-diffusion denoiser, which
+    forwards its ``**kwargs`` to the network, does not get ComfyUI's ``extra_args["seed"]``."""
+    import inspect
+    try:
+        p = inspect.signature(model).parameters.get("seed")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def vp_schedule_from_sigmas(sigmas: Any, name: str = "sigmas") -> VPSchedule:

@@ -277,7 +277,7 @@ def test_index_for_timestep_flowmatch_api():
         assert ours.index_for_timestep(ours.timesteps[k]) == k == src.index_for_timestep(src.timesteps[k])
         assert ours.index_for_timestep(src.timesteps[k], src.timesteps) == k
     batch = ours.timesteps[[4, 1, 1, 0]]
-    assert ours.index_for_timestep(batch) == [4, 1, 1, 0]
+    assert ours.index_for_timestep(batch).tolist() == [4, 1, 1, 0]
     x0, z = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     t = ours.timesteps[[4, 1, 1, 0]]
     np.testing.assert_allclose(ours.scale_noise(x0, t, z).numpy(),
@@ -373,3 +373,62 @@ def test_keys_on_deis_fast_grids():
         s.set_timesteps(20)
     assert len(plain.plan.combines[-1].coefs) == 3 and len(euler.plan.combines[-1].coefs) == 2
     assert plain.plan.combines[-2].coefs == euler.plan.combines[-2].coefs
+
+
+# --- issue 33: drop-in leftovers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", ["auto", "diffusers"])
+def test_flow_karras_range_built_directly(grid):
+    """Item 13: sigma_min / sigma_max given to the constructor (not through a UniPC config) are honoured: UniPC's flow
+    Karras sigmas, first 200 / 201 = 0.995 (it was 1.0: the range was ignored)."""
+    kw = dict(use_flow_sigmas=True, use_karras_sigmas=True, sigma_min=0.01, sigma_max=200.0,
+              prediction_type="flow_prediction")
+    src = UniPCMultistepScheduler(**kw)
+    ours = DEISFastScheduler(method="unipc2", grid=grid, **kw)
+    src.set_timesteps(10)
+    ours.set_timesteps(10)
+    assert abs(float(ours.sigmas[0]) - 200 / 201) < 1e-6
+    np.testing.assert_allclose(ours.sigmas.double().numpy(), src.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_index_for_timestep_of_a_batch_is_a_tensor():
+    """Item 14: a batch of timesteps gives a LongTensor of indices (diffusers' vectorized lookups), on their device."""
+    ours = DEISFastScheduler(method="tab3")
+    ours.set_timesteps(6)
+    got = ours.index_for_timestep(ours.timesteps[[4, 1, 1, 0]])
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.long and got.tolist() == [4, 1, 1, 0]
+    assert ours.index_for_timestep(ours.timesteps[2]) == 2
+
+
+def test_eta_on_a_deterministic_method_is_refused_as_sample_refuses_it():
+    """Item 15: eta away from its default on a method without noise is an error (deis_fast.sample refuses it too)."""
+    import deis_fast
+    with pytest.raises(ValueError, match="eta"):
+        deis_fast.sample(lambda x, t: x, torch.zeros(1, 2), method="tab3", nfe=3, eta=0.5)
+    with pytest.raises(ValueError, match="eta=0.5 applies to stochastic methods"):
+        DEISFastScheduler(method="tab3", eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        DEISFastScheduler(method="ddim", pfdiff=(2, 1), eta=0.5)
+    DEISFastScheduler(method="ddim_eta", eta=0.5)
+    DEISFastScheduler(method="ddim_eta", pfdiff=(2, 1), eta=0.5)
+    DEISFastScheduler(method="tab3", eta=1.0)   # the default: nothing set
+
+
+@pytest.mark.parametrize("bad", ["sample", "model_output"])
+def test_step_with_nan_raises_at_the_end_of_the_run(bad):
+    """Item 16: NaN in a step()'s sample or model output raises NonFiniteError naming the step, through the
+    executor's deferred check (one reduction per step, one host sync at the last step), not a NaN image."""
+    from deis_fast import NonFiniteError
+    sch = DEISFastScheduler(method="tab3")
+    sch.set_timesteps(5)
+    x = torch.randn(2, 4)
+    with pytest.raises(NonFiniteError, match="step\\(\\) 2 .*" + bad):
+        for i, t in enumerate(sch.timesteps):
+            eps = torch.zeros_like(x)
+            if i == 2:
+                (x if bad == "sample" else eps)[0, 0] = float("nan")
+            x = sch.step(eps, t, x).prev_sample
+    sch.set_timesteps(5)   # a clean run afterwards is not blamed
+    x = torch.randn(2, 4)
+    for t in sch.timesteps:
+        x = sch.step(torch.zeros_like(x), t, x).prev_sample
+    assert torch.isfinite(x).all()

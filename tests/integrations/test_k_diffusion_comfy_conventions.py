@@ -209,3 +209,25 @@ def test_final_step_into_zero_is_the_denoised_output(method):
     torch.testing.assert_close(out, seen[-1]["denoised"], rtol=1e-12, atol=1e-12)
     full = dk.sample_deis_fast(DEN, x, sig, method=m, disable=True, denoise_to_zero=False, **kw)
     assert _rel(full, out) > 1e-4
+
+
+def test_seed_in_extra_args_reaches_only_a_denoiser_that_names_it():
+    """Issue 33 item 17: ComfyUI's extra_args["seed"] seeds the noise; a plain k-diffusion denoiser (whose **kwargs
+    go to the network) never gets it, ComfyUI's own denoiser (a named seed parameter) still does."""
+    sig = dk.get_sigmas_karras(5, 0.03, 14.6, dtype=torch.float64)
+    x = _noise() * 14.6
+
+    def plain(x, sigma, **kw):
+        if kw:
+            raise TypeError(f"unexpected keyword argument {next(iter(kw))!r}")
+        return DEN(x, sigma)
+    got = []
+
+    def comfy_like(x, sigma, denoise_mask=None, model_options={}, seed=None):
+        got.append(seed)
+        return DEN(x, sigma)
+    for method in ("tab3", "ddim_eta", "rho_heun"):
+        out = dk.sample_deis_fast(plain, x, sig, method=method, extra_args={"seed": 3}, disable=True)
+        assert torch.isfinite(out).all()
+        dk.sample_deis_fast(comfy_like, x, sig, method=method, extra_args={"seed": 3}, disable=True)
+    assert got and set(got) == {3}

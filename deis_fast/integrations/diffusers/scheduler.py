@@ -77,7 +77,7 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
 
 from ...core.grids import GRIDS, grid_rho, make_grid
 from ...core.adapters import check_prediction, check_threshold, convert_output, normalize_prediction
-from ...core.executor import run_plan, segments
+from ...core.executor import NonFiniteError, run_plan, segments
 from ...core.plan import Eval, Plan
 from ...sampler import build_plan, default_grid
 from ...core.schedules import (FlowSchedule, Schedule, VPSchedule, flow_schedule_from_diffusers_config,
@@ -133,7 +133,9 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             ``set_timesteps`` gives the ``grid="diffusers"`` timesteps and sigmas.
         use_lu_lambdas, lambda_min_clipped, euler_at_final, variance_type: DPM-Solver's keys (uniform-lambda
             sigmas, the first timestep's cap, a first-order last step, a learned-variance output split in two).
-        sigma_min, sigma_max: UniPC's Karras range of flow sigmas.
+        sigma_min, sigma_max: UniPC's Karras range of flow sigmas: with ``use_flow_sigmas`` and
+            ``use_karras_sigmas`` (and ``grid`` "auto" or "diffusers") the run takes UniPC's sigmas, from
+            sigma_max / (1 + sigma_max).
         timestep_spacing, steps_offset: diffusers' spacing of the ``grid="diffusers"`` timesteps.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, beta_alpha, beta_beta: diffusers'
             spacing switches, honored as the ``karras``, ``logsnr`` and ``beta`` grids when ``grid="auto"``.
@@ -190,6 +192,11 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             # one switch for flow, read by FLUX-style pipelines: they then leave the spacing to the scheduler. Not for
             # a FlowMatchEuler config, whose pipelines pass it their sigmas, as they would to FlowMatchEuler
             self.register_to_config(use_flow_sigmas=True)
+        if use_flow_sigmas and source_scheduler is None and (sigma_min is not None or sigma_max is not None):
+            # sigma_min / sigma_max are UniPC's Karras range of flow sigmas (no other scheduler reads them): built
+            # directly, as from UniPC's config, they mean UniPC's sigmas (honoured with use_karras_sigmas)
+            source_scheduler, final_sigmas_type = dc.UNIPC, "zero"   # a flow run ends at t = 0 (a clean sample)
+            self.register_to_config(source_scheduler=source_scheduler, final_sigmas_type=final_sigmas_type)
         _check_process_keys(self.config)
         self.schedule = _noise_schedule(self.config)
         if rescale_betas_zero_snr and self.prediction == "eps" and not self.is_flow:
@@ -474,6 +481,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
             spacing = [g for k, g in _SPACING_KEYS.items() if cfg[k]]
             if spacing:
                 grid = spacing[0]
+                if grid == "karras" and self.is_flow and (cfg.sigma_min is not None or cfg.sigma_max is not None):
+                    grid = "diffusers"   # UniPC's flow Karras sigmas between sigma_min and sigma_max, as UniPC runs
             elif spec.name.startswith("logrho") and pf is None and not self.is_flow:
                 grid = "diffusers"
             else:
@@ -549,12 +558,13 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def index_for_timestep(self, timestep: int | float | torch.Tensor,
-                           schedule_timesteps: torch.Tensor | None = None) -> int | list[int]:
+                           schedule_timesteps: torch.Tensor | None = None) -> int | torch.Tensor:
         """The index in ``schedule_timesteps`` (default ``timesteps``) of ``timestep``; when several share it, the
         first Eval of a step; a timestep that is not there gives the last index, as diffusers' multistep
-        schedulers do (a pipeline may step at t = 0). A batch of timesteps gives one index per entry."""
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
-            return [self.index_for_timestep(v, schedule_timesteps) for v in timestep.reshape(-1)]
+        schedulers do (a pipeline may step at t = 0). A batch of timesteps gives a LongTensor, one index per entry."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:   # a tensor, as diffusers' vectorized lookups
+            return torch.tensor([self.index_for_timestep(v, schedule_timesteps) for v in timestep.reshape(-1)],
+                                dtype=torch.long, device=timestep.device)
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         ts = torch.as_tensor(self.timesteps if schedule_timesteps is None else schedule_timesteps)
         ts = ts.detach().to("cpu", torch.float64).reshape(-1).numpy()
@@ -568,8 +578,8 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, timestep: Any) -> None:
         """First step(): the start index (begin index, else from the timestep) and the plan run from there."""
         k = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
-        if isinstance(k, list):  # a pipeline that passes the timestep once per sample
-            k = k[0]
+        if isinstance(k, torch.Tensor):  # a pipeline that passes the timestep once per sample
+            k = int(k.reshape(-1)[0])
         run = self.plan
         if k:
             run = self._finish(build_plan(self.schedule, grid=list(self.plan.times), start_eval=k, **self._build_kw))
@@ -578,6 +588,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         self._run_plan, self._segments = run, segments(run)
         self._slots = [None] * run.num_slots
         self._step_index = k
+        self._fin: list[torch.Tensor] = []   # per step() the sums of its sample and model output (no host sync)
 
     def step(self, model_output: torch.Tensor, timestep: int | float | torch.Tensor, sample: torch.Tensor,
              return_dict: bool = True, generator: torch.Generator | list[torch.Generator] | None = None,
@@ -606,10 +617,35 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, the sample {tuple(sample.shape)}")
         prev = self._run_segment(k, model_output, sample, generator)
+        if not torch.compiler.is_compiling():
+            self._finite_check(k, sample, model_output, prev, last=k + 1 == len(self._segments))
         self._step_index += 1
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _finite_check(self, k: int, sample: torch.Tensor, model_output: torch.Tensor, prev: torch.Tensor,
+                      last: bool) -> None:
+        """The executor's deferred finite check across step() calls: one reduction per step (no sync), one host
+        sync at the last step; raises :class:`NonFiniteError` naming the first step whose sample or model output
+        was NaN / Inf (the run's result is then not returned)."""
+        self._fin.append(torch.stack([torch.sum(v.detach(), dtype=torch.float32) for v in (sample, model_output)]))
+        if not last:
+            return
+        sums = torch.cat(self._fin + [torch.sum(prev.detach(), dtype=torch.float32).reshape(1)])
+        self._fin = []
+        if math.isfinite(float(sums.sum())):
+            return
+        flags = torch.isfinite(sums).tolist()
+        first = self._step_index - k   # the step() count of this run's Eval 0
+        for i in range(len(flags) // 2):
+            for j, what in enumerate(("sample", "model_output")):
+                if not flags[2 * i + j]:
+                    raise NonFiniteError(f"step() {first + i} of this run (timestep {float(self.timesteps[first + i]):g})"
+                                         f" got a {what} with NaN or Inf; check the model, its dtype (fp16 overflow?) "
+                                         "and the latents the pipeline passed")
+        raise NonFiniteError("the scheduler's result contains NaN or Inf although every sample and model output "
+                             "passed to step() was finite")
 
     def _run_segment(self, k: int, model_output: torch.Tensor, sample: torch.Tensor,
                      generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
@@ -829,6 +865,12 @@ def _check_solver_options(method: str, pfdiff: Any, corrector: bool | None, disa
     an unknown variant, a negative noise scale."""
     if float(eta) < 0 or float(s_noise) < 0:
         raise ValueError(f"eta and s_noise are noise scales and must be >= 0, got eta={eta}, s_noise={s_noise}")
+    if float(eta) != 1.0:   # away from its default: refused where the method has no noise, as sample() refuses it
+        build_options = PlanOptions(pfdiff=tuple(pfdiff) if pfdiff is not None else None, eta=float(eta))
+        spec, o = resolve(method, build_options)
+        if "eta" not in spec.options:
+            raise ValueError(f"eta={eta} applies to stochastic methods (ddim_eta, dpmpp_2m_sde, dpmpp_3m_sde), not "
+                             f"{method!r}; drop eta or use one of those")
     opts = _solver_options(dict(corrector=corrector, disable_corrector=disable_corrector, variant=variant,
                                 s_noise=s_noise))
     if not opts:
