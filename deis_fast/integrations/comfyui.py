@@ -34,12 +34,13 @@ __all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE
            "tuned_steps", "register", "install", "digits_model"]
 
 PREFIX = "deis_fast_"
-# the entries on the KSampler sampler list: name -> (method, options)
+# the entries on the KSampler sampler list: name -> (method, options). rhoab3 is ipndm_v (bit-identical plans): one
+# entry, deis_fast_ipndm_v (ComfyUI's own ipndm_v is its peer); ComfyUI validates a saved workflow's sampler_name
+# against this list, so a workflow saved with deis_fast_rhoab3 needs deis_fast_ipndm_v (docs/comfyui.md)
 KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
     PREFIX + "tab3": ("tab3", {}),
     PREFIX + "tab3_pc": ("tab3", {"corrector": True}),
     PREFIX + "tab2": ("tab2", {}),
-    PREFIX + "rhoab3": ("rhoab3", {}),
     PREFIX + "logrho3": ("logrho3", {}),
     PREFIX + "ipndm4": ("ipndm4", {}),
     PREFIX + "ipndm_v": ("ipndm_v", {}),
@@ -58,7 +59,7 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
 SCHEDULER_ENTRIES: dict[str, str] = {PREFIX + g: g for g in ("time_quadratic", "time_uniform", "logsnr", "karras",
                                                              "ays", "kl_optimal")}
 NODE_GRIDS = ("time_quadratic", "time_uniform", "logsnr", "karras", "ays", "kl_optimal", "beta", "optimized (file)")
-NODE_METHODS = ("tab3", "tab2", "tab1", "rhoab3", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
+NODE_METHODS = ("tab3", "tab2", "tab1", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
                 "unipc2", "unipc3", "pfdiff", "ddim", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde", "rho_heun",
                 "rho_rk4")
 VARIANTS = ("default", "bh1", "bh2", "midpoint", "heun")
@@ -140,6 +141,7 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
     opts = dict(options)
     pfdiff_steps = opts.pop("pfdiff_steps", "calls")
     tuned_file = opts.pop("tuned_file", "") or ""
+    node = opts.pop("node", "DEIS-fast Sampler")
     _check_options(method, opts)
     if tuned_file:
         _check_tuned_method(tuned_file, method, opts)
@@ -147,6 +149,8 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
         model_type, schedule = model_schedule(_model_sampling_of(model))
         run = {**opts, **kw}
+        if not tuned_file:
+            schedule = _in_range(schedule, sigmas)
         if tuned_file:
             return _sample_tuned(tuned_file, model, x, sigmas, extra_args, callback, disable, method, model_type,
                                  schedule, pfdiff_steps, run)
@@ -155,11 +159,33 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
             grid = "resample" if pfdiff_steps == "calls" else "given"
             if grid == "given":
                 _check_pfdiff_steps(len(sigmas) - 1, method, run)
-        return dk.sample_deis_fast(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                                   method=method, model_type=model_type, schedule=schedule, pfdiff_grid=grid, **run)
+        try:
+            return dk.sample_deis_fast(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                       method=method, model_type=model_type, schedule=schedule, pfdiff_grid=grid,
+                                       **run)
+        except DeisFastInputError:
+            raise
+        except ValueError as e:   # in the node's terms: which node, the SIGMAS it got
+            raise DeisFastInputError(
+                f"{node}: {e} (the SIGMAS: {len(sigmas) - 1} steps from {float(sigmas[0]):.6g} to "
+                f"{float(sigmas[-1]):.6g}; check the scheduler node and its steps / denoise)") from None
     sample.__name__ = f"sample_{PREFIX}{method}"
     sample.__doc__ = f"deis_fast {method} {opts or ''} in the model's own schedule (deis_fast.integrations.comfyui)"
     return sample
+
+
+def _in_range(schedule: Schedule | None, sigmas: Any) -> Schedule | None:
+    """The model's VP schedule, or None (solve in sigma, as k-diffusion and ComfyUI's own samplers do) when the
+    SIGMAS' positive values leave its sigma table: ComfyUI's uni_pc writes 0.001 into them, a KarrasScheduler may end
+    at sigma_min 0.002, below a DDPM model's smallest sigma (there the model's time does not exist; ComfyUI's model
+    rounds such a sigma to its first training step, as it does for every sampler)."""
+    if not isinstance(schedule, VPSchedule):
+        return schedule
+    s = dk._to_numpy(sigmas)
+    positive = s[s > 0]
+    if positive.size and float(positive.min()) < schedule.rho_min * (1 - 1e-6):
+        return None
+    return schedule
 
 
 # ----------------------------------------------------------------------------- tuned files (deis_fast.tuning)
@@ -274,13 +300,7 @@ def tuned_sigmas(model_sampling: Any, path: str, pfdiff_steps: str = "calls") ->
                                  "the tuned_file on the DEIS-fast Sampler")
     _check_tuned_schedule(t, path, "DEIS-fast Scheduler", model_type, schedule)
     plan = t.make_plan(schedule, check=False)
-    spec, po = resolve(t.method, PlanOptions.of(**t.plan_options))
-    if spec.family == "rk" or (po.pfdiff is not None and pfdiff_steps != "calls"):
-        times = np.asarray(plan.times if spec.family == "rk" else plan.times[:-1], dtype=np.float64)
-    else:
-        times = np.asarray([op.t for op in plan.evals], dtype=np.float64)
-    sig = _to_sigmas(model_type, schedule, times)
-    sig = sig if sig[-1] == 0.0 else np.append(sig, 0.0)
+    sig = _plan_sigmas(plan, t.method, t.plan_options, model_type, schedule, pfdiff_steps)
     if sig.size - 1 != tuned_steps(t, pfdiff_steps):
         raise DeisFastInputError(f"DEIS-fast Scheduler: tuned_file {path}: no SIGMAS for {t.method} on a "
                                  f"{'flow' if model_type == 'const' else 'discrete'} model's grid ending at 0")
@@ -357,25 +377,100 @@ def _named_sigmas(model_type: str, schedule: Schedule | None, model_sampling: An
     return np.append(_to_sigmas(model_type, sched, t), 0.0)
 
 
-def _sigmas_from_file(model_type: str, schedule: Schedule | None, model_sampling: Any, path: str, method: str,
-                      steps: int) -> np.ndarray:
+def _read_grid_file(path: str) -> dict:
+    """The entries of a deis_fast.save_grid JSON, each an OptimizedGrid; a bad file as DeisFastInputError naming the
+    node, the input and the remedy."""
+    from ..tuning.grids import OptimizedGrid
+    where = f"DEIS-fast Scheduler: grid_file {path!r}"
+    remedy = ("set grid_file to a JSON written by deis_fast.save_grid (or deis_fast.optimize_grid(..., ) then "
+              "save_grid), or choose another grid than 'optimized (file)'")
     if not path or not os.path.isfile(path):
         raise DeisFastInputError(f"DEIS-fast Scheduler: grid 'optimized (file)' needs grid_file, the path of a JSON "
-                                 f"written by deis_fast.save_grid; got {path!r}")
-    data = json.loads(open(path).read())
-    fits = [v for v in data.values() if (not method or v.get("method") == method or
-                                         (method == "pfdiff" and v.get("pfdiff"))) and int(v.get("nfe", -1)) == steps]
+                                 f"written by deis_fast.save_grid; got {path!r}" + (" (no such file)" if path else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DeisFastInputError(f"{where} is not readable JSON ({e}): {remedy}") from None
+    try:
+        if not isinstance(data, dict) or not data:
+            raise TypeError("not a non-empty object of grids")
+        grids = {k: OptimizedGrid.from_json(v) for k, v in data.items()}
+        for g in grids.values():
+            t = np.asarray(g.times, dtype=np.float64)
+            if t.ndim != 1 or t.size < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) >= 0):
+                raise ValueError(f"grid {g.method} NFE {g.nfe}: times must be >= 2 finite decreasing numbers")
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise DeisFastInputError(f"{where} does not hold deis_fast.save_grid grids ({e}): {remedy}") from None
+    return grids
+
+
+def _fingerprint_fits(fp: str, model_type: str, schedule: Schedule, model_sampling: Any) -> bool:
+    """Whether a grid made for the schedule ``fp`` is for this model as the node solves it: its schedule, or for a
+    flow model the same shift in the network's own time (ComfyUI's ``multiplier``; the times are the same)."""
+    from ..core.schedules import schedule_fingerprint
+    if fp == schedule_fingerprint(schedule):
+        return True
+    scale = float(getattr(model_sampling, "multiplier", 1.0))
+    return model_type == "const" and isinstance(schedule, FlowSchedule) and scale != 1.0 and \
+        fp == schedule_fingerprint(FlowSchedule(schedule.shift, time_scale=scale, mu=schedule.mu))
+
+
+def _plan_sigmas(plan: Any, method: str, options: dict, model_type: str, sched: Schedule,
+                 pfdiff_steps: str = "calls") -> np.ndarray:
+    """The SIGMAS that run a grid's plan on ComfyUI: the sigmas where the plan calls the network, then 0 (Runge-Kutta:
+    every grid time, then 0; PFDiff with ``pfdiff_steps`` 'base grid': its base grid): the top sigma is the plan's
+    first, never dropped."""
+    spec, po = resolve(method, PlanOptions.of(**options))
+    if spec.family == "rk" or (po.pfdiff is not None and pfdiff_steps != "calls"):
+        times = np.asarray(plan.times if spec.family == "rk" else plan.times[:-1], dtype=np.float64)
+    else:
+        times = np.asarray([op.t for op in plan.evals], dtype=np.float64)
+    sig = _to_sigmas(model_type, sched, times)
+    return sig if sig[-1] == 0.0 else np.append(sig, 0.0)
+
+
+def _sigmas_from_file(model_type: str, schedule: Schedule | None, model_sampling: Any, path: str, method: str,
+                      steps: int) -> np.ndarray:
+    """SIGMAS of the file's grid for ``method`` with ``steps`` network calls, checked against the model: made for its
+    schedule (fingerprint, as a tuned file), or, for a file without one, starting at the model's largest sigma; a
+    grid in another time convention is refused, never truncated."""
+    from ..core.schedules import schedule_fingerprint
+    grids = _read_grid_file(path)
+    sched = _solver_schedule(model_type, schedule, model_sampling)
+    mine = [g for g in grids.values() if not method or g.method == method or (method == "pfdiff" and g.pfdiff)]
+    fits = [g for g in mine if int(g.nfe) == steps]
     if len(fits) != 1:
-        have = sorted(f"{v.get('method')} NFE {v.get('nfe')}" for v in data.values())
+        have = sorted(f"{g.method} NFE {g.nfe}" for g in grids.values())
         raise DeisFastInputError(f"DEIS-fast Scheduler: {path} has {len(fits)} grids for method {method or 'any'!r} "
                                  f"and {steps} steps; it holds: {', '.join(have)}. Set steps (and method) to one of "
                                  "those")
-    t = np.asarray(fits[0]["times"], dtype=np.float64)
-    sched = _solver_schedule(model_type, schedule, model_sampling)
-    sig = _to_sigmas(model_type, sched, t)
-    if model_type != "const" and sig[-1] > 0:
-        sig = np.append(sig, 0.0)
-    return sig
+    g = fits[0]
+    t = np.asarray(g.times, dtype=np.float64)
+    if g.schedule and not _fingerprint_fits(g.schedule, model_type, sched, model_sampling):
+        raise DeisFastInputError(
+            f"DEIS-fast Scheduler: grid_file {path}: the {g.method} NFE {g.nfe} grid was optimized for another model "
+            f"schedule (fingerprint {g.schedule}); this MODEL solves in {sched!r} (fingerprint "
+            f"{schedule_fingerprint(sched)}). Load the model the grid was made for, or optimize one for this model "
+            "(deis_fast.optimize_grid on deis_fast.integrations.comfyui.model_schedule(model_sampling)[1])")
+    top = float(sched.t_max) if model_type != "const" else float(model_sampling.sigma_max)
+    lo, hi = (float(sched.t_min), top) if model_type != "const" else (0.0, top)
+    if not (lo - 1e-9 * max(1.0, abs(lo)) <= t[-1] and np.isclose(t[0], top, rtol=1e-6, atol=1e-9)):
+        raise DeisFastInputError(
+            f"DEIS-fast Scheduler: grid_file {path}: the {g.method} NFE {g.nfe} grid runs over times {t[0]:.6g} .. "
+            f"{t[-1]:.6g}, but this MODEL's schedule runs from {hi:.6g} down to {lo:.6g}: the grid is in another time "
+            "convention (or starts below the model's largest sigma). Optimize the grid on this model's schedule "
+            "(deis_fast.integrations.comfyui.model_schedule), or choose another grid")
+    from ..sampler import build_plan
+    try:
+        plan = build_plan(sched, g.method, g.nfe if g.pfdiff else None, list(t), pfdiff=g.pfdiff)
+    except ValueError as e:
+        raise DeisFastInputError(f"DEIS-fast Scheduler: grid_file {path}: {e}") from None
+    if plan.nfe != g.nfe:
+        raise DeisFastInputError(f"DEIS-fast Scheduler: grid_file {path}: the {g.method} grid labelled NFE {g.nfe} has "
+                                 f"{len(t) - 1} intervals, which {g.method} runs in {plan.nfe} network calls: the file "
+                                 "was not written by deis_fast.save_grid (or was edited); optimize the grid again")
+    return _plan_sigmas(plan, g.method, {"pfdiff": g.pfdiff} if g.pfdiff else {}, model_type, sched)
 
 
 # ----------------------------------------------------------------------------- nodes
@@ -512,7 +607,7 @@ def register() -> list[str]:
     import comfy.samplers as cs
     added = []
     for name, (method, opts) in KSAMPLER_ENTRIES.items():
-        setattr(kds, f"sample_{name}", sampler_function(method, **opts))
+        setattr(kds, f"sample_{name}", sampler_function(method, node=f"KSampler sampler_name {name}", **opts))
         for names in (cs.KSAMPLER_NAMES, cs.SAMPLER_NAMES):
             if name not in names:
                 names.append(name)
@@ -575,20 +670,32 @@ def digits_model(kind: str = "digits", shift: float = 1.0, device: str = "cpu") 
 
 # ----------------------------------------------------------------------------- install
 
-LOADER = '''"""deis_fast nodes for ComfyUI (written by python -m deis_fast.integrations.comfyui install)."""
-from deis_fast.integrations.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register
+# the custom-node loader: the text of the repo's comfyui_node/__init__.py (tests/integrations/test_comfyui.py checks
+# the two are equal). It cannot import its "not installed" message from deis_fast, which may be what is missing.
+LOADER = '''"""ComfyUI custom-node entry of deis_fast: copy this folder to ComfyUI/custom_nodes/deis_fast (or run
+``python -m deis_fast.integrations.comfyui install /path/to/ComfyUI``, which writes the same loader there).
+deis_fast itself must be installed in ComfyUI's Python (``pip install deis_fast`` or ``pip install -e <repo>``)."""
+try:
+    from deis_fast.integrations.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register
+except ImportError as e:  # say what to do in the console ComfyUI prints import failures to
+    raise ImportError(f"the deis_fast ComfyUI nodes need the deis_fast package in ComfyUI's Python environment: "
+                      f"pip install deis_fast (or pip install -e /path/to/the/deis_fast/repo) ({e})") from e
 
-register()
+register()  # deis_fast_* samplers and schedulers on the plain KSampler lists
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 '''
 
 
 def install(comfyui_path: str, name: str = "deis_fast") -> str:
-    """Write ``custom_nodes/<name>/__init__.py`` (the loader above) into a ComfyUI folder; returns its path."""
+    """Write ``custom_nodes/<name>/__init__.py`` (:data:`LOADER`) into a ComfyUI folder (``custom_nodes/`` is created
+    in a ComfyUI tree that lacks it: one with ``main.py`` and ``comfy/``); returns its path."""
     nodes_dir = os.path.join(comfyui_path, "custom_nodes")
     if not os.path.isdir(nodes_dir):
-        raise FileNotFoundError(f"{comfyui_path} has no custom_nodes folder: pass the ComfyUI folder (where main.py "
-                                "is)")
+        if not (os.path.isfile(os.path.join(comfyui_path, "main.py")) and
+                os.path.isdir(os.path.join(comfyui_path, "comfy"))):
+            raise FileNotFoundError(f"{comfyui_path} is not a ComfyUI folder (no main.py and comfy/ there): pass the "
+                                    "ComfyUI folder (where main.py is)")
+        os.makedirs(nodes_dir)
     folder = os.path.join(nodes_dir, name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "__init__.py")
@@ -601,7 +708,11 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "install":
         print("usage: python -m deis_fast.integrations.comfyui install /path/to/ComfyUI", file=sys.stderr)
         return 2
-    print(f"wrote {install(argv[1])}; restart ComfyUI")
+    try:
+        print(f"wrote {install(argv[1])}; restart ComfyUI")
+    except OSError as e:
+        print(f"deis_fast.integrations.comfyui install: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

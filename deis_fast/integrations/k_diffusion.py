@@ -140,6 +140,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     s = _sigmas_to_numpy(sigmas)
     if s.size < 2:
         return x
+    n_steps = s.size - 1   # the caller's steps: what the console bar counts (k-diffusion's trange over the sigmas)
     spec, plan_opts = resolve(method, PlanOptions(pfdiff=options.get("pfdiff")))
     if plan_opts.pfdiff is not None:
         s = _pfdiff_sigmas(s, plan_opts, pfdiff_grid, model_type)
@@ -163,11 +164,12 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         else:
             generator = torch.Generator(device=x.device).manual_seed(int(seed))
     x_in = kind.to_state(x, float(s[0]))
+    bar = _step_bar(method, plan_opts, options, n_steps, disable)
     if grid.size < 2:  # only the final Euler step of a Runge-Kutta method is left
         out = x_in
     else:
         sampler, steps = _sampler_for(model, kind, method, grid, plan_opts, disable, options, callback, x_in,
-                                      resampled=pfdiff_grid == "resample")
+                                      resampled=pfdiff_grid == "resample", bar=bar)
         step_noise = None
         if noise_sampler is not None and sampler.plan.num_noise:
             if plan_opts.pfdiff is not None:
@@ -183,7 +185,19 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         if callback is not None:
             callback({"x": out, "i": len(grid) - 1, "sigma": sig, "sigma_hat": sig, "denoised": denoised})
         out = denoised
+    bar.update(bar.total - bar.n)
+    bar.close()
     return out
+
+
+def _step_bar(method: str, plan_opts: PlanOptions, options: Mapping[str, Any], steps: int, disable: bool | None):
+    """The console bar of one k-diffusion call: the method as configured (``tab3+corrector``, ``pfdiff21:ddim``) over
+    the caller's steps (a 10-step rho_heun counts 10, not its 19 network calls); ``disable=True`` hides it."""
+    from tqdm.auto import tqdm
+
+    from ..sampler import plan_label
+    label = plan_label(method, plan_opts) + ("+corrector" if options.get("corrector") else "")
+    return tqdm(total=steps, desc=f"deis_fast {label}", unit="step", disable=disable is True, leave=False)
 
 
 def _takes_seed(model: Callable[..., Any]) -> bool:
@@ -262,8 +276,8 @@ class _Steps:
     step (tracked through the executor's per-step callback, which reports the state after each step) and the
     call's output."""
 
-    def __init__(self, callback, kind: _Kind, x_in: torch.Tensor, starts: dict[int, tuple[int, float]]):
-        self.callback, self.kind, self.starts = callback, kind, starts
+    def __init__(self, callback, kind: _Kind, x_in: torch.Tensor, starts: dict[int, tuple[int, float]], bar=None):
+        self.callback, self.kind, self.starts, self.bar = callback, kind, starts, bar
         self.state = x_in
         self.calls = 0
 
@@ -273,6 +287,8 @@ class _Steps:
     def report(self, denoised: torch.Tensor) -> None:
         k = self.calls
         self.calls += 1
+        if k in self.starts and self.bar is not None and self.starts[k][0] > self.bar.n:
+            self.bar.update(self.starts[k][0] - self.bar.n)   # the steps before this one are done
         if self.callback is None or k not in self.starts:
             return
         i, sig = self.starts[k]
@@ -282,7 +298,7 @@ class _Steps:
 
 
 def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: PlanOptions, disable, options,
-                 callback, x_in, resampled: bool = False) -> tuple[Sampler, _Steps]:
+                 callback, x_in, resampled: bool = False, bar=None) -> tuple[Sampler, _Steps]:
     """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps."""
     box: list[_Steps] = []
     vp = kind.vp
@@ -309,7 +325,7 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
     t_end = float(grid[-1]) if kind.const else None
     sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid_s]}, prediction="x0",
-                      t_end=t_end, progress=disable is not True,
+                      t_end=t_end, progress=False,   # the caller's bar counts steps (_step_bar)
                       time_dtype=torch.float64 if vp is not None else None, **options)
     evals = sampler.plan.evals
     if plan_opts.pfdiff is None:
@@ -320,7 +336,7 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
     else:  # one report per call, i = the last base-grid step it covers: a bar over len(sigmas) - 1 reaches its end
         kk = check_kh(plan_opts.pfdiff)[0]
         starts = {k: (k * (kk + 1), kind.sigma_of_t(float(op.t))) for k, op in enumerate(evals)}
-    box.append(_Steps(callback, kind, x_in, starts))
+    box.append(_Steps(callback, kind, x_in, starts, bar))
     return sampler, box[0]
 
 

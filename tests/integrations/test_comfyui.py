@@ -122,7 +122,7 @@ def test_workflow_in_docs_runs(comfy):
 def test_install_writes_the_loader(tmp_path):
     """No ComfyUI needed: ``python -m deis_fast.integrations.comfyui install PATH`` writes custom_nodes/deis_fast."""
     from deis_fast.integrations import comfyui as dc
-    with pytest.raises(FileNotFoundError, match="custom_nodes"):
+    with pytest.raises(FileNotFoundError, match="not a ComfyUI folder"):
         dc.install(str(tmp_path))
     (tmp_path / "custom_nodes").mkdir()
     proc = subprocess.run([sys.executable, "-m", "deis_fast.integrations.comfyui", "install", str(tmp_path)],
@@ -183,3 +183,23 @@ def test_tuned_files_through_the_nodes(comfy):
     import deis_fast
     sd15 = deis_fast.VPSchedule.discrete("scaled_linear", 1000, 0.00085, 0.012)
     assert t["sd15 schedule"] == [repr(sd15), deis_fast.schedule_fingerprint(sd15)]
+
+
+def test_install_loader_is_the_custom_node_file_and_says_what_to_install(tmp_path):
+    """Issue 33 item 11: the loader `install` writes is the repo's comfyui_node/__init__.py (one text), so it has the
+    friendly "deis_fast is not installed" message; `install` creates custom_nodes/ in a ComfyUI tree without one (and
+    still refuses a folder that is not ComfyUI's, exit 2 with one line)."""
+    from deis_fast.integrations import comfyui as dc
+    with open(os.path.join(REPO, "comfyui_node", "__init__.py")) as f:
+        assert f.read() == dc.LOADER
+    (tmp_path / "main.py").write_text("")
+    (tmp_path / "comfy").mkdir()
+    path = dc.install(str(tmp_path))
+    assert os.path.isfile(path) and "pip install deis_fast" in open(path).read()
+    # ComfyUI's Python without deis_fast: the loader's message says what to install
+    code = ("import sys; sys.modules['deis_fast'] = None; import runpy; runpy.run_path(sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "need the deis_fast package in ComfyUI's Python environment" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "deis_fast.integrations.comfyui", "install", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert proc.returncode == 2 and "not a ComfyUI folder" in proc.stderr and "Traceback" not in proc.stderr

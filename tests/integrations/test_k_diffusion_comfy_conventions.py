@@ -231,3 +231,23 @@ def test_seed_in_extra_args_reaches_only_a_denoiser_that_names_it():
         assert torch.isfinite(out).all()
         dk.sample_deis_fast(comfy_like, x, sig, method=method, extra_args={"seed": 3}, disable=True)
     assert got and set(got) == {3}
+
+
+@pytest.mark.parametrize("method, kw, label", [("tab3", {"corrector": True}, "deis_fast tab3+corrector"),
+                                               ("rho_heun", {}, "deis_fast rho_heun"),
+                                               ("ddim", {"pfdiff": (2, 1), "pfdiff_grid": "resample"},
+                                                "deis_fast pfdiff21:ddim")])
+def test_console_bar_names_the_method_and_counts_steps(method, kw, label):
+    """Issue 33 item 12: the console bar (ComfyUI shows it) names the method as configured (tab3_pc: tab3+corrector)
+    and counts the SIGMAS' steps (a 10-step rho_heun: 10, not its network calls), reaching its total."""
+    from tqdm import tqdm as std_tqdm
+    sig = dk.get_sigmas_karras(10, 0.03, 14.6, dtype=torch.float64)
+    seen = []
+
+    def den(x, sigma, **k):
+        seen.append([(b.desc, b.n, b.total) for b in list(std_tqdm._instances) if not b.disable])
+        return DEN(x, sigma)
+    dk.sample_deis_fast(den, _noise() * 14.6, sig, method=method, disable=False, **kw)
+    assert all(len(s) == 1 and s[0][0] == label and s[0][2] == 10 for s in seen), seen[:3]
+    ns = [s[0][1] for s in seen]
+    assert ns == sorted(ns) and ns[-1] >= 8   # seen before the call reports: the last step starts after eight
