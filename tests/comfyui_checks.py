@@ -221,12 +221,64 @@ R["schedules"] = sch
 
 # --- 6b. "optimized (file)": a grid saved with deis_fast.save_grid becomes the model's SIGMAS (+ the final 0)
 grid_file = os.path.join(os.path.dirname(out_path), "grids.json")
-times = [999.0, 700.0, 420.0, 200.0, 60.0, 0.0]
-deis_fast.save_grid(grid_file, deis_fast.OptimizedGrid(times=times, method="tab3", nfe=6, model_id="digits"))
-got = dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 6, 1.0, grid_file, "tab3")[0]
-want = torch.tensor(list(vp.rho(np.array(times))) + [0.0], dtype=torch.float32)
+times = [999.0, 700.0, 420.0, 200.0, 60.0, 0.0]   # tab3 at NFE 5: calls at the first five, then 0
+deis_fast.save_grid(grid_file, deis_fast.OptimizedGrid(times=times, method="tab3", nfe=5, model_id="digits",
+                                                       schedule=deis_fast.schedule_fingerprint(vp)))
+got = dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 5, 1.0, grid_file, "tab3")[0]
+want = torch.tensor(list(vp.rho(np.array(times[:-1]))) + [0.0], dtype=torch.float32)
 R["optimized_file"] = [list(got.shape), float((got - want).abs().max()),
-                       bool(torch.isfinite(advanced(VP, node_sampler("tab3"), got)).all())]
+                       bool(torch.isfinite(advanced(VP, node_sampler("tab3"), got)).all()),
+                       float(got[0]), float(ms.sigma_max)]   # issue 33 item 8: the top sigma is the model's
+# a grid optimized by deis_fast.optimize_grid on this model's own schedule (save_grid records its fingerprint)
+og = deis_fast.optimize_grid(x0_model, vp, "tab3", 4, prediction="x0", shape=(1, 8, 8), time_budget=0.5,
+                             reference_nfe=40, max_restarts=0, start_grids=("time_quadratic",))
+opt_file = os.path.join(os.path.dirname(out_path), "optimized.json")
+deis_fast.save_grid(opt_file, og)
+got = dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 4, 1.0, opt_file, "tab3")[0]
+R["optimized_file_real"] = [list(got.shape), float(got[0]), float(ms.sigma_max), float(got[-1])]
+# item 8/9: refused in the node's terms, never truncated
+bad_files = {"another schedule": {"k": deis_fast.OptimizedGrid(times=times, method="tab3", nfe=5,
+                                                               schedule="0123456789abcdef").to_json()},
+             "continuous time": {"k": deis_fast.OptimizedGrid(times=[1.0, 0.6, 0.3, 0.1, 0.03, 0.001], method="tab3",
+                                                              nfe=5).to_json()},
+             "entry not an object": {"k": "x"}, "a list": [1, 2], "labelled NFE 6": {
+                 "k": deis_fast.OptimizedGrid(times=times, method="tab3", nfe=6).to_json()}}
+file_errors = {}
+for label, content in list(bad_files.items()) + [("not JSON", None)]:
+    path = os.path.join(os.path.dirname(out_path), f"bad_{len(file_errors)}.json")
+    with open(path, "w") as f:
+        f.write("{not json" if content is None else json.dumps(content))
+    try:
+        dc.DeisFastScheduler().get_sigmas(VP, "optimized (file)", 6 if "NFE 6" in label else 5, 1.0, path, "tab3")
+        file_errors[label] = None
+    except ValueError as e:
+        file_errors[label] = [type(e).__name__, str(e)]
+R["grid_file_errors"] = file_errors
+
+# --- 6a'. issue 33 item 10: SIGMAS ending below the model's smallest sigma (a KarrasScheduler with sigma_min 0.002,
+# uni_pc's 0.001): every deis_fast entry runs, ddim = ComfyUI's euler on them; errors name the node
+low = {}
+karras_low = ncs.KarrasScheduler().get_sigmas(8, float(ms.sigma_max), 0.002, 7.0)[0]
+unipc_low = comfy.samplers.calculate_sigmas(ms, "karras", 8).clone()
+unipc_low[-2] = 0.001
+for label, sig in (("karras sigma_min 0.002", karras_low), ("uni_pc 0.001", unipc_low)):
+    for name in ENTRIES:
+        out = advanced(VP, comfy.samplers.sampler_object(name), sig)
+        low[f"{name} {label}"] = bool(torch.isfinite(out).all())
+    low[f"ddim vs euler {label}"] = rel(advanced(VP, node_sampler("ddim"), sig),
+                                        advanced(VP, comfy.samplers.sampler_object("euler"), sig))
+R["below_sigma_min"] = low
+node_errors = {}
+above = torch.tensor([2 * float(ms.sigma_max), 1.0, 0.0])
+for label, fn in (("node, sigmas above the model", lambda: advanced(VP, node_sampler("tab3"), above)),
+                  ("ksampler entry, sigmas above the model",
+                   lambda: advanced(VP, comfy.samplers.sampler_object("deis_fast_tab3"), above))):
+    try:
+        fn()
+        node_errors[label] = None
+    except ValueError as e:
+        node_errors[label] = str(e)
+R["node_errors"] = node_errors
 
 # --- 6c. a tiny SD1.5-config UNet (ComfyUI's own UNetModel with cross-attention; its layers start uninitialized,
 # so the weights are filled from a seed), text-like conditioning and cfg 7

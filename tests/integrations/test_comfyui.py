@@ -105,12 +105,61 @@ def test_bad_input_messages(comfy):
     assert e["variant on tab3"].startswith("DEIS-fast Sampler:") and "variant" in e["variant on tab3"]
     assert e["corrector on rho_heun"].startswith("DEIS-fast Sampler:")
     assert "grid_file" in e["optimized grid without file"]
-    assert "tab3 NFE 6" in e["optimized grid, no entry for the steps"]
+    assert "tab3 NFE 5" in e["optimized grid, no entry for the steps"]
 
 
 def test_optimized_grid_from_a_file(comfy):
-    shape, err, finite = comfy["optimized_file"]
-    assert shape == [7] and err < 1e-5 and finite
+    """Issue 33 item 8: the file's grid as SIGMAS: the sigmas where tab3 calls the network, then 0; the first is the
+    model's largest sigma (it was dropped: the run started at 3.25 instead of 14.6 on SD-style models)."""
+    shape, err, finite, first, sigma_max = comfy["optimized_file"]
+    assert shape == [6] and err < 1e-5 and finite and abs(first - sigma_max) < 1e-4 * sigma_max
+    shape, first, sigma_max, last = comfy["optimized_file_real"]
+    assert shape == [5] and abs(first - sigma_max) < 1e-4 * sigma_max and last == 0.0
+
+
+def test_bad_grid_files_are_refused_in_the_nodes_terms(comfy):
+    """Issue 33 items 8-9: a grid for another schedule or in another time convention is refused (not truncated); an
+    unreadable or malformed file names the node, the input and the remedy (no AttributeError / JSONDecodeError)."""
+    e = comfy["grid_file_errors"]
+    assert all(v is not None and v[0] == "DeisFastInputError" for v in e.values()), e
+    assert all(v[1].startswith("DEIS-fast Scheduler: grid_file") for v in e.values()), e
+    assert "another model schedule" in e["another schedule"][1]
+    assert "another time convention" in e["continuous time"][1]
+    for k in ("entry not an object", "a list", "not JSON"):
+        assert "deis_fast.save_grid" in e[k][1], e[k]
+    assert "network calls" in e["labelled NFE 6"][1]
+
+
+def test_sigmas_below_the_models_smallest_sigma(comfy):
+    """Issue 33 item 10: SIGMAS that end below a DDPM model's sigma_min (KarrasScheduler sigma_min 0.002; uni_pc's
+    0.001) run for every entry, as ComfyUI's euler does (ddim = euler on them); sampling errors name the node."""
+    low = comfy["below_sigma_min"]
+    for name, v in low.items():
+        if name.startswith("ddim vs euler"):
+            assert v < 1e-5, (name, v)
+        else:
+            assert v is True, name
+    e = comfy["node_errors"]
+    assert e["node, sigmas above the model"].startswith("DEIS-fast Sampler: ")
+    assert e["ksampler entry, sigmas above the model"].startswith("KSampler sampler_name deis_fast_tab3: ")
+    assert "the SIGMAS: 2 steps" in e["node, sigmas above the model"]
+
+
+def test_one_entry_per_method_on_the_ksampler_list():
+    """Issue 33 item 12: rhoab3 and ipndm_v are one method (bit-identical plans): one KSampler entry."""
+    import deis_fast
+    from deis_fast.integrations.comfyui import KSAMPLER_ENTRIES, NODE_METHODS
+    sched = deis_fast.VPSchedule.discrete("linear")
+    plans = {}
+    for name, (method, opts) in KSAMPLER_ENTRIES.items():
+        if method in ("pfdiff", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde"):
+            continue
+        p = deis_fast.build_plan(sched, method, 10 if method != "rho_heun" else 10, **opts)
+        key = (p.times, tuple(op.coefs for op in p.combines))
+        assert key not in plans, (name, plans.get(key))
+        plans[key] = name
+    assert "deis_fast_ipndm_v" in KSAMPLER_ENTRIES and "deis_fast_rhoab3" not in KSAMPLER_ENTRIES
+    assert "rhoab3" not in NODE_METHODS and "ipndm_v" in NODE_METHODS
 
 
 def test_workflow_in_docs_runs(comfy):
