@@ -1,4 +1,4 @@
-"""``deis-fast serve``: the engine behind uvicorn on one host (extra ``[serve]``).
+"""deis-fast serve: step-level batched sampling over HTTP (POST /generate, GET /health, GET /metrics; extra [serve]).
 
     deis-fast serve --model digits --port 8000            # http://127.0.0.1:8000/generate, /health, /metrics
     curl -s -X POST localhost:8000/generate -d '{"seed": 1, "method": "tab3", "nfe": 10}' -o digit.png

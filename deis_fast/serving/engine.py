@@ -177,6 +177,7 @@ class Engine:
         self._queue: collections.deque[tuple[Ticket, Plan, tuple, tuple]] = collections.deque()
         self._cohorts: list[_Cohort] = []
         self._lock = threading.Condition()
+        self._cache_lock = threading.Lock()
         self._plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
         self._shapes: dict[tuple, str | None] = {self.shape: None}
         self._thread: threading.Thread | None = None
@@ -291,8 +292,9 @@ class Engine:
         if r.noise is not None and (not isinstance(r.noise, torch.Tensor) or tuple(r.noise.shape) != (n,) + shape):
             got = tuple(r.noise.shape) if isinstance(r.noise, torch.Tensor) else type(r.noise).__name__
             raise RequestError(f"noise must be a tensor of shape {(n,) + shape}, got {got}")
-        plan = self._plan(r)
-        self._check_shape(shape, plan)
+        with self._cache_lock:   # submit may be called from several threads
+            plan = self._plan(r)
+            self._check_shape(shape, plan)
         return plan, shape
 
     def _check_shape(self, shape: tuple, plan: Plan) -> None:

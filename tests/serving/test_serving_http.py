@@ -83,8 +83,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = Server("--max-batch", "16", "--max-queue", "64", "--max-nfe", "50")
+def server(tmp_path_factory):
+    import shutil
+    tuned = tmp_path_factory.mktemp("tuned")
+    for name in ("digits_nfe5.json", "flow_nfe5.json"):
+        shutil.copy(os.path.join(ROOT, "benchmarks", "tuned", name), tuned / name)
+    (tuned / "broken.json").write_text("{not json")
+    s = Server("--max-batch", "16", "--max-queue", "64", "--max-nfe", "50", "--tuned-dir", str(tuned))
     yield s
     s.stop()
 
@@ -100,6 +105,11 @@ def test_png_for_two_seeds_same_seed_same_bytes(server):
     assert answers[1][0] != answers[2][0]            # another seed: another image
     status, _, body = _post(server.port, {"seed": 1, "num": 3, "nfe": 8, "upscale": 2})
     assert status == 200 and body[16:24] == (48).to_bytes(4, "big") + (16).to_bytes(4, "big")  # 3 side by side
+
+
+def test_a_tuned_file_from_the_tuned_dir(server):
+    status, headers, body = _post(server.port, {"seed": 4, "tuned": "digits_nfe5.json"})
+    assert status == 200 and headers["x-deis-fast-nfe"] == "5" and body[:4] == b"\x89PNG"
 
 
 def test_concurrent_requests_each_equal_the_request_alone(server):
@@ -130,7 +140,10 @@ BAD = [("not json", 400, "must be JSON"),
        ({"nfe": 500}, 400, "from 1 to 50"),
        ({"num": 17}, 400, "at most 16 rows"),
        ({"shape": [1, 7, 7]}, 400, "cannot take shape"),
-       ({"tuned": "x.json"}, 400, "no tuned files"),
+       ({"tuned": "x.json"}, 400, "does not exist"),
+       ({"tuned": "broken.json"}, 400, "cannot read a tuned file"),
+       ({"tuned": "flow_nfe5.json"}, 400, "tune again for this model's schedule"),
+       ({"tuned": "../digits_nfe5.json"}, 400, "name of a file in the server's --tuned-dir"),
        ({"class": 3}, 400, "unconditional"),
        ({"seed": "one"}, 400, "'seed' must be an integer"),
        ({"colour": "red"}, 400, "unknown field 'colour'"),
