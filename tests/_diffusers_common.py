@@ -169,6 +169,17 @@ def tiny_t5(d_model: int = 16, seed: int = 0, words: list[str] = WORDS):
     return t5.eval(), T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def tiny_sd_pipeline(folder: str, dtype: torch.dtype = torch.float32, letters: bool = False):
+    """A StableDiffusionPipeline: tiny_sd_components (``letters``: with ``letter_tokenizer``) and SD's PNDM config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    parts = tiny_sd_components(folder, dtype)
+    if letters:
+        parts["tokenizer"] = letter_tokenizer(folder)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                          set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(scheduler=sched, **parts)
+
+
 def tiny_flux_pipeline(folder: str, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False,
                        letters: bool = False):
     """A FluxPipeline: the transformer and VAE of tiny_flux_components, a 1-layer CLIP text encoder (pooled output,

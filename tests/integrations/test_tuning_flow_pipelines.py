@@ -108,6 +108,10 @@ def test_cli_tuned_file_beats_untuned_inside_the_pipeline(pipes, family, tmp_pat
     # the file's held-out numbers (core sampler, rho_rk4 @ 120 reference) are the pipeline's
     assert after == pytest.approx(t.errors["held_out_tuned"], rel=0.1)
     assert before == pytest.approx(t.errors["held_out_untuned"], rel=0.1)
+    if family == "flux":   # FLUX's mu follows the image size: at another size the file's schedule is not the one run
+        with pytest.raises(tuning.TunedMismatchError, match="schedule"):
+            _run(pipe, _scheduler(pipe, tuned=str(out)), HELD_OUT, NFE, torch.zeros(4, 256, 4),
+                 dict(height=32, width=32))
 
 
 def test_sdxl_tune_pipeline_writes_a_file_the_pipeline_runs(pipes, tmp_path):
