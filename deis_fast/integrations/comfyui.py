@@ -216,7 +216,7 @@ def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_samplin
     scale = float(getattr(model_sampling, "multiplier", 1.0))
     if model_type != "const" or schedule is None or t.kind == "plan" or scale == 1.0:
         return t
-    own = FlowSchedule(schedule.shift, time_scale=scale, mu=schedule.mu)
+    own = schedule.with_time_scale(scale)
     if schedule_fingerprint(own) != t.schedule_fingerprint:
         return t
     return dataclasses.replace(t, schedule_fingerprint=schedule_fingerprint(schedule), schedule=repr(schedule))

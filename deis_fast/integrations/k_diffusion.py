@@ -215,7 +215,7 @@ class _Kind:
             # a FlowSchedule's shift only moves named grids: the sigmas here are the grid itself (a tuned file is
             # still checked against the model's own shift: ``given``)
             self.schedule, self.key = FlowSchedule(time_scale=1.0), "t"
-            self.given = None if schedule is None else FlowSchedule(schedule.shift, time_scale=1.0, mu=schedule.mu)
+            self.given = None if schedule is None else schedule.with_time_scale(1.0)
         elif model_type != "eps":
             raise ValueError(f"model_type must be 'eps' (VE, x = x0 + sigma noise) or 'const' (flow: x = sigma "
                              f"noise + (1 - sigma) x0), got {model_type!r}")
