@@ -40,6 +40,7 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
     PREFIX + "tab3_pc": ("tab3", {"corrector": True}),
     PREFIX + "tab2": ("tab2", {}),
     PREFIX + "rhoab3": ("rhoab3", {}),
+    PREFIX + "rhoabm2": ("rhoabm2", {}),
     PREFIX + "logrho3": ("logrho3", {}),
     PREFIX + "ipndm4": ("ipndm4", {}),
     PREFIX + "ipndm_v": ("ipndm_v", {}),
@@ -58,7 +59,7 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
 SCHEDULER_ENTRIES: dict[str, str] = {PREFIX + g: g for g in ("time_quadratic", "time_uniform", "logsnr", "karras",
                                                              "ays", "kl_optimal")}
 NODE_GRIDS = ("time_quadratic", "time_uniform", "logsnr", "karras", "ays", "kl_optimal", "beta", "optimized (file)")
-NODE_METHODS = ("tab3", "tab2", "tab1", "rhoab3", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
+NODE_METHODS = ("tab3", "tab2", "tab1", "rhoab3", "rhoabm2", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
                 "unipc2", "unipc3", "pfdiff", "ddim", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde", "rho_heun",
                 "rho_rk4")
 VARIANTS = ("default", "bh1", "bh2", "midpoint", "heun")
