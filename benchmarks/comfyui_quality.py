@@ -121,6 +121,142 @@ def table_lower_order_final(rows: dict) -> str:
     return "\n".join(lines)
 
 
+FLOW_STEPS = (4, 5, 8, 10)
+FLOW_DEIS_FAST = ("deis_fast_rhoabm2", "deis_fast_tab3")
+COMFY_OWN_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                        "linear_quadratic", "kl_optimal")
+DEIS_FAST_SCHEDULERS = ("deis_fast_time_quadratic", "deis_fast_time_uniform", "deis_fast_logsnr", "deis_fast_karras",
+                        "deis_fast_ays", "deis_fast_kl_optimal")
+
+
+def flow_mixture_model(shift: float):
+    """The flow yardstick's mixture (8 components, 64-d, std 0.3, seed 1234) as a ComfyUI CONST model (latents
+    [B, 1, 8, 8]; ModelSamplingDiscreteFlow with ``shift``, time x 1000): its exact velocity, in float64 inside."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    import torch
+    from deis_fast.core.schedules import FlowSchedule
+    from deis_fast.testing import GaussianMixture
+    mix = GaussianMixture.random(8, 64, 0.3, 1234)
+    vel = mix.model(FlowSchedule(), "flow")
+
+    class Lat(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+
+    class Cfg(comfy.supported_models_base.BASE):
+        unet_config = {"kind": "mixture"}
+        latent_format = Lat
+        sampling_settings = {"shift": float(shift), "multiplier": 1000}
+
+    class Net(torch.nn.Module):
+        def __init__(self, device=None, operations=None, **_):
+            super().__init__()
+            self.dtype = torch.float32
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **_):
+            return vel(x.reshape(x.shape[0], 64).double(), timesteps.double()).reshape(x.shape).to(x.dtype)
+
+    base = comfy.model_base.BaseModel(Cfg(Cfg.unet_config), comfy.model_base.ModelType.FLOW, device="cpu",
+                                      unet_model=Net)
+    base.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu), mix
+
+
+def measure_flow(root: str, stubs: str, tuned_dir: str) -> dict:
+    """``--flow``: on the flow mixture and the embedded flow digits model (shift 1 and 3), every ComfyUI sampler and
+    deis_fast's flow default (rhoabm2) on every scheduler, and a tuned file (``deis_fast.tuning.tune`` of rhoabm2's
+    grid on this model's own schedule, seeds 1000+, never the 64 measured noises) through the nodes."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    from deis_fast import tuning
+    from deis_fast.core.schedules import FlowSchedule
+    from deis_fast.testing import reference_solution
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    dc.register()
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(N_NOISE, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    out: dict = {"models": {}}
+    digits_ref = None
+    for kind in ("mixture", "digits"):
+        for shift in (1.0, 3.0):
+            t0 = time.time()
+            if kind == "mixture":
+                model, mix = flow_mixture_model(shift)
+                ref = reference_solution(mix, FlowSchedule(), noise.double().reshape(N_NOISE, 64), 1.0, 0.0)
+                ref = ref.reshape(noise.shape)
+                ms = model.get_model_object("model_sampling")
+                fn = mix.model(FlowSchedule(time_scale=1.0), "flow")
+                tune_model = lambda x, t, fn=fn: fn(x.reshape(x.shape[0], 64), t).reshape(x.shape)  # noqa: E731
+            else:
+                model = dc.digits_model("flow", shift)
+                guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+                if digits_ref is None:
+                    sig = dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0]
+                    digits_ref = guider.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0], sig,
+                                               disable_pbar=True, seed=0)
+                ref = digits_ref
+                ms = model.get_model_object("model_sampling")
+                net = model.model.diffusion_model.net
+                tune_model = lambda x, t, net=net, ms=ms: net(x, ms.timestep(t.float()).float())  # noqa: E731
+            rows = {}
+            for name in COMFY_SAMPLERS + FLOW_DEIS_FAST:
+                for sched in COMFY_OWN_SCHEDULERS + DEIS_FAST_SCHEDULERS:
+                    for n in FLOW_STEPS:
+                        x = comfy.sample.sample(model, noise.clone(), n, 1.0, name, sched, pos, pos, lat, seed=0,
+                                                disable_pbar=True)
+                        rows[f"{name}|{sched}|{n}"] = rel(x, ref) if bool(torch.isfinite(x).all()) else float("nan")
+            schedule = dc.model_schedule(ms)[1]
+            guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+            for n in FLOW_STEPS:
+                t = tuning.tune(tune_model, schedule, "rhoabm2", n, prediction="flow", shape=(1, 8, 8), calibration=32,
+                                held_out=8, seed=1000, time_budget=20.0, reference_nfe=200)
+                path = os.path.join(tuned_dir, f"{kind}_shift{shift:g}_rhoabm2_nfe{n}.json")
+                t.save(path)
+                sig = dc.DeisFastScheduler().get_sigmas(model, "karras", n, 1.0, tuned_file=path)[0]
+                x = guider.sample(noise.clone(), lat, dc.DeisFastSampler().get_sampler("rhoabm2", tuned_file=path)[0],
+                                  sig, disable_pbar=True, seed=0)
+                rows[f"tuned rhoabm2|tuned|{n}"] = rel(x, ref)
+            out["models"][f"{kind} shift {shift:g}"] = {"errors": rows, "seconds": time.time() - t0}
+    return out
+
+
+def table_flow(res: dict) -> str:
+    """The flow summary: deis_fast default (rhoabm2 on the FlowMatch grid = ComfyUI's simple), tuned, the best
+    ComfyUI sampler on simple (the same grid), on ComfyUI's schedulers, on deis_fast's schedulers."""
+    lines = ["| model | steps | deis_fast default (rhoabm2 / simple) | best ComfyUI on the same grid (simple) | "
+             "ratio | deis_fast tuned | best ComfyUI, ComfyUI's schedulers | best ComfyUI, deis_fast's schedulers | "
+             "tuned vs best ComfyUI anywhere | rhoabm2, best scheduler |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, m in res["models"].items():
+        e = m["errors"]
+        for n in FLOW_STEPS:
+            def best(names, scheds):
+                v, k = min((e[f"{a}|{s}|{n}"], f"{a} / {s}") for a in names for s in scheds
+                           if e[f"{a}|{s}|{n}"] == e[f"{a}|{s}|{n}"])
+                return v, k
+            d = e[f"deis_fast_rhoabm2|simple|{n}"]
+            same = best(COMFY_SAMPLERS, ("simple",))
+            own = best(COMFY_SAMPLERS, COMFY_OWN_SCHEDULERS)
+            theirs = best(COMFY_SAMPLERS, DEIS_FAST_SCHEDULERS)
+            anywhere = min(own[0], theirs[0])
+            tuned = e[f"tuned rhoabm2|tuned|{n}"]
+            dbest = best(("deis_fast_rhoabm2",), COMFY_OWN_SCHEDULERS + DEIS_FAST_SCHEDULERS)
+            lines.append(f"| {label} | {n} | {d:.4f} | {same[0]:.4f} ({same[1]}) | {same[0] / d:.2f}x | {tuned:.4f} | "
+                         f"{own[0]:.4f} ({own[1]}) | {theirs[0]:.4f} ({theirs[1]}) | {anywhere / tuned:.2f}x | "
+                         f"{dbest[0]:.4f} ({dbest[1].split(' / ')[1]}) |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     lines = []
     for label, m in res["models"].items():
@@ -146,12 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "comfyui_quality.md"))
     ap.add_argument("--lower-order-final", action="store_true",
                     help="instead: lower_order_final off / on / auto for the third-order lambda methods (stdout)")
+    ap.add_argument("--flow", action="store_true",
+                    help="instead: flow models (mixture and digits, shift 1 and 3), deis_fast's flow default and a "
+                         "tuned file against every ComfyUI sampler on every scheduler (writes --out .md / .json)")
     ap.add_argument("--inside", nargs=3, metavar=("ROOT", "STUBS", "JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.inside:
-        fn = measure_lower_order_final if a.lower_order_final else measure
+        if a.flow:
+            res = measure_flow(a.inside[0], a.inside[1], os.path.dirname(a.inside[2]))
+        else:
+            res = (measure_lower_order_final if a.lower_order_final else measure)(a.inside[0], a.inside[1])
         with open(a.inside[2], "w") as f:
-            json.dump(fn(a.inside[0], a.inside[1]), f)
+            json.dump(res, f)
         return 0
     src = os.environ.get("COMFYUI_PATH")
     if not src:
@@ -162,12 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         root, stubs = comfyui_sandbox(src, tmp)
         js = os.path.join(tmp, "r.json")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-        extra = ["--lower-order-final"] if a.lower_order_final else []
+        extra = ["--lower-order-final"] if a.lower_order_final else ["--flow"] if a.flow else []
         subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js] + extra, check=True,
                        cwd=tmp, env=env)
         res = json.load(open(js))
     if a.lower_order_final:
         print(table_lower_order_final(res))
+        return 0
+    if a.flow:
+        md = table_flow(res)
+        with open(a.out.replace(".md", ".json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(a.out, "w") as f:
+            f.write(md + "\n")
+        print(md)
         return 0
     md = table(res)
     with open(a.out, "w") as f:

@@ -12,6 +12,8 @@ In at most ``--budget`` seconds (default 8 minutes) it
    pipeline and plan building;
 4. runs the torch.compile (inductor, reduce-overhead) cases one configuration at a time while the
    budget lasts;
+5. with ``--serving``, runs ``benchmarks/serving.py --device cuda`` (the step-level engine against one request at
+   a time and whole-request batching; ``OUTDIR/serving.json``);
 and writes ``OUTDIR/gpu_check.json`` after every stage: stage status and output tails, test counts, the
 merged pytest-benchmark JSON (statistics, without per-round timings), ratio tables (benchmarks/ratios.py)
 and a ``headline`` digest.
@@ -84,7 +86,16 @@ def plan_stages(args: argparse.Namespace, out: str, scratch: str) -> list[Stage]
         stages.append(Stage(name, bench + ["--bench-batch", str(batch), "--bench-cfg", "on" if guided else "off",
                                            "-k", f"({args.bench_k}) and test_sampler and compile",
                                            "--benchmark-json", path], cap_s=240, min_s=COMPILE_MIN_S, bench_json=path))
+    if args.serving:
+        stages.append(serving_stage(device, out))
     return stages
+
+
+def serving_stage(device: str, out: str) -> Stage:
+    """benchmarks/serving.py on ``device``: (a) one request at a time, (b) whole-request batching, (c) the step-level
+    engine, Poisson arrivals on the digits U-Net; its JSON goes to ``out/serving.json`` (opt in: ``--serving``)."""
+    return Stage("serving", [sys.executable, os.path.join(HERE, "serving.py"), "--device", device, "--requests", "400",
+                             "--loads", "0.5,0.8", "--json", os.path.join(out, "serving.json")], cap_s=180, min_s=60)
 
 
 EXTENSION_PROBE = """
@@ -216,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-time", type=float, default=0.25, help="pytest-benchmark --benchmark-max-time per case")
     ap.add_argument("--tests-k", default="cuda or gpu", help="pytest -k selecting the CUDA-only tests")
     ap.add_argument("--bench-k", default="test_", help="pytest -k restricting the latency suite")
+    ap.add_argument("--serving", action="store_true", help="also run benchmarks/serving.py (last stage)")
     args = ap.parse_args(argv)
     if args.budget <= RESERVE_S:
         ap.error(f"--budget must be more than {RESERVE_S:.0f} seconds")

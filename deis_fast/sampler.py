@@ -14,7 +14,7 @@ from .core.plan import Eval, Plan
 from .core.executor import (Generator, Inpaint, NonFiniteError, Workspace, check_noise, check_out, finish_finite_check,
                        inpaint_args, run_plan)
 from .core.schedules import Schedule, VESchedule, VPSchedule, schedule_fingerprint
-from .solvers import DEFAULT_NFE, MAX_NFE, PlanOptions, build_plan, default_grid, resolve  # noqa: F401  (re-exported)
+from .solvers import DEFAULT_NFE, MAX_NFE, PlanOptions, build_plan, default_grid, default_method, resolve  # noqa: F401  (re-exported)
 
 __all__ = ["Sampler", "sample", "build_plan", "default_grid", "PlanOptions", "NonFiniteError", "randn_per_sample",
            "MAX_NFE"]
@@ -35,7 +35,7 @@ class Sampler:
     model(x, t, **cond) returns the ``prediction`` ('eps', 'x0'/'sample', 'v', 'score'); t is the
     network's own time input (discrete index units for DDPM models, sigma for VE/EDM) as a float tensor [B]
     (float32, or float64 for float64 states, unless ``time_dtype`` says otherwise).
-    ``method`` defaults to "tab3"; ``nfe`` to 10 with a named grid, while a list ``grid`` sets the NFE itself (an
+    ``method`` defaults to "tab3" ("rhoabm2" on a FlowSchedule); ``nfe`` to 10 with a named grid, while a list ``grid`` sets the NFE itself (an
     ``nfe`` that disagrees raises). A ``plan`` (e.g. :func:`deis_fast.load_plan`) or an :class:`OptimizedGrid`
     made for another schedule, method or NFE than the ones given is refused, naming both. The noise must have the
     dtype and device of an ``nn.Module`` model's parameters (outside autocast); otherwise the first call raises.
@@ -76,7 +76,7 @@ class Sampler:
         if plan is not None:
             check_plan_for(plan, self.schedule, method, nfe, self.options)
             method = plan.method
-        method = "tab3" if method is None else method
+        method = default_method(self.schedule) if method is None else method
         self.method = method
         if plan is None and isinstance(grid, str) and grid in MODEL_GRIDS:
             # a grid that needs the model (grid='optimized': registered by deis_fast.tuning.grids)

@@ -110,16 +110,114 @@ def tiny_sd3_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> di
                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
 
 
-def tiny_flux_components(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
-    """FluxTransformer2DModel (1 double + 1 single block; 1 latent channel packed 2x2 into 4) and AutoencoderKL,
-    with FLUX.1-dev's dynamic-shift scheduler config; no text encoders: the tests pass prompt embeddings."""
+def tiny_flux_components(dtype: torch.dtype = torch.float64, seed: int = 0, guidance_embeds: bool = False) -> dict:
+    """FluxTransformer2DModel (1 double + 1 single block; 1 latent channel packed 2x2 into 4; with
+    ``guidance_embeds``, FLUX.1-dev's distilled guidance embedding) and AutoencoderKL, with FLUX.1-dev's dynamic-shift
+    scheduler config; no text encoders: the tests pass prompt embeddings."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+                                         pooled_projection_dim=16, axes_dims_rope=[2, 2, 4],
+                                         guidance_embeds=guidance_embeds)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return dict(transformer=transformer.to(dtype).eval(), scheduler=scheduler,
                 vae=_tiny_vae(1, dtype, use_quant_conv=False, use_post_quant_conv=False), text_encoder=None,
                 tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+# ----------------------------------------------------------------------------------- whole tiny pipelines (prompts)
+WORDS = ["a", "cat", "dog", "photo", "of", "painting", "blurry"]   # tiny_tokenizer's vocabulary
+LETTERS = list("abcdefghijklm")   # letter_tokenizer's: one token each (CLIPTokenizer without merges splits words)
+
+
+def letter_tokenizer(folder: str):
+    """A CLIPTokenizer whose words are the single letters of LETTERS (16 ids with the specials; no download)."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, **{f"{w}</w>": 3 + i for i, w in enumerate(LETTERS)}}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=8)
+
+
+def _clip_tokenizer(folder: str, letters: bool):
+    return letter_tokenizer(folder) if letters else tiny_tokenizer(folder)
+
+
+def tiny_clip(hidden: int = 16, projection: int | None = None, layers: int = 1, seed: int = 0):
+    """A CLIP text encoder over ``tiny_tokenizer``'s ids (with ``projection``: CLIPTextModelWithProjection, the
+    pooled projection SDXL's and SD3's pipelines read)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=16, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, projection_dim=projection or hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def tiny_t5(d_model: int = 16, seed: int = 0, words: list[str] = WORDS):
+    """(T5EncoderModel with 1 layer, T5Tokenizer over a Unigram vocabulary of ``words``): no download."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    torch.manual_seed(seed)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                 num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    return t5.eval(), T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_sd_pipeline(folder: str, dtype: torch.dtype = torch.float32, letters: bool = False):
+    """A StableDiffusionPipeline: tiny_sd_components (``letters``: with ``letter_tokenizer``) and SD's PNDM config."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    parts = tiny_sd_components(folder, dtype)
+    if letters:
+        parts["tokenizer"] = letter_tokenizer(folder)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                          set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(scheduler=sched, **parts)
+
+
+def tiny_flux_pipeline(folder: str, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False,
+                       letters: bool = False):
+    """A FluxPipeline: the transformer and VAE of tiny_flux_components, a 1-layer CLIP text encoder (pooled output,
+    dim 16) with ``tiny_tokenizer`` (``letters``: ``letter_tokenizer``) and a 1-layer T5 encoder (dim 16) over the
+    same words; FLUX.1-dev's dynamic-shift scheduler."""
+    from diffusers import FluxPipeline
+    parts = tiny_flux_components(dtype=dtype, guidance_embeds=guidance_embeds)
+    t5, t5_tok = tiny_t5(16, words=LETTERS if letters else WORDS)
+    parts.update(text_encoder=tiny_clip(16).to(dtype), tokenizer=_clip_tokenizer(folder, letters),
+                 text_encoder_2=t5.to(dtype), tokenizer_2=t5_tok)
+    return FluxPipeline(**parts)
+
+
+def tiny_sd3_pipeline(folder: str, dtype: torch.dtype = torch.float32, t5: bool = True, letters: bool = False):
+    """A StableDiffusion3Pipeline: the transformer and VAE of tiny_sd3_components (SD3's FlowMatchEuler, shift 3),
+    two 2-layer CLIP text encoders with projection (hidden 8 each, concatenated to the joint dim 16; pooled 8 + 8)
+    and, with ``t5``, a 1-layer T5 encoder (dim 16; without it the pipeline pads with zeros, as SD3 allows); tokenizers
+    as tiny_flux_pipeline's."""
+    from diffusers import StableDiffusion3Pipeline
+    parts = tiny_sd3_components(dtype=dtype)
+    tok = _clip_tokenizer(folder, letters)
+    parts.update(text_encoder=tiny_clip(8, 8, 2, seed=1).to(dtype), tokenizer=tok,
+                 text_encoder_2=tiny_clip(8, 8, 2, seed=2).to(dtype), tokenizer_2=tok)
+    if t5:
+        enc, tok = tiny_t5(16, seed=3, words=LETTERS if letters else WORDS)
+        parts.update(text_encoder_3=enc.to(dtype), tokenizer_3=tok)
+    return StableDiffusion3Pipeline(**parts)
+
+
+def tiny_sdxl_pipeline(folder: str, dtype: torch.dtype = torch.float32, letters: bool = False):
+    """A StableDiffusionXLPipeline: the UNet and VAE of tiny_sdxl_components, a 2-layer CLIP text encoder (hidden
+    8) and a 2-layer CLIP with projection (hidden 8, pooled 16): their penultimate states concatenated are the UNet's
+    16-dim cross-attention; SDXL's EulerDiscrete config; tokenizers as tiny_flux_pipeline's."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    parts = tiny_sdxl_components(dtype=dtype)
+    tok = _clip_tokenizer(folder, letters)
+    parts.update(text_encoder=tiny_clip(8, None, 2, seed=1).to(dtype), tokenizer=tok,
+                 text_encoder_2=tiny_clip(8, 16, 2, seed=2).to(dtype), tokenizer_2=tok)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(scheduler=sched, add_watermarker=False, **parts)

@@ -182,3 +182,11 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     modes = report["headline"]["sampler"]["sampler tab3 NFE 10 null b1 fp32 nocfg cpu"]
     assert "Sampler, static workspace" in modes and "torch.compile[eager]" in modes
     assert any(g.startswith("plan building") for g in report["summary"])
+
+
+def test_gpu_check_serving_stage_is_opt_in(tmp_path):
+    assert gpu_check.main([str(tmp_path), "--dry-run", "--serving"]) == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert stages[-1]["name"] == "serving"
+    cmd = stages[-1]["cmd"]
+    assert cmd[1].endswith("serving.py") and cmd[cmd.index("--device") + 1] == "cuda"

@@ -88,6 +88,12 @@ def test_wheel_installs_into_a_fresh_venv_without_a_compiler(tmp_path):
     assert "deis_fast/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names), names
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
+    if sys.prefix != sys.base_prefix:   # we run in a venv (the README's set-up): its torch is not "system" to the new one
+        inner = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        import site
+        with open(os.path.join(inner, "outer_venv.pth"), "w") as f:   # plain paths: the outer .pth files (the
+            f.write("\n".join(site.getsitepackages()) + "\n")         # checkout's editable finder) are not run
     r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

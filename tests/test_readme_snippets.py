@@ -85,22 +85,10 @@ def _tiny_flux_folder(folder: str) -> str:
     vocabulary of the same words (no download). FluxPipeline's default size is 128 * vae_scale_factor (1 here):
     128x128 images, 4096 image tokens, ~0.25 s a transformer call; the img2img pipeline resizes ``init`` to that."""
     pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
-    from _diffusers_common import tiny_flux_components, tiny_tokenizer
-    from diffusers import FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
-    parts = tiny_flux_components(dtype=torch.float32)
-    words = ["a", "cat", "dog", "photo", "of", "painting", "blurry"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0))
-    parts.update(text_encoder=clip.eval(), tokenizer=tiny_tokenizer(folder), text_encoder_2=t5.eval(),
-                 tokenizer_2=T5Tokenizer(vocab=vocab, extra_ids=0))
+    from _diffusers_common import tiny_flux_pipeline
+    pipe = tiny_flux_pipeline(folder, torch.float32)
     path = os.path.join(folder, "tiny-flux")
-    FluxPipeline(**parts).save_pretrained(path)
+    pipe.save_pretrained(path)
     return path
 
 

@@ -10,6 +10,7 @@
     deis-fast plan --method pfdiff --nfe 4 [--json]              # the compiled plan, with coefficients
     deis-fast bench yardstick --nfe 5 10 20                      # the public yardstick table
     deis-fast bench quality ...                                  # when deis_fast.cli.bench has it
+    deis-fast serve --model digits --port 8000                   # HTTP server (POST /generate), extra [serve]
 
 Exit codes: 0 success, 2 bad usage, input, environment variable or output folder (one-line message),
 1 internal failure (with the traceback), 130 interrupted (Ctrl-C).
@@ -398,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_arguments(g)
     g.set_defaults(func=generate.run)
     cli_tune.add_tune_parser(sub)
+    from ..serving import command as serve_command
+    sv = sub.add_parser("serve", formatter_class=fmt, help="HTTP server: step-level batched sampling (extra [serve])",
+                        description=(serve_command.__doc__ or "").strip().split("\n")[0])
+    serve_command.add_arguments(sv)
+    sv.set_defaults(func=serve_command.run)
     return p
 
 

@@ -3,7 +3,8 @@
     deis-fast tune --model digits --nfe 5 --out digits_nfe5.json         # an embedded model (digits, flow); the
                                                                           # method too (tab3/tab2, +corrector)
     deis-fast tune --model ./sd-pipeline --prompts prompts.txt --calibration 8 --held-out 4 \\
-        --guidance-scale 7.5 --nfe 8 --out sd_nfe8.json                   # a Stable Diffusion pipeline folder
+        --guidance-scale 7.5 --nfe 8 --out sd_nfe8.json                   # a pipeline folder: Stable Diffusion,
+                                                                          # SDXL, SD3 or FLUX
     deis-fast sample --model digits --tuned digits_nfe5.json               # sample with it
 """
 from __future__ import annotations
@@ -56,8 +57,8 @@ def add_tune_parser(sub: Any) -> None:
                                    "against fine reference solutions of calibration noises (cached), checks "
                                    "it on held-out noises (and prompts) it never saw, and writes a tuned file; the "
                                    "untuned configuration is kept when tuning does not beat it there. Embedded "
-                                   "models (digits, flow), a diffusers UNet2DModel folder, or a Stable Diffusion "
-                                   "pipeline folder with --prompts.")
+                                   "models (digits, flow), a diffusers UNet2DModel folder, or a Stable Diffusion, "
+                                   "SDXL, SD3 or FLUX pipeline folder with --prompts.")
     t.add_argument("--model", default="digits", metavar="digits|flow|PATH",
                    help="'digits', 'flow', a diffusers UNet2DModel folder, or a pipeline folder (with --prompts)")
     t.add_argument("--out", required=True, help="the tuned file to write (JSON); checked before the run: an existing "
@@ -85,8 +86,10 @@ def add_tune_parser(sub: Any) -> None:
     t.add_argument("--cache", default=DEFAULT_CACHE, help="reference cache folder ('' = no cache)")
     t.add_argument("--prompts", default=None, help="pipelines: a text file, one prompt per line")
     t.add_argument("--noises-per-prompt", type=positive_int, default=1, help="pipelines: latent noises per prompt")
-    t.add_argument("--guidance-scale", type=finite_float, default=7.5, help="pipelines: the CFG scale to tune for")
-    t.add_argument("--negative-prompt", default=None, help="pipelines: the negative prompt")
+    t.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="pipelines: the guidance scale to tune for (CFG; FLUX: its distilled guidance embedding); "
+                        "default: the pipeline's own (SD 7.5, SDXL 5, SD3 7, FLUX 3.5)")
+    t.add_argument("--negative-prompt", default=None, help="pipelines: the negative prompt (not for FLUX)")
     t.add_argument("--height", type=positive_int, default=None, help="pipelines: image height (default: the model's)")
     t.add_argument("--width", type=positive_int, default=None, help="pipelines: image width (default: the model's)")
     t.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")

@@ -19,7 +19,7 @@ import numpy as np
 from .schedules import Schedule
 
 __all__ = ["StepRow", "lagrange_integrals", "lagrange_integrals_inf", "pure_noise_row", "points_per_step", "history",
-           "eps_ab_rows", "data_ab_rows",
+           "eps_ab_rows", "eps_am_rows", "data_ab_rows",
            "dpmsolver_rows", "dpmsolver_differences", "dpmsolver_eps_rows", "ipndm_rows", "IPNDM_WEIGHTS"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
@@ -157,6 +157,22 @@ def eps_ab_rows(schedule: Schedule, t: np.ndarray, rho: np.ndarray, points: Sequ
             raise ValueError(f"unknown interpolation variable {variable!r}")
         return StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * x) for x in c))
     return _eps_rows(schedule, rho, points, step)
+
+
+def eps_am_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int]) -> list[StepRow]:
+    """Eps-form rho-Adams-Moulton rows (the corrector of rhoABM): row i recomputes point i+1 from x_i and
+    eps_{i+1}, eps_i, ..., eps_{i-p+1}: ``C_ij = int_{rho_i}^{rho_{i+1}} l_j(rho) d rho`` (exact). Out of
+    rho = inf (alpha = 0) the row is the data-form jump of :func:`pure_noise_row` over the new data prediction
+    D_{i+1} (implicit Euler in u = alpha / sigma, where eps says nothing)."""
+    alpha = schedule.alpha_from_rho(rho)
+    rows = []
+    for i, p in enumerate(points):
+        if _starts_at_inf(rho, i):
+            rows.append(pure_noise_row(alpha[1], rho[1], float(schedule.sigma_from_rho(rho[0]))))
+            continue
+        c = lagrange_integrals_inf(rho[i], rho[i + 1], rho[history(i, p, implicit=True)], lambda u: u, pieces=1)
+        rows.append(StepRow(float(alpha[i + 1] / alpha[i]), tuple(float(alpha[i + 1] * x) for x in c)))
+    return rows
 
 
 def _data_form_rows(schedule: Schedule, rho: np.ndarray, points: Sequence[int],

@@ -375,6 +375,12 @@ class FlowSchedule(Schedule):
             raise ValueError("FlowSchedule.flux needs exactly one of mu or image_seq_len")
         return cls(time_scale=time_scale, mu=flux_mu(int(image_seq_len), **shift_config) if mu is None else mu)
 
+    def with_time_scale(self, time_scale: float) -> "FlowSchedule":
+        """The same schedule (shift, or FLUX ``mu``) with another network-time scale (1: ComfyUI's sigma)."""
+        if self.mu is not None:
+            return FlowSchedule(time_scale=time_scale, mu=self.mu)
+        return FlowSchedule(self.shift, time_scale=time_scale)
+
     def __repr__(self) -> str:
         sh = f"mu={self.mu}" if self.mu is not None else f"shift={self.shift}"
         return f"FlowSchedule({sh}, time_scale={self.time_scale})"

@@ -41,6 +41,7 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
     PREFIX + "tab3": ("tab3", {}),
     PREFIX + "tab3_pc": ("tab3", {"corrector": True}),
     PREFIX + "tab2": ("tab2", {}),
+    PREFIX + "rhoabm2": ("rhoabm2", {}),
     PREFIX + "logrho3": ("logrho3", {}),
     PREFIX + "ipndm4": ("ipndm4", {}),
     PREFIX + "ipndm_v": ("ipndm_v", {}),
@@ -59,7 +60,7 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
 SCHEDULER_ENTRIES: dict[str, str] = {PREFIX + g: g for g in ("time_quadratic", "time_uniform", "logsnr", "karras",
                                                              "ays", "kl_optimal")}
 NODE_GRIDS = ("time_quadratic", "time_uniform", "logsnr", "karras", "ays", "kl_optimal", "beta", "optimized (file)")
-NODE_METHODS = ("tab3", "tab2", "tab1", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
+NODE_METHODS = ("tab3", "tab2", "tab1", "rhoabm2", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
                 "unipc2", "unipc3", "pfdiff", "ddim", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde", "rho_heun",
                 "rho_rk4")
 VARIANTS = ("default", "bh1", "bh2", "midpoint", "heun")
@@ -242,7 +243,7 @@ def _as_solved(t: Any, model_type: str, schedule: Schedule | None, model_samplin
     scale = float(getattr(model_sampling, "multiplier", 1.0))
     if model_type != "const" or schedule is None or t.kind == "plan" or scale == 1.0:
         return t
-    own = FlowSchedule(schedule.shift, time_scale=scale, mu=schedule.mu)
+    own = schedule.with_time_scale(scale)
     if schedule_fingerprint(own) != t.schedule_fingerprint:
         return t
     return dataclasses.replace(t, schedule_fingerprint=schedule_fingerprint(schedule), schedule=repr(schedule))

@@ -17,7 +17,7 @@ from .pfdiff import DEFAULT_KH, check_kh, pfdiff_plan
 from .restart import eval_at_time, tail_plan
 from .unipc import check_variant
 
-__all__ = ["PlanOptions", "build_plan", "default_grid", "resolve", "grid_intervals", "nfe_for_intervals",
+__all__ = ["PlanOptions", "build_plan", "default_grid", "default_method", "resolve", "grid_intervals", "nfe_for_intervals",
            "check_method", "describe_methods", "MAX_NFE", "DEFAULT_NFE"]
 
 MAX_NFE = 100_000
@@ -124,6 +124,16 @@ def nfe_for_intervals(method: str, intervals: int, options: PlanOptions | None =
         raise ValueError(f"PFDiff-{o.pfdiff} needs N*{k + 1} - {k} grid intervals for N network calls; the grid has "
                          f"{intervals}: use {lo * (k + 1) - k} or {(lo + 1) * (k + 1) - k}")
     return (intervals + k) // (k + 1)
+
+
+FLOW_DEFAULT_METHOD = "rhoabm2"
+
+
+def default_method(schedule: Schedule | None) -> str:
+    """The method used when none is given: rhoabm2 on flow schedules (tab3 there extrapolates a cubic in t over
+    the long last steps of a shifted grid, worse than Euler at shift 3; rhoabm2 is never worse than Euler on the
+    FlowMatch grid at shift 1-3.2 and NFE 4-20, benchmarks/RESULTS.md), tab3 elsewhere."""
+    return FLOW_DEFAULT_METHOD if isinstance(schedule, FlowSchedule) else "tab3"
 
 
 def default_grid(schedule: Schedule, method: str) -> str:

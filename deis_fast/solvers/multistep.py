@@ -17,11 +17,13 @@ but was as harmful on the digits model (its weight on the new output scales with
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..core.coefficients import StepRow, data_ab_rows, dpmsolver_eps_rows, eps_ab_rows, ipndm_rows, points_per_step
+from ..core.coefficients import (StepRow, data_ab_rows, dpmsolver_eps_rows, eps_ab_rows, eps_am_rows, ipndm_rows,
+                                 points_per_step)
 from ..core.plan import Plan, PlanBuilder
 
 
@@ -62,14 +64,16 @@ def check_disable_corrector(disable_corrector: Sequence[int]) -> tuple[int, ...]
 
 
 def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Sequence[StepRow], pts: Sequence[int],
-                  disable_corrector: Sequence[int] = ()) -> Plan:
+                  disable_corrector: Sequence[int] = (), corrector_form: str = "data") -> Plan:
     """An eps-form multistep predictor (``rows``) with the data-form lambda corrector after each Eval.
 
     Slot 0 holds the (corrected) state, as in every plan; a prediction that will be corrected goes to slot 1
     (``x'``) and is evaluated there. Per Eval j: ``D[j] = x'_j / alpha_j - rho_j eps_j``; then (corrected steps)
     ``x_j <- s_j/s_{j-1} x_{j-1} + a_j sum_k E_k D[j-k]`` in slot 0 from the previous state, and eps_j is
     made consistent with it; then the predictor writes x_{j+1} (to slot 1 when step j+1 will be corrected, else
-    to slot 0, where it is final).
+    to slot 0, where it is final). ``corrector_form="eps"`` (rhoABM): the correction is the rho-Adams-Moulton
+    step over eps_j, eps_{j-1}, ... instead (:func:`~deis_fast.core.coefficients.eps_am_rows`); out of alpha = 0 it is
+    the data-form jump over D_1, so the first step is corrected too.
     """
     disable = check_disable_corrector(disable_corrector)
     n = len(rows)
@@ -78,8 +82,13 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
     # first step is the data-form limit (rows[0] is coefficients.pure_noise_row); eps_0 = x_0 / sigma_0 exactly;
     # the step out of rho = inf has no corrector (corr[0] is None)
     pure_noise = alpha[0] == 0.0
-    corr = data_ab_rows(schedule, rho, pts[:-1], implicit=True)
+    if corrector_form not in ("data", "eps"):
+        raise ValueError(f"internal: corrector_form must be 'data' or 'eps', got {corrector_form!r}")
+    eps_form = corrector_form == "eps"
+    corr = (eps_am_rows if eps_form else partial(data_ab_rows, implicit=True))(schedule, rho, pts[:-1])
     de, dd = max(len(r.coefs) for r in rows), max(pts) + 1
+    if eps_form:
+        de = max([de] + [len(c.coefs) for c in corr])
 
     def corrected(j: int) -> bool:
         return 1 <= j < n and j - 1 not in disable and corr[j - 1] is not None
@@ -105,7 +114,8 @@ def eps_unic_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, rows: Seq
             b.combine(dat(j), [(1.0 / alpha[j], src), (-rho[j], eps(j))])
         if corrected(j):
             c = corr[j - 1]
-            b.combine(0, [(c.state_coef, 0)] + [(e, dat(j - k)) for k, e in enumerate(c.coefs)])
+            out = eps if eps_form and not (j == 1 and pure_noise) else dat
+            b.combine(0, [(c.state_coef, 0)] + [(e, out(j - k)) for k, e in enumerate(c.coefs)])
             # keep D_j, make eps_j consistent with the corrected state (a stale eps would not decay like x - D)
             b.combine(eps(j), [(1.0 / (alpha[j] * rho[j]), 0), (-1.0 / rho[j], dat(j))])
         b.combine(dst, [(row.state_coef, 0)] + [(c, eps(j - k)) for k, c in enumerate(row.coefs)])
@@ -121,6 +131,18 @@ def eps_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: 
     if corrector:
         return eps_unic_plan(name, schedule, t, rho, rows, pts, disable_corrector)
     return multistep_plan(name, schedule, t, rows, "eps")
+
+
+def rhoabm_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int, lower_order_final: bool = False,
+                corrector: bool = True, disable_corrector: Sequence[int] = (), denoise_to_zero: bool = False) -> Plan:
+    """rhoABM: the rhoAB predictor with ``points`` points and the rho-Adams-Moulton corrector through the new eps
+    (``points`` + 1 points, no extra NFE); out of alpha = 0 (flow matching) the first step is corrected in data
+    form. ``corrector=False``: rhoAB alone."""
+    pts = _points(len(t) - 1, points, rho, lower_order_final, denoise_to_zero)
+    rows = eps_ab_rows(schedule, t, rho, pts, "rho")
+    if not corrector:
+        return multistep_plan(name, schedule, t, rows, "eps")
+    return eps_unic_plan(name, schedule, t, rho, rows, pts, disable_corrector, corrector_form="eps")
 
 
 def data_ab_plan(name: str, schedule, t: np.ndarray, rho: np.ndarray, *, points: int,

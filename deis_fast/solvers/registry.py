@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.plan import Plan
 from ..core.coefficients import dpmsolver_rows
-from .multistep import data_ab_plan, eps_ab_plan, eps_dpmsolver_plan, ipndm_plan
+from .multistep import data_ab_plan, eps_ab_plan, eps_dpmsolver_plan, ipndm_plan, rhoabm_plan
 from .runge_kutta import TABLEAUS, rk_plan
 from .stochastic import ddim_eta_plan
 from . import sde, unipc
@@ -65,6 +65,11 @@ def _registry() -> dict[str, MethodSpec]:
     for r in range(4):
         m[f"tab{r}"] = eps_ab(f"tab{r}", r + 1, r + 1, "t", f"tAB-DEIS, polynomial of degree {r} in t")
         m[f"rhoab{r}"] = eps_ab(f"rhoab{r}", r + 1, r + 1, "rho", f"rhoAB-DEIS (k-diffusion LMS), degree {r} in rho")
+    for r in range(1, 4):
+        m[f"rhoabm{r}"] = _ms(f"rhoabm{r}", r + 2, "eps_ab", rhoabm_plan,
+                              f"rhoAB-{r} predictor (degree {r} in rho) + rho-Adams-Moulton corrector through the new "
+                              f"eps (no extra NFE; out of t = 1 the first step is corrected in data form)"
+                              + ("; the default on flow schedules" if r == 2 else ""), points=r + 1)
     for k in range(1, 4):
         m[f"logrho{k}"] = eps_ab(f"logrho{k}", k, k, "logrho",
                                  f"diffusers' DEISMultistepScheduler, solver_order={k} (log-rho AB)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -48,6 +50,7 @@ __all__ = [
     "DIGITS_FLOW_WEIGHTS_PATH",
     "digits_kind",
     "training_example",
+    "png_bytes",
 ]
 
 DIGITS_SCHEDULE = "linear"
@@ -273,3 +276,20 @@ def to_image(x: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     v = np.clip((x + 1.0) * 0.5, 0.0, 1.0)
     return np.round(v * 255.0).astype(np.uint8)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """A PNG file (8-bit gray / RGB / RGBA) for a uint8 array [C, H, W] (e.g. ``to_image(x)[i]``); no imaging
+    library needed. Other channel counts are a ValueError."""
+    c, h, w = img.shape
+    color = {1: 0, 3: 2, 4: 6}.get(c)
+    if color is None:
+        raise ValueError(f"PNG output needs 1, 3 or 4 channels, the samples have {c}")
+    rows = np.ascontiguousarray(np.transpose(img, (1, 2, 0))).reshape(h, w * c)
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))

@@ -2,7 +2,6 @@
 prompts and checked on 4 others; DEISFastScheduler loaded with the file beats the untuned one there (the error to a
 fine solve of the same guided ODE through the pipeline), survives save_config, and refuses another NFE / method."""
 import json
-import os
 import warnings
 
 import pytest
@@ -16,30 +15,19 @@ from deis_fast import tuning  # noqa: E402
 from deis_fast.integrations.diffusers import DEISFastScheduler, tune_pipeline  # noqa: E402
 from deis_fast.sampler import randn_per_sample  # noqa: E402
 
-from _diffusers_common import tiny_sd_components  # noqa: E402
+from _diffusers_common import letter_tokenizer, tiny_sd_components  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-WORDS = "abcdefghijklm"                        # one token each: the tiny text encoder has 16 ids
 CAL = ["a b c", "d e f", "g h", "i j k l", "m a", "b d f h", "c e g", "j l"]
 HELD_OUT = ["k m", "a c e g", "f i", "h j l m"]
 GUIDANCE, NFE, METHOD = 3.0, 6, "tab3"
 
 
-def _letter_tokenizer(folder):
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, **{f"{w}</w>": 3 + i for i, w in enumerate(WORDS)}}
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=8)
-
-
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny_sd_tune"))
-    parts = dict(tiny_sd_components(folder, torch.float64), tokenizer=_letter_tokenizer(folder))
+    parts = dict(tiny_sd_components(folder, torch.float64), tokenizer=letter_tokenizer(folder))
     sd_config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
                      steps_offset=1)   # Stable Diffusion's scheduler config
     with warnings.catch_warnings():

@@ -82,7 +82,7 @@ from ...core.plan import Eval, Plan
 from ...sampler import build_plan, default_grid
 from ...core.schedules import (FlowSchedule, Schedule, VPSchedule, flow_schedule_from_diffusers_config,
                          schedule_from_diffusers_config)
-from ...solvers import PlanOptions, check_method, resolve
+from ...solvers import PlanOptions, check_method, default_method, resolve
 from ...solvers.build import builder_options
 from . import config as dc
 from .config import equivalent_method
@@ -205,7 +205,7 @@ class DEISFastScheduler(SchedulerMixin, ConfigMixin):
                           "alpha = 0; use a v_prediction model for true zero terminal SNR", UserWarning, stacklevel=3)
         if method is None:  # the tuned file's method (and its options: the plan is the file's), else the default
             from ...tuning.files import load_tuned
-            method = "tab3" if tuned is None else load_tuned(tuned).method
+            method = default_method(self.schedule) if tuned is None else load_tuned(tuned).method
             self.register_to_config(method=method)
         check_method(method)  # validates the name with a helpful message
         _check_solver_options(method, pfdiff, corrector, disable_corrector, variant, s_noise, eta)

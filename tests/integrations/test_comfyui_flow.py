@@ -1,0 +1,57 @@
+"""deis_fast on ComfyUI's flow-model samplings (ModelSamplingFlux with FLUX's mu, ModelSamplingSD3, AuraFlow, the
+flow checkpoints' ModelSamplingDiscreteFlow): every KSampler entry and every DEIS-fast Sampler method, on every
+scheduler in KSampler's list, through comfy.sample.sample and SamplerCustomAdvanced (tests/comfyui_flow_checks.py
+in a temporary ComfyUI copy, as tests/test_comfyui.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deis_fast.testing import comfyui_sandbox
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    src = os.environ.get("COMFYUI_PATH")
+    if not src or not os.path.isfile(os.path.join(src or "", "comfy", "samplers.py")):
+        pytest.skip("set COMFYUI_PATH to a ComfyUI source tree to run the ComfyUI tests")
+    for mod in ("torchsde", "einops", "psutil", "av", "yaml", "PIL"):
+        pytest.importorskip(mod, reason=f"ComfyUI's sampling path needs {mod} (pip install -e '.[comfyui]')")
+    tmp = tmp_path_factory.mktemp("comfyui_flow")
+    root, stubs = comfyui_sandbox(src, str(tmp))
+    out = tmp / "results.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "comfyui_flow_checks.py"), root, stubs,
+                           str(out)], cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"tests/comfyui_flow_checks.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def test_every_entry_and_node_method_runs_on_every_flow_sampling_and_scheduler(flow):
+    from deis_fast.integrations.comfyui import KSAMPLER_ENTRIES, NODE_METHODS
+    assert flow["entries"] == list(KSAMPLER_ENTRIES)
+    assert {"simple", "karras", "beta", "kl_optimal", "deis_fast_time_quadratic"} <= set(flow["schedulers"])
+    runs = flow["runs"]
+    assert len(runs) >= 5 * len(flow["schedulers"]) * (len(KSAMPLER_ENTRIES) + len(NODE_METHODS))
+    bad = {k: v for k, v in runs.items() if v != "ok"}
+    assert not bad, f"{len(bad)} of {len(runs)} runs failed, e.g. {list(bad.items())[:5]}"
+
+
+def test_the_samplings_are_comfyuis_and_get_their_schedules(flow):
+    mu = flow["mu"]
+    assert mu["flux mu 1.15"][0] == "ModelSamplingFlux" and abs(mu["flux mu 1.15"][1] - 1.15) < 1e-9
+    assert "mu=1.15" in mu["flux mu 1.15"][2]
+    assert mu["flux mu 0.5"][0] == "ModelSamplingFlux" and "mu=0.5" in mu["flux mu 0.5"][2]
+    assert mu["sd3 shift 3"][0] == "ModelSamplingDiscreteFlow" and "shift=3.0" in mu["sd3 shift 3"][2]
+    assert "shift=1.73" in mu["auraflow shift 1.73"][2]
+    assert "shift=1.0" in mu["discrete flow default"][2]
+
+
+def test_ddim_equals_comfyuis_euler_on_every_flow_sampling(flow):
+    for label, err in flow["parity"].items():
+        assert err < 1e-5, (label, err)
