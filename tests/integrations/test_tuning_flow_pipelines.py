@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
+pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test]'")
 from diffusers import DiffusionPipeline  # noqa: E402
 
 from deis_fast import tuning  # noqa: E402

@@ -50,7 +50,7 @@ def test_sample_default_never_worse_than_euler_on_the_flowmatch_grid(flow_mix, l
 def test_scheduler_default_never_worse_than_flowmatch_euler(flow_mix, case):
     """DEISFastScheduler.from_config(<FlowMatchEuler config>) with no method against FlowMatchEulerDiscreteScheduler
     itself, as SD3 (set_timesteps(n)) and FLUX (sigmas + mu) pipelines drive them."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = pytest.importorskip("diffusers", reason="needs diffusers: pip install -e '.[test]'")
     from deis_fast.integrations.diffusers import DEISFastScheduler
     from _diffusers_common import scheduler_loop
     mix, z, ref = flow_mix
