@@ -183,3 +183,15 @@ def test_tuned_files_through_the_nodes(comfy):
     import deis_fast
     sd15 = deis_fast.VPSchedule.discrete("scaled_linear", 1000, 0.00085, 0.012)
     assert t["sd15 schedule"] == [repr(sd15), deis_fast.schedule_fingerprint(sd15)]
+
+
+def test_sampler_node_method_auto(comfy):
+    """The DEIS-fast Sampler's default method "auto": tab3 on a discrete (VP) model and on EDM / sigma models, rhoabm2
+    on a flow model, the file's method with a tuned_file; an option tab3 or rhoabm2 refuses is refused up front."""
+    a = comfy["auto"]
+    assert a["vp = tab3"] == 0.0 and a["vp != rhoabm2"] > 1e-4, a
+    assert a["flow = rhoabm2"] == 0.0 and a["auto + corrector on = tab3_pc"] == 0.0, a
+    assert a["edm / sigma models"] == "tab3"
+    assert a["tuned digits_tab2_nfe5.json"] == 0.0 and a["tuned digits_pfdiff_nfe5.json"] == 0.0, a
+    assert a["variant"][0] == "DeisFastInputError" and "method auto runs tab3 or rhoabm2" in a["variant"][1]
+    assert "Pick the method" in a["variant"][1]
