@@ -300,6 +300,68 @@ def table_flow_tuned(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ``--flow-candidates``: candidates for the same-grid lead on ComfyUI's `simple` (the FlowMatch grid), 4-20 steps
+CAND_STEPS = (4, 5, 6, 8, 10, 12, 15, 20)
+CAND_COMFY = ("euler", "res_multistep", "deis", "ipndm_v")
+CAND_NODE = (("rhoabm2", {}), ("rhoabm3", {}), ("tab3", {"corrector": "on"}), ("rhoab3", {"corrector": "on"}),
+             ("unipc3", {}))
+
+
+def measure_flow_candidates(root: str, stubs: str) -> dict:
+    """Inside ComfyUI: the flow mixture and the flow digits model (shift 1 and 3), 32 noises, on `simple`: ComfyUI's
+    euler, res_multistep, deis, ipndm_v (KSampler path) and deis_fast candidates (DEIS-fast Sampler node)."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    from deis_fast.core.schedules import FlowSchedule
+    from deis_fast.testing import reference_solution
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(32, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    out, digits_ref = {}, None
+    for kind in ("mixture", "digits"):
+        for shift in (1.0, 3.0):
+            if kind == "mixture":
+                model, mix = dc.flow_mixture_model(shift)
+                ref = reference_solution(mix, FlowSchedule(), noise.double().reshape(32, 64), 1.0, 0.0)
+                ref = ref.reshape(noise.shape)
+            else:
+                model = dc.digits_model("flow", shift)
+                if digits_ref is None:
+                    g = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+                    digits_ref = g.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0],
+                                          dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0],
+                                          disable_pbar=True, seed=0)
+                ref = digits_ref
+            guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+            for n in CAND_STEPS:
+                sig = ncs.BasicScheduler().get_sigmas(model, "simple", n, 1.0)[0]
+                row = {a: rel(comfy.sample.sample(model, noise.clone(), n, 1.0, a, "simple", pos, pos, lat, seed=0,
+                                                  disable_pbar=True), ref) for a in CAND_COMFY}
+                for m, kw in CAND_NODE:
+                    x = guider.sample(noise.clone(), lat, dc.DeisFastSampler().get_sampler(m, **kw)[0], sig,
+                                      disable_pbar=True, seed=0)
+                    row[m + ("+corrector" if kw else "")] = rel(x, ref)
+                out[f"{kind} shift {shift:g}|{n}"] = row
+    return out
+
+
+def table_flow_candidates(res: dict) -> str:
+    names = list(next(iter(res.values())))
+    lines = ["| model | steps | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for key, row in res.items():
+        best = min(row.values())
+        cells = [("**%.4f**" if row[k] == best else "%.4f") % row[k] for k in names]
+        lines.append("| " + " | ".join(key.split("|")) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     lines = []
     for label, m in res["models"].items():
@@ -331,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow-tuned", action="store_true",
                     help="instead: the committed tuned flow files on the flow digits model (shift 1 and 3, 5 and 8 "
                          "steps) against every ComfyUI sampler on every scheduler (writes --out .md / .json)")
+    ap.add_argument("--flow-candidates", action="store_true",
+                    help="instead: same-grid candidates (rhoabm2 / rhoabm3 / correctors / unipc3 vs ComfyUI's euler, "
+                         "res_multistep, deis, ipndm_v) on `simple`, flow mixture and digits, shift 1 and 3 (stdout)")
     ap.add_argument("--tune", action="store_true", help="with --flow-tuned: (re)write the tuned files first")
     ap.add_argument("--tuned-dir", default=os.path.join(HERE, "tuned"), help="with --flow-tuned: where the files are")
     ap.add_argument("--inside", nargs=3, metavar=("ROOT", "STUBS", "JSON"), help=argparse.SUPPRESS)
@@ -338,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.inside:
         if a.flow_tuned:
             res = measure_flow_tuned(a.inside[0], a.inside[1], a.tuned_dir, a.tune)
+        elif a.flow_candidates:
+            res = measure_flow_candidates(a.inside[0], a.inside[1])
         elif a.flow:
             res = measure_flow(a.inside[0], a.inside[1], os.path.dirname(a.inside[2]))
         else:
@@ -355,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         js = os.path.join(tmp, "r.json")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
         extra = ["--lower-order-final"] if a.lower_order_final else ["--flow"] if a.flow else []
+        if a.flow_candidates:
+            extra = ["--flow-candidates"]
         if a.flow_tuned:
             extra = ["--flow-tuned", "--tuned-dir", os.path.abspath(a.tuned_dir)] + (["--tune"] if a.tune else [])
         subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js] + extra, check=True,
@@ -362,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         res = json.load(open(js))
     if a.lower_order_final:
         print(table_lower_order_final(res))
+        return 0
+    if a.flow_candidates:
+        print(table_flow_candidates(res))
         return 0
     if a.flow or a.flow_tuned:
         md = table_flow_tuned(res) if a.flow_tuned else table_flow(res)

@@ -319,6 +319,17 @@ got = advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow1_file), sig)
 core = deis_fast.Sampler(lambda x, mt: flow_net(x, mt.float()), own1, plan=f1.make_plan(own1), prediction="flow",
                          time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
 tuned_rows["flow1 committed"] = [len(sig) - 1, rel(got, core)]
+# a committed learned plan (benchmarks/comfyui_quality.py --flow-tuned --tune): its network times moved off its solver
+# times, so the node must run it on the file's flow prediction, as it was tuned
+lp_file = os.path.join(tuned_dir, "flow_digits_shift1_nfe5.json")
+flow1_ms = FLOW[1.0].get_model_object("model_sampling")
+flow1 = dc.model_schedule(flow1_ms)[1]
+lp = tuning.load_tuned(lp_file)
+sig = dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 10, 1.0, tuned_file=lp_file)[0]
+got = advanced(FLOW[1.0], node_sampler("auto", tuned_file=lp_file), sig)
+core = deis_fast.Sampler(lambda x, t: flow_net(x, flow1_ms.timestep(t.float()).float()), flow1, plan=lp.make_plan(flow1),
+                         prediction="flow", time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
+tuned_rows["flow1 learned plan committed"] = [len(sig) - 1, rel(got, core), lp.kind]
 digits5 = os.path.join(tuned_dir, "digits_tab2_nfe5.json")
 for label, fn in (
         ("other NFE", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5), node_sigmas(VP, "karras", 7))),

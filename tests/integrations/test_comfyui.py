@@ -163,9 +163,11 @@ def test_tuned_files_through_the_nodes(comfy):
     model schedule, flow shift, method or denoise is refused in the nodes' terms."""
     t = comfy["tuned"]
     rows, e = t["rows"], t["errors"]
-    for name in ("vp digits_tab2_nfe5.json", "vp digits_pfdiff_nfe5.json", "flow3 tuned here", "flow1 committed"):
-        steps, err = rows[name]
+    for name in ("vp digits_tab2_nfe5.json", "vp digits_pfdiff_nfe5.json", "flow3 tuned here", "flow1 committed",
+                 "flow1 learned plan committed"):
+        steps, err = rows[name][:2]
         assert steps == 5 and err < 1e-5, (name, err)
+    assert rows["flow1 learned plan committed"][2] == "plan"
     assert rows["vp digits_tab2_nfe5.json vs untuned"][1] > 1e-3   # the tuned grid, not the SIGMAS' interior
     assert all(v is not None and v[0] == "DeisFastInputError" for v in e.values()), e
     assert "the SIGMAS have 7 steps" in e["other NFE"][1] and "set the scheduler's steps to 5" in e["other NFE"][1]
