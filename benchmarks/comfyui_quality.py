@@ -129,43 +129,6 @@ DEIS_FAST_SCHEDULERS = ("deis_fast_time_quadratic", "deis_fast_time_uniform", "d
                         "deis_fast_ays", "deis_fast_kl_optimal")
 
 
-def flow_mixture_model(shift: float):
-    """The flow yardstick's mixture (8 components, 64-d, std 0.3, seed 1234) as a ComfyUI CONST model (latents
-    [B, 1, 8, 8]; ModelSamplingDiscreteFlow with ``shift``, time x 1000): its exact velocity, in float64 inside."""
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models_base
-    import torch
-    from deis_fast.core.schedules import FlowSchedule
-    from deis_fast.testing import GaussianMixture
-    mix = GaussianMixture.random(8, 64, 0.3, 1234)
-    vel = mix.model(FlowSchedule(), "flow")
-
-    class Lat(comfy.latent_formats.LatentFormat):
-        latent_channels = 1
-
-    class Cfg(comfy.supported_models_base.BASE):
-        unet_config = {"kind": "mixture"}
-        latent_format = Lat
-        sampling_settings = {"shift": float(shift), "multiplier": 1000}
-
-    class Net(torch.nn.Module):
-        def __init__(self, device=None, operations=None, **_):
-            super().__init__()
-            self.dtype = torch.float32
-            self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **_):
-            return vel(x.reshape(x.shape[0], 64).double(), timesteps.double()).reshape(x.shape).to(x.dtype)
-
-    base = comfy.model_base.BaseModel(Cfg(Cfg.unet_config), comfy.model_base.ModelType.FLOW, device="cpu",
-                                      unet_model=Net)
-    base.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu), mix
-
-
 def measure_flow(root: str, stubs: str, tuned_dir: str) -> dict:
     """``--flow``: on the flow mixture and the embedded flow digits model (shift 1 and 3), every ComfyUI sampler and
     deis_fast's flow default (rhoabm2) on every scheduler, and a tuned file (``deis_fast.tuning.tune`` of rhoabm2's
@@ -192,7 +155,7 @@ def measure_flow(root: str, stubs: str, tuned_dir: str) -> dict:
         for shift in (1.0, 3.0):
             t0 = time.time()
             if kind == "mixture":
-                model, mix = flow_mixture_model(shift)
+                model, mix = dc.flow_mixture_model(shift)
                 ref = reference_solution(mix, FlowSchedule(), noise.double().reshape(N_NOISE, 64), 1.0, 0.0)
                 ref = ref.reshape(noise.shape)
                 ms = model.get_model_object("model_sampling")
@@ -257,6 +220,148 @@ def table_flow(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ``--flow-tuned``: the committed tuned flow files (benchmarks/tuned/flow_digits_shift{1,3}_nfe{5,8}.json) on the
+# embedded flow digits model, against every ComfyUI sampler on every scheduler, in one run. ``--tune`` first writes
+# them with these settings (deis_fast.tuning.tune on the model's own ComfyUI schedule; per-sample seeds 1000-1287,
+# never the 64 measured noises): a rhoabm2 grid search, then a learned plan (its coefficients and times) from it.
+TUNED_STEPS = (5, 8)
+TUNED_SETTINGS = dict(method="rhoabm2", calibration=256, held_out=32, seed=1000, time_budget=40.0, reference_nfe=200,
+                      plan=True, plan_iters=600, plan_batch=64, plan_lr=8e-3)
+
+
+def tuned_flow_path(tuned_dir: str, shift: float, n: int) -> str:
+    return os.path.join(tuned_dir, f"flow_digits_shift{shift:g}_nfe{n}.json")
+
+
+def measure_flow_tuned(root: str, stubs: str, tuned_dir: str, tune: bool) -> dict:
+    """Inside ComfyUI: (re)tune the files with ``tune``, then measure them through the DEIS-fast Scheduler + Sampler
+    nodes (tuned_file, method auto) next to every ComfyUI sampler on every scheduler and deis_fast's default."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    from deis_fast import tuning
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    dc.register()
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(N_NOISE, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    out: dict = {"models": {}, "settings": TUNED_SETTINGS}
+    ref = None
+    for shift in (1.0, 3.0):
+        t0 = time.time()
+        model = dc.digits_model("flow", shift)
+        guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+        if ref is None:   # the flow ODE does not depend on the shift (it only moves the grids): one reference
+            sig = dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0]
+            ref = guider.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0], sig, disable_pbar=True,
+                                seed=0)
+        ms = model.get_model_object("model_sampling")
+        net = model.model.diffusion_model.net
+        rows, files = {}, {}
+        for n in TUNED_STEPS:
+            path = tuned_flow_path(tuned_dir, shift, n)
+            if tune:
+                tuning.tune(lambda x, t: net(x, ms.timestep(t.float()).float()), dc.model_schedule(ms)[1],
+                            nfe=n, prediction="flow", shape=(1, 8, 8), **TUNED_SETTINGS).save(path)
+            t = tuning.load_tuned(path)
+            files[n] = {"kind": t.kind, "method": t.method, "errors": t.errors, "seconds": t.meta.get("seconds")}
+            sig = dc.DeisFastScheduler().get_sigmas(model, "karras", n, 1.0, tuned_file=path)[0]
+            x = guider.sample(noise.clone(), lat, dc.DeisFastSampler().get_sampler("auto", tuned_file=path)[0], sig,
+                              disable_pbar=True, seed=0)
+            rows[f"tuned file|tuned|{n}"] = rel(x, ref)
+            for name in COMFY_SAMPLERS + ("deis_fast_rhoabm2",):
+                for sched in COMFY_OWN_SCHEDULERS + DEIS_FAST_SCHEDULERS:
+                    x = comfy.sample.sample(model, noise.clone(), n, 1.0, name, sched, pos, pos, lat, seed=0,
+                                            disable_pbar=True)
+                    rows[f"{name}|{sched}|{n}"] = rel(x, ref) if bool(torch.isfinite(x).all()) else float("nan")
+        out["models"][f"digits shift {shift:g}"] = {"errors": rows, "files": files, "seconds": time.time() - t0}
+    return out
+
+
+def table_flow_tuned(res: dict) -> str:
+    lines = ["| model | steps | tuned file (kind; held-out error at tuning) | best ComfyUI sampler, any scheduler | "
+             "ratio | deis_fast default (rhoabm2 / simple) |", "|---|---|---|---|---|---|"]
+    for label, m in res["models"].items():
+        e = m["errors"]
+        for n in TUNED_STEPS:
+            cells = [(e[f"{a}|{s}|{n}"], f"{a} / {s}") for a in COMFY_SAMPLERS
+                     for s in COMFY_OWN_SCHEDULERS + DEIS_FAST_SCHEDULERS if e[f"{a}|{s}|{n}"] == e[f"{a}|{s}|{n}"]]
+            best = min(cells)
+            f = m["files"][str(n)] if str(n) in m["files"] else m["files"][n]
+            tuned = e[f"tuned file|tuned|{n}"]
+            lines.append(f"| {label} | {n} | {tuned:.4f} ({f['method']} {f['kind']}; {f['errors']['held_out_tuned']:.4f}) "
+                         f"| {best[0]:.4f} ({best[1]}) | {best[0] / tuned:.2f}x | "
+                         f"{e[f'deis_fast_rhoabm2|simple|{n}']:.4f} |")
+    return "\n".join(lines)
+
+
+# ``--flow-candidates``: candidates for the same-grid lead on ComfyUI's `simple` (the FlowMatch grid), 4-20 steps
+CAND_STEPS = (4, 5, 6, 8, 10, 12, 15, 20)
+CAND_COMFY = ("euler", "res_multistep", "deis", "ipndm_v")
+CAND_NODE = (("rhoabm2", {}), ("rhoabm3", {}), ("tab3", {"corrector": "on"}), ("rhoab3", {"corrector": "on"}),
+             ("unipc3", {}))
+
+
+def measure_flow_candidates(root: str, stubs: str) -> dict:
+    """Inside ComfyUI: the flow mixture and the flow digits model (shift 1 and 3), 32 noises, on `simple`: ComfyUI's
+    euler, res_multistep, deis, ipndm_v (KSampler path) and deis_fast candidates (DEIS-fast Sampler node)."""
+    from deis_fast.testing import import_comfyui_cpu
+    import_comfyui_cpu(root, stubs)
+    import torch
+    import comfy.sample
+    import comfy.utils
+    import deis_fast.integrations.comfyui as dc
+    from comfy_extras import nodes_custom_sampler as ncs
+    from deis_fast.core.schedules import FlowSchedule
+    from deis_fast.testing import reference_solution
+    torch.set_num_threads(1)
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    pos = [[torch.zeros(1, 1, 8), {}]]
+    lat = torch.zeros(32, 1, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+    out, digits_ref = {}, None
+    for kind in ("mixture", "digits"):
+        for shift in (1.0, 3.0):
+            if kind == "mixture":
+                model, mix = dc.flow_mixture_model(shift)
+                ref = reference_solution(mix, FlowSchedule(), noise.double().reshape(32, 64), 1.0, 0.0)
+                ref = ref.reshape(noise.shape)
+            else:
+                model = dc.digits_model("flow", shift)
+                if digits_ref is None:
+                    g = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+                    digits_ref = g.sample(noise, lat, dc.DeisFastSampler().get_sampler("rho_rk4")[0],
+                                          dc.DeisFastScheduler().get_sigmas(model, "time_quadratic", 200)[0],
+                                          disable_pbar=True, seed=0)
+                ref = digits_ref
+            guider = ncs.CFGGuider().get_guider(model, pos, pos, 1.0)[0]
+            for n in CAND_STEPS:
+                sig = ncs.BasicScheduler().get_sigmas(model, "simple", n, 1.0)[0]
+                row = {a: rel(comfy.sample.sample(model, noise.clone(), n, 1.0, a, "simple", pos, pos, lat, seed=0,
+                                                  disable_pbar=True), ref) for a in CAND_COMFY}
+                for m, kw in CAND_NODE:
+                    x = guider.sample(noise.clone(), lat, dc.DeisFastSampler().get_sampler(m, **kw)[0], sig,
+                                      disable_pbar=True, seed=0)
+                    row[m + ("+corrector" if kw else "")] = rel(x, ref)
+                out[f"{kind} shift {shift:g}|{n}"] = row
+    return out
+
+
+def table_flow_candidates(res: dict) -> str:
+    names = list(next(iter(res.values())))
+    lines = ["| model | steps | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for key, row in res.items():
+        best = min(row.values())
+        cells = [("**%.4f**" if row[k] == best else "%.4f") % row[k] for k in names]
+        lines.append("| " + " | ".join(key.split("|")) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     lines = []
     for label, m in res["models"].items():
@@ -285,10 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow", action="store_true",
                     help="instead: flow models (mixture and digits, shift 1 and 3), deis_fast's flow default and a "
                          "tuned file against every ComfyUI sampler on every scheduler (writes --out .md / .json)")
+    ap.add_argument("--flow-tuned", action="store_true",
+                    help="instead: the committed tuned flow files on the flow digits model (shift 1 and 3, 5 and 8 "
+                         "steps) against every ComfyUI sampler on every scheduler (writes --out .md / .json)")
+    ap.add_argument("--flow-candidates", action="store_true",
+                    help="instead: same-grid candidates (rhoabm2 / rhoabm3 / correctors / unipc3 vs ComfyUI's euler, "
+                         "res_multistep, deis, ipndm_v) on `simple`, flow mixture and digits, shift 1 and 3 (stdout)")
+    ap.add_argument("--tune", action="store_true", help="with --flow-tuned: (re)write the tuned files first")
+    ap.add_argument("--tuned-dir", default=os.path.join(HERE, "tuned"), help="with --flow-tuned: where the files are")
     ap.add_argument("--inside", nargs=3, metavar=("ROOT", "STUBS", "JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.inside:
-        if a.flow:
+        if a.flow_tuned:
+            res = measure_flow_tuned(a.inside[0], a.inside[1], a.tuned_dir, a.tune)
+        elif a.flow_candidates:
+            res = measure_flow_candidates(a.inside[0], a.inside[1])
+        elif a.flow:
             res = measure_flow(a.inside[0], a.inside[1], os.path.dirname(a.inside[2]))
         else:
             res = (measure_lower_order_final if a.lower_order_final else measure)(a.inside[0], a.inside[1])
@@ -305,14 +422,21 @@ def main(argv: list[str] | None = None) -> int:
         js = os.path.join(tmp, "r.json")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
         extra = ["--lower-order-final"] if a.lower_order_final else ["--flow"] if a.flow else []
+        if a.flow_candidates:
+            extra = ["--flow-candidates"]
+        if a.flow_tuned:
+            extra = ["--flow-tuned", "--tuned-dir", os.path.abspath(a.tuned_dir)] + (["--tune"] if a.tune else [])
         subprocess.run([sys.executable, os.path.abspath(__file__), "--inside", root, stubs, js] + extra, check=True,
                        cwd=tmp, env=env)
         res = json.load(open(js))
     if a.lower_order_final:
         print(table_lower_order_final(res))
         return 0
-    if a.flow:
-        md = table_flow(res)
+    if a.flow_candidates:
+        print(table_flow_candidates(res))
+        return 0
+    if a.flow or a.flow_tuned:
+        md = table_flow_tuned(res) if a.flow_tuned else table_flow(res)
         with open(a.out.replace(".md", ".json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(a.out, "w") as f:

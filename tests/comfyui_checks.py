@@ -372,6 +372,17 @@ got = advanced(FLOW[1.0], node_sampler("tab3", tuned_file=flow1_file), sig)
 core = deis_fast.Sampler(lambda x, mt: flow_net(x, mt.float()), own1, plan=f1.make_plan(own1), prediction="flow",
                          time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
 tuned_rows["flow1 committed"] = [len(sig) - 1, rel(got, core)]
+# a committed learned plan (benchmarks/comfyui_quality.py --flow-tuned --tune): its network times moved off its solver
+# times, so the node must run it on the file's flow prediction, as it was tuned
+lp_file = os.path.join(tuned_dir, "flow_digits_shift1_nfe5.json")
+flow1_ms = FLOW[1.0].get_model_object("model_sampling")
+flow1 = dc.model_schedule(flow1_ms)[1]
+lp = tuning.load_tuned(lp_file)
+sig = dc.DeisFastScheduler().get_sigmas(FLOW[1.0], "karras", 10, 1.0, tuned_file=lp_file)[0]
+got = advanced(FLOW[1.0], node_sampler("auto", tuned_file=lp_file), sig)
+core = deis_fast.Sampler(lambda x, t: flow_net(x, flow1_ms.timestep(t.float()).float()), flow1, plan=lp.make_plan(flow1),
+                         prediction="flow", time_dtype=torch.float64)(comfy.sample.prepare_noise(LAT, 5))
+tuned_rows["flow1 learned plan committed"] = [len(sig) - 1, rel(got, core), lp.kind]
 digits5 = os.path.join(tuned_dir, "digits_tab2_nfe5.json")
 for label, fn in (
         ("other NFE", lambda: advanced(VP, node_sampler("tab2", tuned_file=digits5), node_sigmas(VP, "karras", 7))),
@@ -401,6 +412,30 @@ for label, fn in (
 sd15_vp = dc.model_schedule(SD.get_model_object("model_sampling"))[1]   # SD 1.5's float32 table: its preset
 R["tuned"] = {"rows": tuned_rows, "errors": tuned_errors, "seconds": _time.perf_counter() - began,
               "sd15 schedule": [repr(sd15_vp), deis_fast.schedule_fingerprint(sd15_vp)]}
+
+# --- 6d. the Sampler node's method "auto" (its default): tab3 on discrete / EDM models, rhoabm2 on flow models, a
+# tuned file's own method; an option neither of tab3 / rhoabm2 takes is refused before sampling
+sig_vp, sig_fl = node_sigmas(VP, "time_quadratic", 6), node_sigmas(FLOW[3.0], "time_uniform", 6)
+auto_rows = {
+    "vp = tab3": rel(advanced(VP, node_sampler("auto"), sig_vp), advanced(VP, node_sampler("tab3"), sig_vp)),
+    "vp != rhoabm2": rel(advanced(VP, node_sampler("auto"), sig_vp), advanced(VP, node_sampler("rhoabm2"), sig_vp)),
+    "flow = rhoabm2": rel(advanced(FLOW[3.0], node_sampler("auto"), sig_fl),
+                          advanced(FLOW[3.0], node_sampler("rhoabm2"), sig_fl)),
+    "edm / sigma models": dc.auto_method(*dc.model_schedule(edm)),
+    "auto + corrector on = tab3_pc": rel(advanced(VP, node_sampler("auto", corrector="on"), sig_vp),
+                                         advanced(VP, node_sampler("tab3", corrector="on"), sig_vp))}
+for fname, method, kw in (("digits_tab2_nfe5.json", "tab2", {}),
+                          ("digits_pfdiff_nfe5.json", "pfdiff", {"pfdiff_k": 2, "pfdiff_h": 1})):
+    path = os.path.join(tuned_dir, fname)
+    sig = dc.DeisFastScheduler().get_sigmas(VP, "karras", 10, 1.0, tuned_file=path)[0]
+    auto_rows[f"tuned {fname}"] = rel(advanced(VP, node_sampler("auto", tuned_file=path), sig),
+                                      advanced(VP, node_sampler(method, tuned_file=path, **kw), sig))
+try:
+    node_sampler("auto", variant="bh1")
+    auto_rows["variant"] = None
+except ValueError as e:
+    auto_rows["variant"] = [type(e).__name__, str(e)]
+R["auto"] = auto_rows
 
 # --- 7. bad input: messages in the nodes' terms
 errors = {}

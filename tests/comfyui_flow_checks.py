@@ -82,8 +82,51 @@ for label, model in MODELS.items():
             sig = lambda: dc.DeisFastScheduler().get_sigmas(model, grid, STEPS, 1.0)[0]   # noqa: E731
             R["runs"][f"{label} | advanced tab3 | node grid {grid}"] = attempt(
                 lambda: advanced(model, dc.DeisFastSampler().get_sampler("tab3")[0], sig()))
-    # DDIM is ComfyUI's euler on every sampling (the same sigmas, the same model calls) is ComfyUI's euler on every sampling (the same sigmas, the same model calls)
+    # DDIM is ComfyUI's euler on every sampling (the same sigmas, the same model calls)
     R["parity"][label] = rel(ks(model, "deis_fast_ddim", "simple"), ks(model, "euler", "simple"))
+
+# --- the node's method "auto": rhoabm2 on every flow sampling (the same run), tab3 is not what it runs
+R["node default"] = dc.DeisFastSampler.INPUT_TYPES()["required"]["method"][1]["default"]
+R["auto"] = {}
+for label, model in MODELS.items():
+    sigmas = ncs.BasicScheduler().get_sigmas(model, "simple", STEPS, 1.0)[0]
+    auto = advanced(model, dc.DeisFastSampler().get_sampler()[0], sigmas)    # the node's default inputs
+    R["auto"][label] = [rel(auto, advanced(model, dc.DeisFastSampler().get_sampler("rhoabm2")[0], sigmas)),
+                        rel(auto, advanced(model, dc.DeisFastSampler().get_sampler("tab3")[0], sigmas))]
+
+# --- never worse than the scheduler it replaces: ComfyUI's euler on `simple`, on the flow mixture (exact velocity,
+# exact ODE endpoint) under SD3's shift 1 / 3 and FLUX's mu at 256^2 / 1024^2, 4-20 steps; deis_fast's flow default
+# through the KSampler entry and the DEIS-fast Sampler node's default inputs
+from deis_fast.core.schedules import FlowSchedule  # noqa: E402
+from deis_fast.testing import reference_solution, relative_errors  # noqa: E402
+
+mix_base, mix = dc.flow_mixture_model(1.0)
+MIX = {"sd3 shift 1": mix_base, "sd3 shift 3": nma.ModelSamplingSD3().patch(mix_base, 3.0)[0],
+       "flux 256^2 (mu 0.5)": nma.ModelSamplingFlux().patch(mix_base, 1.15, 0.5, 256, 256)[0],
+       "flux 1024^2 (mu 1.15)": nma.ModelSamplingFlux().patch(mix_base, 1.15, 0.5, 1024, 1024)[0]}
+MLAT = torch.zeros(32, 1, 8, 8)
+mnoise = comfy.sample.prepare_noise(MLAT, 7)
+mref = reference_solution(mix, FlowSchedule(), mnoise.double().reshape(32, 64), 1.0, 0.0).reshape(mnoise.shape)
+
+
+def merr(x):
+    return float(relative_errors(x.double(), mref).median())
+
+
+def mks(model, sampler, steps):
+    return merr(comfy.sample.sample(model, mnoise.clone(), steps, 1.0, sampler, "simple", POS, POS, MLAT, seed=7,
+                                    disable_pbar=True))
+
+
+R["never worse"] = {}
+for label, model in MIX.items():
+    guider = ncs.CFGGuider().get_guider(model, POS, POS, 1.0)[0]
+    node = dc.DeisFastSampler().get_sampler()[0]
+    for n in range(4, 21):
+        sig = ncs.BasicScheduler().get_sigmas(model, "simple", n, 1.0)[0]
+        R["never worse"][f"{label} | {n}"] = [
+            mks(model, "euler", n), mks(model, "deis_fast_rhoabm2", n),
+            merr(guider.sample(mnoise.clone(), MLAT, node, sig, disable_pbar=True, seed=7))]
 
 with open(out_path, "w") as f:
     json.dump(R, f, indent=1)

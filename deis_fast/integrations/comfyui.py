@@ -24,14 +24,15 @@ import torch
 
 from ..core.grids import make_grid
 from ..core.schedules import FlowSchedule, Schedule, VESchedule, VPSchedule
-from ..solvers import PlanOptions, resolve
+from ..solvers import PlanOptions, default_method, resolve
 from ..solvers.build import builder_options
 from ..solvers.pfdiff import check_kh
 from . import k_diffusion as dk
 
-__all__ = ["KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
+__all__ = ["AUTO", "auto_method", "KSAMPLER_ENTRIES", "SCHEDULER_ENTRIES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "DeisFastSampler", "DeisFastScheduler", "model_schedule", "sampler_function", "sigmas_for", "tuned_sigmas",
-           "tuned_steps", "register", "install", "digits_model"]
+           "tuned_steps", "register", "install", "digits_model",
+           "flow_mixture_model"]
 
 PREFIX = "deis_fast_"
 # the entries on the KSampler sampler list: name -> (method, options). rhoab3 is ipndm_v (bit-identical plans): one
@@ -60,7 +61,11 @@ KSAMPLER_ENTRIES: dict[str, tuple[str, dict]] = {
 SCHEDULER_ENTRIES: dict[str, str] = {PREFIX + g: g for g in ("time_quadratic", "time_uniform", "logsnr", "karras",
                                                              "ays", "kl_optimal")}
 NODE_GRIDS = ("time_quadratic", "time_uniform", "logsnr", "karras", "ays", "kl_optimal", "beta", "optimized (file)")
-NODE_METHODS = ("tab3", "tab2", "tab1", "rhoabm2", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
+# "auto": the library's default for the model the node samples, read from its model_sampling when it samples:
+# rhoabm2 on flow (CONST) models, tab3 otherwise (deis_fast.solvers.default_method)
+AUTO = "auto"
+AUTO_METHODS = ("tab3", "rhoabm2")
+NODE_METHODS = (AUTO, "tab3", "tab2", "tab1", "rhoabm2", "logrho3", "ipndm4", "ipndm_v", "dpmpp2", "dpmpp3", "dpmpp_2m",
                 "unipc2", "unipc3", "pfdiff", "ddim", "ddim_eta", "dpmpp_2m_sde", "dpmpp_3m_sde", "rho_heun",
                 "rho_rk4")
 VARIANTS = ("default", "bh1", "bh2", "midpoint", "heun")
@@ -143,12 +148,19 @@ def sampler_function(method: str, **options: Any) -> Callable[..., torch.Tensor]
     pfdiff_steps = opts.pop("pfdiff_steps", "calls")
     tuned_file = opts.pop("tuned_file", "") or ""
     node = opts.pop("node", "DEIS-fast Sampler")
-    _check_options(method, opts)
+    if method == AUTO and tuned_file:  # a tuned file fixes the method: the file's own (PFDiff's k and h with it)
+        method, opts = _tuned_node_method(tuned_file, opts)
+    if method == AUTO:
+        _check_auto_options(opts)
+    else:
+        _check_options(method, opts)
     if tuned_file:
         _check_tuned_method(tuned_file, method, opts)
+    given = method
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
         model_type, schedule = model_schedule(_model_sampling_of(model))
+        method = auto_method(model_type, schedule) if given == AUTO else given
         run = {**opts, **kw}
         if not tuned_file:
             schedule = _in_range(schedule, sigmas)
@@ -187,6 +199,29 @@ def _in_range(schedule: Schedule | None, sigmas: Any) -> Schedule | None:
     if positive.size and float(positive.min()) < schedule.rho_min * (1 - 1e-6):
         return None
     return schedule
+
+
+def auto_method(model_type: str, schedule: Schedule | None) -> str:
+    """The method "auto" runs on a model (:func:`model_schedule`'s output): deis_fast's default for its schedule,
+    rhoabm2 on flow (CONST) models, tab3 on discrete and EDM / continuous-sigma models."""
+    return default_method(schedule if model_type == "const" else None)
+
+
+def _check_auto_options(opts: dict) -> None:
+    """Method "auto" runs tab3 or rhoabm2 (known only when it samples): an option must fit both."""
+    for m in AUTO_METHODS:
+        try:
+            _check_options(m, opts)
+        except ValueError as e:
+            raise DeisFastInputError(f"DEIS-fast Sampler: method auto runs {' or '.join(AUTO_METHODS)} (by the "
+                                     f"model); {e}. Pick the method, or set that input to its default") from None
+
+
+def _tuned_node_method(path: str, opts: dict) -> tuple[str, dict]:
+    """Method "auto" with a tuned file: the file's method, and PFDiff's (k, h) for a PFDiff file."""
+    t = _load_tuned(path, "DEIS-fast Sampler")
+    kh = t.plan_options.get("pfdiff")
+    return _node_method(t), ({**opts, "pfdiff": tuple(kh)} if kh else opts)
 
 
 # ----------------------------------------------------------------------------- tuned files (deis_fast.tuning)
@@ -490,8 +525,10 @@ class DeisFastSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "method": (list(NODE_METHODS), {"default": "tab3", "tooltip": "tab3: the DEIS paper's best; unipc3 / "
-                                                "dpmpp3 for strong CFG; pfdiff for the fewest steps"}),
+                "method": (list(NODE_METHODS), {"default": AUTO, "tooltip": "auto: deis_fast's default for the "
+                                                "model (rhoabm2 on flow models: FLUX, SD3, AuraFlow; tab3 otherwise; "
+                                                "with a tuned_file, the file's); tab3: the DEIS paper's best; unipc3 "
+                                                "/ dpmpp3 for strong CFG; pfdiff for the fewest steps"}),
                 "corrector": (["default", "on", "off"], {"tooltip": "UniC-style corrector after each step (no "
                                                          "extra calls); default: on for unipc*, off otherwise"}),
                 "lower_order_final": (["auto", "on", "off"], {"tooltip": "lower orders on the last steps; auto: on "
@@ -514,7 +551,7 @@ class DeisFastSampler:
             },
         }
 
-    def get_sampler(self, method, corrector="default", lower_order_final="auto", eta=1.0, s_noise=1.0,
+    def get_sampler(self, method=AUTO, corrector="default", lower_order_final="auto", eta=1.0, s_noise=1.0,
                     variant="default", pfdiff_k=2, pfdiff_h=1, pfdiff_steps="calls", **optional):
         import comfy.samplers
         opts = node_options(method, corrector, lower_order_final, eta, s_noise, variant, pfdiff_k, pfdiff_h)
@@ -532,7 +569,7 @@ def node_options(method: str, corrector: str, lower_order_final: str, eta: float
                  pfdiff_k: int, pfdiff_h: int) -> dict:
     """The deis_fast options of the sampler node's inputs (those that do not apply to the method are left out,
     except a variant or corrector set on a method without one: that raises in :func:`sampler_function`)."""
-    spec, _ = resolve(method)
+    spec = None if method == AUTO else resolve(method)[0]   # auto: tab3 / rhoabm2, neither takes eta or s_noise
     opts: dict[str, Any] = {}
     if method == "pfdiff":
         if not 1 <= pfdiff_h <= pfdiff_k:
@@ -543,9 +580,9 @@ def node_options(method: str, corrector: str, lower_order_final: str, eta: float
         opts["corrector"] = corrector == "on"
     if lower_order_final != "auto":
         opts["lower_order_final"] = lower_order_final == "on"
-    if "eta" in spec.options and method != "pfdiff":
+    if spec is not None and "eta" in spec.options and method != "pfdiff":
         opts["eta"] = float(eta)
-    if "s_noise" in spec.options and method != "pfdiff":
+    if spec is not None and "s_noise" in spec.options and method != "pfdiff":
         opts["s_noise"] = float(s_noise)
     if variant != "default":
         opts["variant"] = variant
@@ -667,6 +704,47 @@ def digits_model(kind: str = "digits", shift: float = 1.0, device: str = "cpu") 
     base = comfy.model_base.BaseModel(config, model_type, device=device, unet_model=DigitsNet)
     base.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
+
+
+def flow_mixture_model(shift: float = 1.0, seed: int = 1234) -> tuple[Any, Any]:
+    """(MODEL, mixture): the flow yardstick's Gaussian mixture (8 components, 64-d, std 0.3, ``seed``) as a ComfyUI
+    CONST model with its exact velocity (float64 inside; latents [B, 1, 8, 8]), and the
+    :class:`~deis_fast.testing.GaussianMixture` (its exact ODE endpoint: ``deis_fast.testing.reference_solution``).
+    ModelSamplingDiscreteFlow with ``shift``; it reads the time from the sigma ComfyUI hands the model, so
+    ModelSamplingFlux / SD3 / AuraFlow patches on it stay exact. For measuring samplers inside ComfyUI."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+    from ..testing import GaussianMixture
+    mix = GaussianMixture.random(8, 64, 0.3, seed)
+    vel = mix.model(FlowSchedule(time_scale=1.0), "flow")
+
+    class MixtureLatent(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+
+    class MixtureConfig(comfy.supported_models_base.BASE):
+        unet_config = {"kind": "mixture"}
+        latent_format = MixtureLatent
+        sampling_settings = {"shift": float(shift), "multiplier": 1000}
+
+    class MixtureNet(torch.nn.Module):
+        def __init__(self, device=None, operations=None, **_: Any):
+            super().__init__()
+            self.dtype = torch.float32
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, timesteps, context=None, control=None, transformer_options=None, **_: Any):
+            sig = (transformer_options or {}).get("sigmas")   # CONST: sigma is the flow time t
+            t = sig.double() if sig is not None else timesteps.double() / 1000.0
+            v = vel(x.reshape(x.shape[0], -1).double(), t.reshape(-1).expand(x.shape[0]))
+            return v.reshape(x.shape).to(x.dtype)
+
+    base = comfy.model_base.BaseModel(MixtureConfig(MixtureConfig.unet_config), comfy.model_base.ModelType.FLOW,
+                                      device="cpu", unet_model=MixtureNet)
+    base.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu), mix
 
 
 # ----------------------------------------------------------------------------- install

@@ -154,8 +154,10 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
     # take k-diffusion's final Euler step (x <- denoised) with one more call
     split_final = s[-1] == 0.0 and spec.family == "rk"
     grid = s[:-1] if split_final else s
+    prediction = "x0"   # a k-diffusion denoiser returns x0
     if tuned is not None:  # deis_fast.tuning: the tuned plan replaces the sigmas between their ends
         grid, options = _tuned_grid(tuned, kind, method, plan_opts, grid, options)
+        prediction = _tuned_prediction(tuned, options["plan"], kind)
         split_final = False
     seed = extra_args.get("seed")
     if "seed" in extra_args and not _takes_seed(model):
@@ -171,7 +173,7 @@ def sample_deis_fast(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas
         out = x_in
     else:
         sampler, steps = _sampler_for(model, kind, method, grid, plan_opts, disable, options, callback, x_in,
-                                      resampled=pfdiff_grid == "resample", bar=bar)
+                                      resampled=pfdiff_grid == "resample", bar=bar, prediction=prediction)
         step_noise = None
         if noise_sampler is not None and sampler.plan.num_noise:
             if plan_opts.pfdiff is not None:
@@ -300,8 +302,9 @@ class _Steps:
 
 
 def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: PlanOptions, disable, options,
-                 callback, x_in, resampled: bool = False, bar=None) -> tuple[Sampler, _Steps]:
-    """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps."""
+                 callback, x_in, resampled: bool = False, bar=None, prediction: str = "x0") -> tuple[Sampler, _Steps]:
+    """The deis_fast Sampler of a k-diffusion call and the callback helper that reports its steps; ``prediction``:
+    what the solver is handed, the denoiser's x0 converted at the sigma the network ran at (:func:`_from_denoised`)."""
     box: list[_Steps] = []
     vp = kind.vp
     # the caller's own sigma values at the grid's times (not rho(t_from_rho(sigma)), one rounding away): a model
@@ -312,6 +315,7 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
 
     def denoiser(xx: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
         if vp is None:
+            sig = t
             out = model(xx, t, **kw)
         else:  # the solver's VP state and time -> k-diffusion's x = x_vp / alpha and sigma = rho(t)
             mt = float(t.reshape(-1)[0])
@@ -320,13 +324,13 @@ def _sampler_for(model, kind: _Kind, method: str, grid: np.ndarray, plan_opts: P
             out = model(xx * (1.0 / kind.alpha(sig)), torch.full(t.shape, sig, dtype=xx.dtype, device=xx.device),
                         **kw)
         box[0].report(out)
-        return out
+        return out if prediction == "x0" else _from_denoised(prediction, kind, xx, out, sig)
 
     nfe = _nfe_for_sigmas(len(grid) - 1, method, plan_opts)
     # k-diffusion sigmas end where the caller wants to stop (ComfyUI splits a run across samplers), so a CONST
     # grid that ends above sigma = 0 is meant: say so with t_end (deis_fast refuses a flow grid that stops short)
     t_end = float(grid[-1]) if kind.const else None
-    sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid_s]}, prediction="x0",
+    sampler = Sampler(denoiser, kind.schedule, method, nfe, {kind.key: [float(v) for v in grid_s]}, prediction=prediction,
                       t_end=t_end, progress=False,   # the caller's bar counts steps (_step_bar)
                       time_dtype=torch.float64 if vp is not None else None, **options)
     evals = sampler.plan.evals
@@ -369,6 +373,41 @@ def _tuned_grid(tuned: Any, kind: _Kind, method: str, plan_opts: PlanOptions, gr
             f"the tuned plan runs from sigma {sig[0]:.6g} to {sig[-1]:.6g}; these sigmas run from {grid[0]:.6g} to "
             f"{grid[-1]:.6g}: a tuned file samples the whole grid (no img2img start, denoise < 1 or split run)")
     return sig, {**kept, "plan": plan}
+
+
+def _tuned_prediction(tuned: Any, plan: Any, kind: _Kind) -> str:
+    """The prediction a tuned plan runs on: "x0" (the denoiser's own), unless a learned plan moved its network times
+    off its solver times; then the file's prediction (the network's output was converted to the solver's target at
+    the solver's time when it was tuned, so it is here too)."""
+    from ..tuning.files import load_tuned
+    sched = kind.schedule
+    if all(np.isclose(op.model_t, float(sched.model_time(op.t)), rtol=1e-9, atol=1e-12) for op in plan.evals):
+        return "x0"
+    from ..core.adapters import normalize_prediction
+    pred = normalize_prediction(load_tuned(tuned).prediction)
+    if pred not in ("eps", "x0", "flow", "v"):
+        raise ValueError(f"a learned plan tuned on a {pred!r} prediction cannot run on a k-diffusion denoiser; tune "
+                         "it on the model's eps, x0, v or flow output")
+    return pred
+
+
+def _from_denoised(prediction: str, kind: _Kind, x: torch.Tensor, d: torch.Tensor, sig: Any) -> torch.Tensor:
+    """The network's ``prediction`` ("eps", "flow", "v") at the sigma it ran at, from the denoiser's x0 ``d`` and
+    the solver's state ``x`` (CONST: x = (1 - sigma) x0 + sigma eps; VP: x = alpha (x0 + sigma eps); VE: x = x0 +
+    sigma eps)."""
+    if isinstance(sig, torch.Tensor):
+        sig = sig.to(torch.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+    if kind.const:
+        a, s = 1.0 - sig, sig
+    elif kind.vp is not None:
+        a = 1.0 / (1.0 + sig * sig) ** 0.5
+        a, s = a, sig * a
+    else:
+        a, s = 1.0, sig
+    xd, dd = x.to(torch.float64), d.to(torch.float64)
+    eps = (xd - a * dd) / s
+    out = {"eps": eps, "flow": eps - dd, "v": a * eps - s * dd}[prediction]
+    return out.to(x.dtype)
 
 
 def _auto_lower_order_final(options: dict, spec, plan_opts: PlanOptions, s: np.ndarray) -> dict:

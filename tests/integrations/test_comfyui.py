@@ -212,9 +212,11 @@ def test_tuned_files_through_the_nodes(comfy):
     model schedule, flow shift, method or denoise is refused in the nodes' terms."""
     t = comfy["tuned"]
     rows, e = t["rows"], t["errors"]
-    for name in ("vp digits_tab2_nfe5.json", "vp digits_pfdiff_nfe5.json", "flow3 tuned here", "flow1 committed"):
-        steps, err = rows[name]
+    for name in ("vp digits_tab2_nfe5.json", "vp digits_pfdiff_nfe5.json", "flow3 tuned here", "flow1 committed",
+                 "flow1 learned plan committed"):
+        steps, err = rows[name][:2]
         assert steps == 5 and err < 1e-5, (name, err)
+    assert rows["flow1 learned plan committed"][2] == "plan"
     assert rows["vp digits_tab2_nfe5.json vs untuned"][1] > 1e-3   # the tuned grid, not the SIGMAS' interior
     assert all(v is not None and v[0] == "DeisFastInputError" for v in e.values()), e
     assert "the SIGMAS have 7 steps" in e["other NFE"][1] and "set the scheduler's steps to 5" in e["other NFE"][1]
@@ -252,3 +254,15 @@ def test_install_loader_is_the_custom_node_file_and_says_what_to_install(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "deis_fast.integrations.comfyui", "install", str(tmp_path / "nope")],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert proc.returncode == 2 and "not a ComfyUI folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sampler_node_method_auto(comfy):
+    """The DEIS-fast Sampler's default method "auto": tab3 on a discrete (VP) model and on EDM / sigma models, rhoabm2
+    on a flow model, the file's method with a tuned_file; an option tab3 or rhoabm2 refuses is refused up front."""
+    a = comfy["auto"]
+    assert a["vp = tab3"] == 0.0 and a["vp != rhoabm2"] > 1e-4, a
+    assert a["flow = rhoabm2"] == 0.0 and a["auto + corrector on = tab3_pc"] == 0.0, a
+    assert a["edm / sigma models"] == "tab3"
+    assert a["tuned digits_tab2_nfe5.json"] == 0.0 and a["tuned digits_pfdiff_nfe5.json"] == 0.0, a
+    assert a["variant"][0] == "DeisFastInputError" and "method auto runs tab3 or rhoabm2" in a["variant"][1]
+    assert "Pick the method" in a["variant"][1]

@@ -284,3 +284,47 @@ def test_learn_plan_shows_progress(mixture, capsys):
     assert steps and steps[0] == 0 and max(steps) == 5      # the bar was up during the fit and moved every step
     err = capsys.readouterr().err
     assert "learn_plan tab3" in err and "6/6" in err and "best validation" in err
+
+
+@pytest.mark.parametrize("case", ["flow const", "vp eps"])
+def test_k_diffusion_runs_a_learned_plan_with_moved_network_times_as_tuned(mixture, tmp_path, case):
+    """A learned plan moves its network times off its solver times (learn_plan's learn_times); its output was
+    converted to the solver's target at the solver's time when it was fitted. A k-diffusion denoiser (ComfyUI's
+    nodes) runs the network at the moved time too: its x0 is converted back to the file's prediction there, so the
+    k-diffusion run equals deis_fast.Sampler with the file's plan and prediction."""
+    import dataclasses
+    from deis_fast.core.plan import Eval
+    from deis_fast.integrations import k_diffusion as dk
+    if case == "flow const":
+        sched, pred, method = deis_fast.FlowSchedule(3.0, time_scale=1.0), "flow", "rhoabm2"
+        denoiser = mixture.model(sched, "x0")                 # ComfyUI's CONST view: sigma = t
+        to_sig = lambda t: t                                 # noqa: E731
+        scale = 1.0
+        kw = {"model_type": "const", "schedule": sched}
+    else:
+        sched, pred, method = VP, "eps", "tab3"
+        ve = mixture.model(sched, "x0")
+        # k-diffusion's VE view of the VP model: x_ve = x_vp / alpha, sigma = rho
+        denoiser = lambda x, s: ve(x / (1 + s.double().reshape(-1, 1) ** 2).sqrt(),   # noqa: E731
+                                   torch.as_tensor(sched.model_time(sched.t_from_rho(s.double().numpy()))))
+        to_sig = lambda t: float(sched.rho(t))               # noqa: E731
+        scale = None
+        kw = {"schedule": sched}
+    plan = deis_fast.build_plan(sched, method, 6, grid="time_uniform" if pred == "flow" else "time_quadratic")
+    k = iter([0.97, 1.02, 0.99, 1.01, 0.98, 1.0])
+    moved = tuple(dataclasses.replace(op, model_t=op.model_t * next(k)) if isinstance(op, Eval) and op.index > 0
+                  else op for op in plan.ops)
+    plan = dataclasses.replace(plan, ops=moved, method="learned:" + method)
+    t = tuning.Tuned(method=method, nfe=6, grid=[float(v) for v in plan.times], kind="plan", plan=plan,
+                     schedule_fingerprint=deis_fast.schedule_fingerprint(sched), prediction=pred, schedule=repr(sched))
+    path = tmp_path / "learned.json"
+    t.save(path)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sig = torch.tensor([to_sig(v) for v in plan.times] + ([] if plan.times[-1] == 0 else [0.0]), dtype=torch.float64)
+    x_kd = x if scale is not None else x * float(sig[0])
+    out = dk.sample_deis_fast(denoiser, x_kd, sig, tuned=str(path), **kw)
+    want = deis_fast.Sampler(mixture.model(sched, pred), sched, plan=tuning.load_tuned(path).make_plan(sched),
+                             prediction=pred)(x if scale is not None else x_kd * float(sched.alpha(plan.times[0])))
+    if scale is None:
+        want = want / float(sched.alpha(plan.times[-1]))
+    assert torch.allclose(out, want, rtol=1e-9, atol=1e-9), float((out - want).abs().max())
