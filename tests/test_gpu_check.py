@@ -178,7 +178,10 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["status"] == "ok" and report["extension"]["ext_loaded"]
-    assert report["tests"]["tests"] == 1 and report["tests"]["skipped"] == 1
+    # the one GPU test skips on a CPU; a test module that skips at import for a missing optional extra (Ray, ...)
+    # is one more skipped "test" in pytest's report, selected or not
+    t = report["tests"]
+    assert t["tests"] >= 1 and t["skipped"] == t["tests"] and t["failures"] == t["errors"] == 0, t
     modes = report["headline"]["sampler"]["sampler tab3 NFE 10 null b1 fp32 nocfg cpu"]
     assert "Sampler, static workspace" in modes and "torch.compile[eager]" in modes
     assert any(g.startswith("plan building") for g in report["summary"])
