@@ -8,34 +8,20 @@ settings, logging) never reaches the rest of the suite. ComfyUI's sampling path 
 ``from torchvision import transforms``; no torchvision release loads with the CPU torch this suite runs on, so the
 subprocess gets a test-only empty stub.
 """
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from deis_fast.testing import comfyui_sandbox
+from _comfyui_common import REPO, run_in_comfyui
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    src = os.environ.get("COMFYUI_PATH")
-    if not src or not os.path.isfile(os.path.join(src or "", "comfy", "samplers.py")):
-        pytest.skip("set COMFYUI_PATH to a ComfyUI source tree to run the ComfyUI tests")
-    for mod in ("torchsde", "einops", "psutil", "av", "yaml", "PIL"):
-        pytest.importorskip(mod, reason=f"ComfyUI's sampling path needs {mod} (pip install -e '.[comfyui]')")
-    tmp = tmp_path_factory.mktemp("comfyui")
-    root, stubs = comfyui_sandbox(src, str(tmp), custom_node=os.path.join(REPO, "comfyui_node"))
-    out = tmp / "results.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "comfyui_checks.py"), root, stubs, str(out)],
-                          cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"tests/comfyui_checks.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_in_comfyui("comfyui_checks.py", str(tmp_path_factory.mktemp("comfyui")),
+                          custom_node=os.path.join(REPO, "comfyui_node"))
 
 
 def test_custom_node_folder_loads_and_registers(comfy):

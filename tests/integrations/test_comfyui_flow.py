@@ -1,35 +1,16 @@
 """deis_fast on ComfyUI's flow-model samplings (ModelSamplingFlux with FLUX's mu, ModelSamplingSD3, AuraFlow, the
 flow checkpoints' ModelSamplingDiscreteFlow): every KSampler entry and every DEIS-fast Sampler method, on every
 scheduler in KSampler's list, through comfy.sample.sample and SamplerCustomAdvanced (tests/comfyui_flow_checks.py
-in a temporary ComfyUI copy, as tests/test_comfyui.py)."""
-import json
-import os
-import subprocess
-import sys
+in a temporary ComfyUI copy, as tests/integrations/test_comfyui.py)."""
 
 import pytest
 
-from deis_fast.testing import comfyui_sandbox
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _comfyui_common import run_in_comfyui
 
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
-    src = os.environ.get("COMFYUI_PATH")
-    if not src or not os.path.isfile(os.path.join(src or "", "comfy", "samplers.py")):
-        pytest.skip("set COMFYUI_PATH to a ComfyUI source tree to run the ComfyUI tests")
-    for mod in ("torchsde", "einops", "psutil", "av", "yaml", "PIL"):
-        pytest.importorskip(mod, reason=f"ComfyUI's sampling path needs {mod} (pip install -e '.[comfyui]')")
-    tmp = tmp_path_factory.mktemp("comfyui_flow")
-    root, stubs = comfyui_sandbox(src, str(tmp))
-    out = tmp / "results.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "comfyui_flow_checks.py"), root, stubs,
-                           str(out)], cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"tests/comfyui_flow_checks.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_in_comfyui("comfyui_flow_checks.py", str(tmp_path_factory.mktemp("comfyui_flow")))
 
 
 def test_every_entry_and_node_method_runs_on_every_flow_sampling_and_scheduler(flow):
