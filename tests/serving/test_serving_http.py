@@ -20,24 +20,11 @@ pytest.importorskip("starlette", reason="deis-fast serve needs the [serve] extra
 pytest.importorskip("uvicorn", reason="deis-fast serve needs the [serve] extra (uvicorn)")
 pytest.importorskip("prometheus_client", reason="deis-fast serve needs the [serve] extra (prometheus-client)")
 
+from _http import free_port, post  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, body, timeout: float = 60.0) -> tuple[int, dict, bytes]:
-    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=data, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -50,7 +37,7 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 
 class Server:
     def __init__(self, *args: str):
-        self.port = _free_port()
+        self.port = free_port()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "deis_fast", "serve", "--port", str(self.port),
                                       "--threads", "1", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -97,29 +84,29 @@ def server(tmp_path_factory):
 def test_png_for_two_seeds_same_seed_same_bytes(server):
     answers = {}
     for seed in (1, 2, 1):
-        status, headers, body = _post(server.port, {"seed": seed, "method": "tab3", "nfe": 8})
+        status, headers, body = post(server.port, {"seed": seed, "method": "tab3", "nfe": 8})
         assert status == 200 and headers["content-type"] == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
         assert headers["x-deis-fast-nfe"] == "8" and headers["x-deis-fast-seeds"] == str(seed)
         answers.setdefault(seed, []).append(body)
     assert answers[1][0] == answers[1][1]            # same seed: the same bytes
     assert answers[1][0] != answers[2][0]            # another seed: another image
-    status, _, body = _post(server.port, {"seed": 1, "num": 3, "nfe": 8, "upscale": 2})
+    status, _, body = post(server.port, {"seed": 1, "num": 3, "nfe": 8, "upscale": 2})
     assert status == 200 and body[16:24] == (48).to_bytes(4, "big") + (16).to_bytes(4, "big")  # 3 side by side
 
 
 def test_a_tuned_file_from_the_tuned_dir(server):
-    status, headers, body = _post(server.port, {"seed": 4, "tuned": "digits_nfe5.json"})
+    status, headers, body = post(server.port, {"seed": 4, "tuned": "digits_nfe5.json"})
     assert status == 200 and headers["x-deis-fast-nfe"] == "5" and body[:4] == b"\x89PNG"
 
 
 def test_concurrent_requests_each_equal_the_request_alone(server):
     bodies = [{"seed": 10 + i, "method": ["tab3", "ddim", "dpmpp2", "unipc3"][i % 4], "nfe": [5, 8, 10][i % 3],
                "format": "npy"} for i in range(16)]
-    alone = [np.load(io.BytesIO(_post(server.port, b)[2])) for b in bodies]
+    alone = [np.load(io.BytesIO(post(server.port, b)[2])) for b in bodies]
     results = [None] * len(bodies)
 
     def client(i):
-        results[i] = _post(server.port, bodies[i])
+        results[i] = post(server.port, bodies[i])
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
@@ -151,13 +138,13 @@ BAD = [("not json", 400, "must be JSON"),
 
 
 def test_bad_requests_get_a_4xx_with_one_line_and_the_server_goes_on(server):
-    ok_before = _post(server.port, {"seed": 3, "nfe": 5})[2]
+    ok_before = post(server.port, {"seed": 3, "nfe": 5})[2]
     for body, code, msg in BAD:
-        status, headers, data = _post(server.port, body)
+        status, headers, data = post(server.port, body)
         err = json.loads(data)["error"]
         assert status == code and msg in err and "\n" not in err, (body, status, err)
     assert _get(server.port, "/nope")[0] == 404
-    assert _post(server.port, {"seed": 3, "nfe": 5})[2] == ok_before
+    assert post(server.port, {"seed": 3, "nfe": 5})[2] == ok_before
     assert server.metric('deis_fast_requests_total{status="bad_request"}') >= len(BAD)
     health = json.loads(_get(server.port, "/health")[1])
     assert health["status"] == "ok" and health["model"] == "digits" and health["shape"] == [1, 8, 8]
@@ -165,7 +152,7 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_goes_on(server):
 
 def test_a_client_that_disconnects_cancels_its_request(server):
     # three big requests keep the engine busy (16 rows each: one at a time), the fourth waits in the queue ...
-    busy = [threading.Thread(target=_post, args=(server.port, {"seed": i, "num": 16, "nfe": 50})) for i in range(3)]
+    busy = [threading.Thread(target=post, args=(server.port, {"seed": i, "num": 16, "nfe": 50})) for i in range(3)]
     for t in busy:
         t.start()
     before = server.metric('deis_fast_requests_total{status="cancelled"}')
@@ -185,7 +172,7 @@ def test_a_client_that_disconnects_cancels_its_request(server):
 def test_sigterm_drains_requests_in_flight():
     s = Server("--max-batch", "16")
     results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(_post(s.port, {"seed": i, "num": 16, "nfe": 40})))
+    threads = [threading.Thread(target=lambda i=i: results.append(post(s.port, {"seed": i, "num": 16, "nfe": 40})))
                for i in range(3)]
     for t in threads:
         t.start()

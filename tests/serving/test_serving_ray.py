@@ -2,11 +2,8 @@
 both replicas and each answers as `deis-fast serve` does."""
 import json
 import os
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -14,23 +11,11 @@ pytest.importorskip("ray.serve", reason="the Ray Serve deployment needs the [ray
 pytest.importorskip("starlette", reason="the Ray Serve deployment needs the [serve] extra (starlette)")
 pytest.importorskip("prometheus_client", reason="the Ray Serve deployment needs the [serve] extra")
 
+from _http import free_port, post  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, body: dict, timeout: float = 60.0):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 @pytest.mark.slow
@@ -40,7 +25,7 @@ def test_two_replicas_behind_rays_http_proxy_both_serve():
 
     from deis_fast.serving.ray_serve import deployment
     t0 = time.time()      # bounded: Ray start (~10 s here), at most 120 s of request rounds, 60 s per request
-    port = _free_port()
+    port = free_port()
     env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": env})
@@ -52,7 +37,7 @@ def test_two_replicas_behind_rays_http_proxy_both_serve():
         deadline = time.time() + 120
         while len(pids) < 2 and time.time() < deadline:
             results = []
-            threads = [threading.Thread(target=lambda i=i: results.append((i, _post(port, {"seed": i % 2, "nfe": 8}))))
+            threads = [threading.Thread(target=lambda i=i: results.append((i, post(port, {"seed": i % 2, "nfe": 8}))))
                        for i in range(12)]
             for t in threads:
                 t.start()
@@ -64,7 +49,7 @@ def test_two_replicas_behind_rays_http_proxy_both_serve():
                 answers.setdefault(i % 2, set()).add(body)
         assert len(pids) == 2, f"only replica(s) {pids} answered"
         assert all(len(v) == 1 for v in answers.values()) and answers[0] != answers[1]  # same seed, same PNG
-        status, _, body = _post(port, {"nfe": 0})
+        status, _, body = post(port, {"nfe": 0})
         assert status == 400 and "from 1 to 100" in json.loads(body)["error"]
         print(f"ray serve test: {time.time() - t0:.1f} s")
     finally:
