@@ -32,8 +32,10 @@ SCHEDULERS = ("karras", "simple", "sgm_uniform", "deis_fast_time_quadratic", "de
 N_NOISE = 64
 
 
-def measure(root: str, stubs: str) -> dict:
-    """Inside ComfyUI (this process): every (model, sampler, scheduler, steps) error."""
+def _comfy_session(root: str, stubs: str, n_noise: int = N_NOISE, register: bool = True) -> tuple:
+    """ComfyUI imported in CPU mode into this process (one thread, no progress bars), deis_fast's entries registered
+    unless ``register=False``: (deis_fast's comfyui module, ComfyUI's custom-sampler nodes, an empty positive
+    conditioning, the [n, 1, 8, 8] latent, ComfyUI's seed-0 noise for it)."""
     from deis_fast.testing import import_comfyui_cpu
     import_comfyui_cpu(root, stubs)
     import torch
@@ -43,10 +45,17 @@ def measure(root: str, stubs: str) -> dict:
     from comfy_extras import nodes_custom_sampler as ncs
     torch.set_num_threads(1)
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    dc.register()
-    pos = [[torch.zeros(1, 1, 8), {}]]
-    lat = torch.zeros(N_NOISE, 1, 8, 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
+    if register:
+        dc.register()
+    lat = torch.zeros(n_noise, 1, 8, 8)
+    return dc, ncs, [[torch.zeros(1, 1, 8), {}]], lat, comfy.sample.prepare_noise(lat, 0)
+
+
+def measure(root: str, stubs: str) -> dict:
+    """Inside ComfyUI (this process): every (model, sampler, scheduler, steps) error."""
+    dc, ncs, pos, lat, noise = _comfy_session(root, stubs)
+    import torch
+    import comfy.sample
 
 
     def reference(model, steps):
@@ -81,19 +90,9 @@ def rel(x, ref) -> float:
 def measure_lower_order_final(root: str, stubs: str) -> dict:
     """``--lower-order-final``: unipc3 / dpmpp3 / logrho3 through the DEIS-fast Sampler node with lower_order_final
     off / on / auto on ComfyUI's karras, simple and exponential lists (same models, noises and reference)."""
-    from deis_fast.testing import import_comfyui_cpu
-    import_comfyui_cpu(root, stubs)
-    import torch
+    dc, ncs, pos, lat, noise = _comfy_session(root, stubs, register=False)
     import comfy.sample
     import comfy.samplers
-    import comfy.utils
-    import deis_fast.integrations.comfyui as dc
-    from comfy_extras import nodes_custom_sampler as ncs
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    pos = [[torch.zeros(1, 1, 8), {}]]
-    lat = torch.zeros(N_NOISE, 1, 8, 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
 
     rows = {}
     for label, model in (("eps (VP)", dc.digits_model("digits")), ("flow (CONST)", dc.digits_model("flow", 1.0))):
@@ -133,22 +132,12 @@ def measure_flow(root: str, stubs: str, tuned_dir: str) -> dict:
     """``--flow``: on the flow mixture and the embedded flow digits model (shift 1 and 3), every ComfyUI sampler and
     deis_fast's flow default (rhoabm2) on every scheduler, and a tuned file (``deis_fast.tuning.tune`` of rhoabm2's
     grid on this model's own schedule, seeds 1000+, never the 64 measured noises) through the nodes."""
-    from deis_fast.testing import import_comfyui_cpu
-    import_comfyui_cpu(root, stubs)
+    dc, ncs, pos, lat, noise = _comfy_session(root, stubs)
     import torch
     import comfy.sample
-    import comfy.utils
-    import deis_fast.integrations.comfyui as dc
-    from comfy_extras import nodes_custom_sampler as ncs
     from deis_fast import tuning
     from deis_fast.core.schedules import FlowSchedule
     from deis_fast.testing import reference_solution
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    dc.register()
-    pos = [[torch.zeros(1, 1, 8), {}]]
-    lat = torch.zeros(N_NOISE, 1, 8, 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
     out: dict = {"models": {}}
     digits_ref = None
     for kind in ("mixture", "digits"):
@@ -236,20 +225,10 @@ def tuned_flow_path(tuned_dir: str, shift: float, n: int) -> str:
 def measure_flow_tuned(root: str, stubs: str, tuned_dir: str, tune: bool) -> dict:
     """Inside ComfyUI: (re)tune the files with ``tune``, then measure them through the DEIS-fast Scheduler + Sampler
     nodes (tuned_file, method auto) next to every ComfyUI sampler on every scheduler and deis_fast's default."""
-    from deis_fast.testing import import_comfyui_cpu
-    import_comfyui_cpu(root, stubs)
+    dc, ncs, pos, lat, noise = _comfy_session(root, stubs)
     import torch
     import comfy.sample
-    import comfy.utils
-    import deis_fast.integrations.comfyui as dc
-    from comfy_extras import nodes_custom_sampler as ncs
     from deis_fast import tuning
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    dc.register()
-    pos = [[torch.zeros(1, 1, 8), {}]]
-    lat = torch.zeros(N_NOISE, 1, 8, 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
     out: dict = {"models": {}, "settings": TUNED_SETTINGS}
     ref = None
     for shift in (1.0, 3.0):
@@ -310,20 +289,10 @@ CAND_NODE = (("rhoabm2", {}), ("rhoabm3", {}), ("tab3", {"corrector": "on"}), ("
 def measure_flow_candidates(root: str, stubs: str) -> dict:
     """Inside ComfyUI: the flow mixture and the flow digits model (shift 1 and 3), 32 noises, on `simple`: ComfyUI's
     euler, res_multistep, deis, ipndm_v (KSampler path) and deis_fast candidates (DEIS-fast Sampler node)."""
-    from deis_fast.testing import import_comfyui_cpu
-    import_comfyui_cpu(root, stubs)
-    import torch
+    dc, ncs, pos, lat, noise = _comfy_session(root, stubs, 32, register=False)
     import comfy.sample
-    import comfy.utils
-    import deis_fast.integrations.comfyui as dc
-    from comfy_extras import nodes_custom_sampler as ncs
     from deis_fast.core.schedules import FlowSchedule
     from deis_fast.testing import reference_solution
-    torch.set_num_threads(1)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    pos = [[torch.zeros(1, 1, 8), {}]]
-    lat = torch.zeros(32, 1, 8, 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
     out, digits_ref = {}, None
     for kind in ("mixture", "digits"):
         for shift in (1.0, 3.0):
